@@ -1,0 +1,29 @@
+"""The `motus` command line: every command is a thin call into the library."""
+
+from __future__ import annotations
+
+import typer
+
+from .config_cmd import config_app
+from .model_cmd import model_app
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Motus training platform: data tiers -> Stage 1-3 training -> gated, lineage-tracked models.")
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+
+
+@app.command()
+def demo(seconds: float = typer.Option(5.0, help="How long to train the tiny model."),
+         seed: int = typer.Option(0, help="Random seed."),
+         out: str = typer.Option("outputs/demo-model", help="Where to save the trained tiny model.")) -> None:
+    """Train the tiny Motus on random data for a few seconds and sample all five modes."""
+    from pathlib import Path
+
+    from ..demo import run_demo
+
+    run_demo(seconds=seconds, seed=seed, out_dir=Path(out), echo=typer.echo)
+
+
+def main() -> None:
+    app()
