@@ -17,7 +17,7 @@ def run_demo(seconds: float = 5.0, seed: int = 0, out_dir: Path | None = Path("o
     cfg = build_config("tiny")
     model = MotusModel(cfg)
     counts = model.parameter_counts()
-    echo(f"built the tiny Motus: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " parameters")
+    echo("built the tiny Motus: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + " parameters")
 
     g = torch.Generator().manual_seed(seed)
     b = 4

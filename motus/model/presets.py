@@ -220,7 +220,18 @@ def full() -> MotusConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "full": full}
+def small() -> MotusConfig:
+    """Between the two: 4 layers, 128-wide joint attention, 128x128 pixels. For benchmarks and GPU smoke runs."""
+    cfg = tiny()
+    cfg.preset = "small"
+    cfg.video.update(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, text_dim=64, freq_dim=64)
+    cfg.action = ActionExpertConfig(dim=128, ffn_dim=512, num_layers=4, chunk=16, num_registers=4)
+    cfg.understanding = UnderstandingExpertConfig(dim=64, ffn_dim=256, num_layers=4, vlm_hidden=32)
+    cfg.height = cfg.width = 128
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "small": small, "full": full}
 
 
 def _merge(base: Any, override: Any, path: str) -> Any:
@@ -248,5 +259,27 @@ def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
     cfg = PRESETS[preset]()
     if overrides:
         cfg = _merge(cfg, overrides, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_params(section: Any) -> MotusConfig:
+    """The `model:` section of params.yaml (a `motus.config.ModelConfig`) -> a validated MotusConfig.
+
+    Named fields (action_dim, chunk, frames, weights, flow) are applied first, then free-form `overrides`.
+    """
+    cfg = PRESETS[section.preset]() if section.preset in PRESETS else build_config(section.preset)
+    cfg.action.action_dim = section.action_dim
+    cfg.action.state_dim = section.state_dim
+    if section.action_chunk is not None:
+        cfg.action.chunk = section.action_chunk
+    if section.num_video_frames is not None:
+        cfg.num_frames = section.num_video_frames
+    cfg.weights = {k: (str(v) if v is not None else None) for k, v in section.weights.model_dump().items()}
+    for k, v in section.flow.model_dump().items():
+        setattr(cfg.flow, k, v)
+    cfg.flow.inference_shift = section.flow.shift
+    if section.overrides:
+        cfg = _merge(cfg, section.overrides, "")
     cfg.validate()
     return cfg

@@ -86,7 +86,7 @@ class FrozenVLM(_Frozen):
         batch = proc(images=[np.ascontiguousarray(a.permute(1, 2, 0).numpy()) for a in arr], return_tensors="pt")
         merge = vc.spatial_merge_size**2
         seqs = []
-        for grid, text in zip(batch["image_grid_thw"], instructions):
+        for grid, text in zip(batch["image_grid_thw"], instructions, strict=True):
             n_img = int(grid.prod()) // merge
             ids = [self.config.vision_start_token_id] + [self.config.image_token_id] * n_img
             seqs.append(ids + [self.config.vision_end_token_id] + self.tokenize(text))

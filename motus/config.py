@@ -1,0 +1,574 @@
+"""The platform's configuration: `params.yaml` and the `MOTUS_*` environment.
+
+`params.yaml` is the one file a platform team edits. It names the data tiers and their sources, the three
+stage recipes, the model preset, the promotion gates and the GPU pools. Everything in it is validated here,
+before any data is read or any GPU is touched:
+
+* every model forbids unknown keys, so a typo (`lerning_rate`) is an error, not a silently ignored key;
+* the loader reports *every* problem in one go, each with its key path
+  (`params.yaml: stages.stage1.lr: Input should be greater than 0`);
+* checks that span sections (a stage names a tier that does not exist, a stage starts from a model no stage
+  registers) are reported with the key path of the offending entry, in the same report.
+
+The environment (where MLflow lives, where the DVC remote is, which launcher runs training jobs) is not part
+of `params.yaml`: it differs per machine, not per experiment. It comes from `MOTUS_*` variables or a `.env`
+file through `Settings`.
+
+This module is the leftmost room of the package: it imports nothing from the rest of `motus`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ConfigError",
+    "FlowConfig",
+    "Gate",
+    "ModelConfig",
+    "ModelWeights",
+    "Params",
+    "Pool",
+    "ProjectConfig",
+    "Rule",
+    "Settings",
+    "Stage",
+    "Tier",
+    "TierSource",
+    "config_hash",
+    "get_settings",
+    "load_params",
+    "resolved_dict",
+    "settings_errors",
+    "validate_params",
+]
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+# The error type the root model raises for problems that span sections; the loader unpacks its context
+# into one `(key_path, message)` entry per problem.
+_CONSISTENCY_ERROR = "params_consistency"
+
+
+class _Section(BaseModel):
+    """Base of every params.yaml model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- project
+
+
+class ProjectConfig(_Section):
+    """Who this configuration belongs to."""
+
+    name: str = Field("motus", min_length=1, description="Project name; used for MLflow experiment names.")
+    seed: int = Field(0, description="Global random seed for data sampling and model initialisation.")
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class ModelWeights(_Section):
+    """Local paths to pretrained weights. The platform never downloads weights; it reads them from here."""
+
+    video: Path | None = Field(
+        None, description="Video generation backbone (Wan 2.2 5B for the full preset)."
+    )
+    vae: Path | None = Field(None, description="Video VAE matching the video backbone.")
+    vlm: Path | None = Field(
+        None, description="Vision-language model for the understanding expert (Qwen3-VL-2B)."
+    )
+
+
+class FlowConfig(_Section):
+    """Rectified-flow training and sampling; one timestep per modality (video, action)."""
+
+    video_loss_weight: float = Field(1.0, ge=0, description="Weight of the video flow-matching loss.")
+    action_loss_weight: float = Field(1.0, ge=0, description="Weight of the action flow-matching loss.")
+    timestep_sampler: Literal["uniform_shift", "logit_normal"] = Field(
+        "uniform_shift", description="How training timesteps are drawn."
+    )
+    shift: float = Field(5.0, gt=0, description="Timestep shift for `uniform_shift` (larger = noisier).")
+    logit_mean: float = Field(0.0, description="Mean of the normal for `logit_normal`.")
+    logit_std: float = Field(1.0, gt=0, description="Standard deviation of the normal for `logit_normal`.")
+    inference_steps: int = Field(10, ge=1, description="Denoising steps at inference.")
+
+
+class ModelConfig(_Section):
+    """Which network to build. `tiny` runs on a CPU in seconds; `full` is Wan 2.2 5B + Qwen3-VL-2B."""
+
+    preset: Literal["tiny", "small", "full"] = Field(
+        "tiny", description="Model size preset: tiny (CPU tests), small (benchmarks), full (paper sizes)."
+    )
+    action_dim: int = Field(14, gt=0, description="Width of the unified action space; tiers pad into it.")
+    state_dim: int = Field(14, gt=0, description="Width of the proprioceptive state.")
+    action_chunk: int | None = Field(
+        None, gt=0, description="Actions predicted per step; None = preset default."
+    )
+    num_video_frames: int | None = Field(
+        None, gt=0, description="Video frames per window; None = preset default."
+    )
+    weights: ModelWeights = Field(default_factory=ModelWeights)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form overrides of preset fields; validated by the model room, not here.",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tiers
+
+
+class TierSource(_Section):
+    """Where a tier's episodes come from. `kind` selects a reader in the data room; `options` go to it."""
+
+    kind: str = Field(min_length=1, description="Reader kind, e.g. `simulator`, `lerobot`, `mp4-folder`.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Reader-specific options.")
+
+
+class Tier(_Section):
+    """One level of the data pyramid (1 = web data ... 6 = target-robot demonstrations)."""
+
+    level: int = Field(ge=1, le=6, description="Pyramid level, 1 (broadest) to 6 (target robot).")
+    embodiment: str = Field(min_length=1, description="Who acts in the data: `human`, `aloha`, `mixed`, ...")
+    source: TierSource
+    action_dim: int | None = Field(None, gt=0, description="Action width; None = unlabelled (video only).")
+    fps: float | None = Field(
+        None, gt=0, description="Frame rate of the stored episodes; None = as recorded."
+    )
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+Expert = Literal["video", "action", "understanding"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Stage(_Section):
+    """A training recipe: which tiers, which experts train, where actions come from, which parent."""
+
+    stage: Literal[1, 2, 3] = Field(description="Motus training stage this recipe implements.")
+    tiers: dict[str, PositiveFloat] = Field(
+        min_length=1, description="Tier name -> sampling weight (relative, > 0)."
+    )
+    trains: list[Expert] = Field(min_length=1, description="Experts whose weights are updated.")
+    action_source: Literal["none", "latent", "real"] = Field(
+        description="Action targets: none (video only), latent (from the latent-action VAE), real (robot)."
+    )
+    parent: str | None = Field(
+        None,
+        description="Registered model whose `champion` this stage starts from; None = pretrained weights.",
+    )
+    steps: int = Field(ge=1, description="Optimizer steps.")
+    batch_size: int = Field(ge=1, description="Global batch size (windows per step).")
+    lr: float = Field(gt=0, description="Peak learning rate.")
+    video_lr: float | None = Field(None, gt=0, description="Learning rate of the video expert; None = `lr`.")
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    registered_model: str = Field(
+        min_length=1, description="MLflow registered model the result is logged to."
+    )
+
+    @model_validator(mode="after")
+    def _actions_need_a_source(self) -> Stage:
+        if "action" in self.trains and self.action_source == "none":
+            raise PydanticCustomError(
+                "stage_actions",
+                "trains the action expert but action_source is 'none'; use 'latent' or 'real'",
+            )
+        if self.warmup_steps > self.steps:
+            raise PydanticCustomError(
+                "stage_warmup",
+                "warmup_steps ({warmup}) exceeds steps ({steps})",
+                {"warmup": self.warmup_steps, "steps": self.steps},
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- gates
+
+
+class Rule(_Section):
+    """One condition a candidate's metric must meet: an absolute threshold and/or no regression."""
+
+    metric: str = Field(min_length=1, description="MLflow metric key, e.g. `val/loss`.")
+    comparator: Literal[">=", ">", "<=", "<"] = Field(description="Direction in which the metric is good.")
+    threshold: float | None = Field(None, description="Absolute bound: `metric <comparator> threshold`.")
+    max_regression: float | None = Field(
+        None,
+        ge=0,
+        description="Not worse than the current champion by more than this (in the metric's units).",
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_bound(self) -> Rule:
+        if self.threshold is None and self.max_regression is None:
+            raise PydanticCustomError(
+                "rule_without_bound", "a rule must set threshold, max_regression or both"
+            )
+        return self
+
+
+class Gate(_Section):
+    """Promotion policy of one registered model: every rule must pass, every required tag must be present."""
+
+    rules: list[Rule] = Field(default_factory=list)
+    required_tags: list[str] = Field(default_factory=list, description="Run tags a candidate must carry.")
+
+
+# ----------------------------------------------------------------------------------------------- pools
+
+
+class Pool(_Section):
+    """A group of identical nodes a training job can be scheduled on."""
+
+    gpu: Literal["A100", "H100", "cpu"]
+    gpus_per_node: int = Field(ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Kubernetes nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Kubernetes tolerations.")
+    queue: str | None = Field(None, description="Kueue LocalQueue jobs are submitted to.")
+
+    @model_validator(mode="after")
+    def _gpu_count_matches_kind(self) -> Pool:
+        if self.gpu == "cpu" and self.gpus_per_node != 0:
+            raise PydanticCustomError("pool_gpus", "a cpu pool must have gpus_per_node: 0")
+        if self.gpu != "cpu" and self.gpus_per_node == 0:
+            raise PydanticCustomError("pool_gpus", "a {gpu} pool needs gpus_per_node >= 1", {"gpu": self.gpu})
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ root
+
+
+class Params(_Section):
+    """All of `params.yaml`. Every section has a default, so an empty file is a valid (tiny, local) config."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tiers: dict[str, Tier] = Field(default_factory=dict)
+    stages: dict[str, Stage] = Field(default_factory=dict)
+    gates: dict[str, Gate] = Field(default_factory=dict, description="Keyed by registered model name.")
+    pools: dict[str, Pool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Params:
+        problems = _consistency_problems(self.model_dump())
+        if problems:
+            raise PydanticCustomError(
+                _CONSISTENCY_ERROR,
+                "{detail}",
+                {"detail": "; ".join(f"{key}: {msg}" for key, msg in problems), "problems": problems},
+            )
+        return self
+
+
+def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Checks that span sections, as `(key_path, message)`.
+
+    Works on plain data (a dumped `Params`, or the raw YAML when it failed structural validation), so that a
+    file with both a bad value and a dangling reference gets both reported. Entries of the wrong shape are
+    skipped: structural validation reports those.
+    """
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    problems: list[tuple[str, str]] = []
+    tiers = mapping(data.get("tiers"))
+    stages = {name: mapping(stage) for name, stage in mapping(data.get("stages")).items()}
+    model = mapping(data.get("model"))
+
+    # Which stage registers which model.
+    registered: dict[str, str] = {}
+    for name, stage in stages.items():
+        model_name = stage.get("registered_model")
+        if not isinstance(model_name, str):
+            continue
+        if model_name in registered:
+            problems.append(
+                (
+                    f"stages.{name}.registered_model",
+                    f"'{model_name}' is already registered by stage '{registered[model_name]}'",
+                )
+            )
+        else:
+            registered[model_name] = name
+
+    model_action_dim = model.get("action_dim", ModelConfig.model_fields["action_dim"].default)
+    for name, stage in stages.items():
+        for tier_name in mapping(stage.get("tiers")):
+            if tier_name not in tiers:
+                known = ", ".join(sorted(map(str, tiers))) or "none defined"
+                problems.append((f"stages.{name}.tiers.{tier_name}", f"unknown tier (known tiers: {known})"))
+                continue
+            tier = mapping(tiers[tier_name])
+            if stage.get("action_source") == "real":
+                tier_action_dim = tier.get("action_dim")
+                if tier_action_dim is None:
+                    problems.append(
+                        (
+                            f"stages.{name}.tiers.{tier_name}",
+                            "stage trains on real actions but the tier is unlabelled (no action_dim)",
+                        )
+                    )
+                elif (
+                    isinstance(tier_action_dim, int)
+                    and isinstance(model_action_dim, int)
+                    and tier_action_dim > model_action_dim
+                ):
+                    problems.append(
+                        (
+                            f"stages.{name}.tiers.{tier_name}",
+                            f"tier action_dim {tier_action_dim} does not fit model.action_dim {model_action_dim}",
+                        )
+                    )
+
+        parent = stage.get("parent")
+        if isinstance(parent, str):
+            owner = registered.get(parent)
+            if owner is None or owner == name:
+                others = sorted(m for m, s in registered.items() if s != name)
+                problems.append(
+                    (
+                        f"stages.{name}.parent",
+                        f"'{parent}' is not the registered_model of another stage "
+                        f"(registered by other stages: {', '.join(others) or 'none'})",
+                    )
+                )
+
+    # A parent chain that loops back can never start.
+    for name in stages:
+        chain = [name]
+        while True:
+            parent = stages[chain[-1]].get("parent")
+            nxt = registered.get(parent) if isinstance(parent, str) else None
+            if nxt is None or nxt == chain[-1]:
+                break
+            if nxt in chain:
+                cycle = " -> ".join([*chain, nxt])
+                problems.append((f"stages.{name}.parent", f"parent chain forms a cycle: {cycle}"))
+                break
+            chain.append(nxt)
+
+    for gate_name in mapping(data.get("gates")):
+        if gate_name not in registered:
+            problems.append(
+                (
+                    f"gates.{gate_name}",
+                    "no stage registers this model (registered models: "
+                    f"{', '.join(sorted(registered)) or 'none'})",
+                )
+            )
+
+    if model.get("preset") == "full":
+        weights = mapping(model.get("weights"))
+        for key in ("video", "vae", "vlm"):
+            if weights.get(key) in (None, ""):
+                problems.append(
+                    (f"model.weights.{key}", "the full preset needs a local path to pretrained weights")
+                )
+
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with every problem found in it.
+
+    `errors` is a list of `(key_path, message)`; the key path is dotted (`stages.stage1.lr`), or empty for
+    problems with the file as a whole (missing, unreadable, YAML syntax).
+    """
+
+    def __init__(self, path: str | Path, errors: list[tuple[str, str]]):
+        self.path = str(path)
+        self.errors = list(errors)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(
+            f"{self.path}: {key}: {msg}" if key else f"{self.path}: {msg}" for key, msg in self.errors
+        )
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for err in exc.errors():
+        if err["type"] == _CONSISTENCY_ERROR:
+            errors.extend(err["ctx"]["problems"])
+        else:
+            errors.append((_key_path(err["loc"]), err["msg"]))
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key; the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """`line L, column C: problem (context started at line L', column C')`, lines and columns from 1."""
+    mark = exc.problem_mark or exc.context_mark
+    text = f"{_at(mark)}: " if mark is not None else ""
+    text += exc.problem or exc.context or "invalid YAML"
+    if exc.problem and exc.context:
+        text += f" ({exc.context}"
+        if exc.context_mark is not None and exc.context_mark is not mark:
+            text += f" started at {_at(exc.context_mark)}"
+        text += ")"
+    return text
+
+
+def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(shown, [("", f"file not found: {path.resolve()}")]) from None
+    except IsADirectoryError:
+        raise ConfigError(shown, [("", f"is a directory, not a file: {path.resolve()}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(shown, [("", f"cannot read file: {exc}")]) from None
+
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        message = _describe_yaml_error(exc)
+        raise ConfigError(shown, [("", f"YAML syntax error at {message}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(shown, [("", f"YAML error: {exc}")]) from None
+
+    if data is None:  # empty file or only comments
+        return {}
+    if not isinstance(data, dict):
+        problem = (
+            f"the top level must be a mapping of sections (project, model, ...), got {type(data).__name__}"
+        )
+        raise ConfigError(shown, [("", problem)])
+    return data
+
+
+def validate_params(data: Mapping[str, Any], path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Validate already-parsed params data; raise `ConfigError` listing every problem."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        errors = _validation_errors(exc)
+        if not any(err["type"] == _CONSISTENCY_ERROR for err in exc.errors()):
+            # Structure failed, so the root validator never ran: check cross-section references on the raw
+            # data too, so one run reports everything.
+            errors.extend(e for e in _consistency_problems(data) if e not in errors)
+        raise ConfigError(path, errors) from None
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate `params.yaml`.
+
+    `path` defaults to `Settings.params_file` (env `MOTUS_PARAMS`, else `./params.yaml`). Raises `ConfigError`
+    listing every problem with its key path.
+    """
+    if path is None:
+        path = get_settings().params_file
+    shown = str(path)
+    data = _read_yaml(Path(path), shown)
+    return validate_params(data, shown)
+
+
+def resolved_dict(params: Params) -> dict[str, Any]:
+    """The configuration with every default filled in, as JSON-friendly data (paths as str, tuples as lists)."""
+    return params.model_dump(mode="json")
+
+
+def config_hash(params: Params) -> str:
+    """sha256 (hex) of the canonical JSON of the resolved configuration; independent of key order in the file."""
+    canonical = json.dumps(resolved_dict(params), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+
+class Settings(BaseSettings):
+    """Where things live on this machine. `MOTUS_*` environment variables, then `.env`, then these defaults.
+
+    The defaults are the embedded setup: MLflow on SQLite in the project folder, the DVC remote in a local
+    folder, training processes on this machine. Production sets these to a tracking server, S3 and the
+    `kubernetes` launcher; switching is configuration, never code. Secrets, when any are added, must be
+    `SecretStr` so they are masked wherever settings are shown (there are none yet).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOTUS_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    params_file: Path = Field(
+        DEFAULT_PARAMS_FILE,
+        validation_alias=AliasChoices("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"),
+        description="The params file to load (MOTUS_PARAMS).",
+    )
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    data_remote: str = Field(".dvc-remote", description="DVC remote: a local folder or an s3:// URL.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO etc.); None = AWS.")
+    launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")
+    profile: Literal["local", "production"] = Field("local", description="Which deployment this is.")
+
+
+def settings_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """`(variable, message)` pairs for a failed `Settings()`; variables named as they are set (`MOTUS_X`)."""
+    prefix = Settings.model_config.get("env_prefix", "").upper()
+    errors = []
+    for err in exc.errors():
+        name = _key_path(err["loc"]).upper()
+        errors.append((name if name.startswith(prefix) else prefix + name, err["msg"]))
+    return errors
+
+
+def get_settings() -> Settings:
+    """The environment's settings, freshly read; raises `ConfigError` naming each bad `MOTUS_*` variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError("environment", settings_errors(exc)) from None
