@@ -328,3 +328,23 @@ def test_frozen_parts_stay_frozen_in_train_mode(model):
         assert not any(p.requires_grad for p in model.vlm.parameters())
     finally:
         model.eval()
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(understanding):
+    torch.manual_seed(0)
+    m = MotusModel(tiny(), with_vae=False).train()
+    _perturb_heads(m)
+    batch = make_batch(m.config)
+
+    def loss_and_grads():
+        m.zero_grad(set_to_none=True)
+        loss = m.training_loss(understanding=understanding, generator=torch.Generator().manual_seed(2), **batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.action.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads()
+    m.gradient_checkpointing = True
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)
