@@ -32,6 +32,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
+    "WindowConfig",
     "FlowConfig",
     "Gate",
     "ModelConfig",
@@ -149,6 +151,30 @@ class Tier(_Section):
     description: str = ""
 
 
+class WindowConfig(_Section):
+    """How training windows are cut: action-dense, video-sparse."""
+
+    downsample: int = Field(3, ge=1, description="Stored frames between consecutive actions (official: 3).")
+    video_action_ratio: int | None = Field(
+        None, ge=1,
+        description="Actions per future video frame; None = action_chunk / (num_video_frames - 1) of the model.",
+    )
+    view: str | None = Field(None, description="Camera view to train on; None = the tier's first view.")
+    normalization: Literal["mean_std", "min_max", "none"] = Field(
+        "mean_std", description="Action/state normalisation with the tier manifest's statistics."
+    )
+
+
+class DataConfig(_Section):
+    """Where tiers are built and how they are stored and split."""
+
+    root: Path = Field(Path("data/tiers"), description="Folder holding one sub-folder per built tier (DVC outs).")
+    codec: Literal["mp4", "npz"] = Field("mp4", description="Video storage inside shards: mp4 (H.264) or npz (lossless).")
+    shard_mb: float = Field(256, gt=0, description="Target shard size in MB.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Episodes held out for validation, by episode.")
+    window: WindowConfig = Field(default_factory=WindowConfig)
+
+
 # ---------------------------------------------------------------------------------------------- stages
 
 Expert = Literal["video", "action", "understanding"]
@@ -260,6 +286,7 @@ class Params(_Section):
 
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     tiers: dict[str, Tier] = Field(default_factory=dict)
     stages: dict[str, Stage] = Field(default_factory=dict)
     gates: dict[str, Gate] = Field(default_factory=dict, description="Keyed by registered model name.")

@@ -226,7 +226,7 @@ def test_full_preset_parameter_counts_on_meta():
     assert c["video"] == pytest.approx(5.000e9, rel=1e-4)
     assert c["vae"] == pytest.approx(704.7e6, rel=1e-4)
     assert c["vlm"] == pytest.approx(2.128e9, rel=1e-3)
-    assert m.config.latent_shape == (48, 5, 24, 20)
+    assert m.config.latent_shape == (48, 2, 24, 20)
     assert len(m.action.blocks) == len(m.understanding.blocks) == len(m.video.blocks) == 30
 
 

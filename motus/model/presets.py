@@ -184,7 +184,7 @@ def tiny() -> MotusConfig:
         action=ActionExpertConfig(dim=32, ffn_dim=64, num_layers=layers, chunk=8, num_registers=4),
         understanding=UnderstandingExpertConfig(dim=16, ffn_dim=32, num_layers=layers, vlm_hidden=32),
         flow=FlowConfig(inference_steps=4),
-        num_frames=9, height=64, width=64, vlm_image_size=64,
+        num_frames=5, height=64, width=64, vlm_image_size=64,  # 1 observation + K/2 future frames
     )
 
 
@@ -216,7 +216,7 @@ def full() -> MotusConfig:
         action=ActionExpertConfig(dim=1024, ffn_dim=4096, num_layers=30, chunk=16, num_registers=4),
         understanding=UnderstandingExpertConfig(dim=512, ffn_dim=2048, num_layers=30, vlm_hidden=2048),
         flow=FlowConfig(inference_steps=10),
-        num_frames=17, height=384, width=320, vlm_image_size=384,
+        num_frames=5, height=384, width=320, vlm_image_size=384,  # 1 observation + K/4 future frames (official)
     )
 
 

@@ -1,0 +1,164 @@
+"""`motus data ...`: build, version and inspect the data pyramid's tiers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+data_app = typer.Typer(no_args_is_help=True, help="Build, version and inspect the data tiers (levels 2-6).")
+
+ParamsOption = Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml to read (default: MOTUS_PARAMS_FILE or ./params.yaml).")]
+
+
+def _params(path: Path | None):
+    from ..config import ConfigError, get_settings, load_params
+
+    try:
+        settings = get_settings()
+        return load_params(path or settings.params_file), settings
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+
+
+def _pick(params, names: list[str]) -> list[str]:
+    if not names:
+        return list(params.tiers)
+    unknown = [n for n in names if n not in params.tiers]
+    if unknown:
+        typer.echo(f"unknown tier(s) {unknown}; params.yaml defines {sorted(params.tiers)}", err=True)
+        raise typer.Exit(2)
+    return names
+
+
+@data_app.command()
+def ingest(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (default: every tier).")] = None,
+           params: ParamsOption = None) -> None:
+    """Read each tier's source, validate every episode, write shards + manifest; quarantine bad episodes."""
+    from tqdm import tqdm
+
+    from ..data.ingest import IngestError, ingest_tier
+
+    p, _ = _params(params)
+    failed = []
+    for name in _pick(p, tiers or []):
+        tier = p.tiers[name]
+        tier.source.options.setdefault("codec", p.data.codec)
+        tier.source.options.setdefault("shard_mb", p.data.shard_mb)
+        bar = tqdm(desc=f"{name} (level {tier.level})", unit="ep", leave=True)
+
+        def progress(good: int, bad: int, bar=bar) -> None:
+            bar.update(1)
+            bar.set_postfix(valid=good, quarantined=bad)
+
+        try:
+            m = ingest_tier(name, tier, Path(p.data.root) / name, progress=progress)
+        except IngestError as e:
+            bar.close()
+            typer.echo(f"error: {e}", err=True)
+            failed.append(name)
+            continue
+        bar.close()
+        typer.echo(f"{name}: {m['episodes']} episodes, {m['frames']} frames, {len(m['shards'])} shard(s), "
+                   f"{m['quarantined']} quarantined, {m['_ingest_seconds']}s -> {Path(p.data.root) / name}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@data_app.command()
+def version(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (default: every tier).")] = None,
+            params: ParamsOption = None,
+            push: bool = typer.Option(True, help="Push to the remote after reproducing."),
+            force: bool = typer.Option(False, help="Rebuild even when DVC says nothing changed.")) -> None:
+    """`dvc repro` the tiers that changed and push them to MOTUS_DATA_REMOTE; print each tier's DVC hash."""
+    from ..data import versioning as v
+
+    p, settings = _params(params)
+    names = _pick(p, tiers or [])
+    root = Path.cwd()
+    try:
+        v.ensure_repo(root)
+        url = v.configure_remote(root, settings.data_remote, settings.s3_endpoint_url)
+        v.reproduce(root, names, force=force)
+        if push:
+            v.push(root, names)
+    except v.VersioningError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    hashes = v.locked_hashes(root)
+    for n in names:
+        typer.echo(f"{n}: dvc {hashes.get(n, '?')}" + (f" -> pushed to {url}" if push else ""))
+
+
+@data_app.command()
+def status(params: ParamsOption = None, cloud: bool = typer.Option(False, help="Also ask the remote what it lacks."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Every tier: built or not, episodes, quarantined, content hash, DVC hash, stale or not."""
+    from ..data import versioning as v
+    from ..data.tier import Tier, TierError
+
+    p, _ = _params(params)
+    root = Path.cwd()
+    hashes = v.locked_hashes(root)
+    stale = v.stale_tiers(root) if (root / ".dvc").is_dir() else {}
+    remote = v.stale_tiers(root, cloud=True) if cloud and (root / ".dvc").is_dir() else {}
+    rows = []
+    for name, tier in p.tiers.items():
+        row = {"tier": name, "level": tier.level, "built": False, "dvc_hash": hashes.get(name),
+               "stale": v.stage_name(name) in stale}
+        if cloud:
+            row["pushed"] = not any(name in k for k in remote) and "error" not in remote
+        try:
+            t = Tier(Path(p.data.root) / name)
+            row.update(built=True, episodes=t.manifest["episodes"], frames=t.manifest["frames"],
+                       quarantined=t.manifest["quarantined"], content_hash=t.content_hash[:12])
+        except TierError:
+            pass
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'tier':24s} {'lvl':>3s} {'episodes':>8s} {'quar.':>5s} {'content':12s}  {'dvc':34s} state")
+    for r in rows:
+        state = "not built" if not r["built"] else ("changed since repro" if r["stale"] else "up to date")
+        if cloud and r["built"]:
+            state += ", pushed" if r.get("pushed") else ", NOT pushed"
+        typer.echo(f"{r['tier']:24s} {r['level']:3d} {r.get('episodes', '-')!s:>8s} {r.get('quarantined', '-')!s:>5s} "
+                   f"{r.get('content_hash', '-'):12s}  {r['dvc_hash'] or '-':34s} {state}")
+
+
+@data_app.command()
+def show(tier: str, params: ParamsOption = None,
+         episodes: int = typer.Option(5, help="How many episodes of the index to list."),
+         as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON.")) -> None:
+    """A built tier's manifest: counts, dims, statistics, shards, quarantine reasons."""
+    from ..data.tier import Tier, TierError
+
+    p, _ = _params(params)
+    _pick(p, [tier])
+    try:
+        t = Tier(Path(p.data.root) / tier)
+    except TierError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    m = t.manifest
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    typer.echo(f"tier {m['tier']} (level {m['level']}, {m['embodiment']}): {m['episodes']} episodes, {m['frames']} frames, "
+               f"{m['quarantined']} quarantined")
+    typer.echo(f"  action_dim {m['action_dim']}, state_dim {m['state_dim']}, fps {m['fps'] or m['fps_values']}, "
+               f"views {m['views']}, codec {m['codec']}")
+    typer.echo(f"  embodiments: {json.dumps(m['embodiments'])}")
+    typer.echo(f"  content hash {m['content_hash']}; {len(m['shards'])} shard(s), "
+               f"{sum(s['bytes'] for s in m['shards']) / 2**20:.1f} MB")
+    if m.get("action_stats"):
+        s = m["action_stats"]
+        typer.echo(f"  actions mean {s['mean'][:4]}... std {s['std'][:4]}...")
+    for rec in t.index[:episodes]:
+        typer.echo(f"  - {rec['id']}: {rec['frames']} frames, {rec['embodiment']}, {rec['instructions'][:1]}")
+    for q in t.quarantined()[:episodes]:
+        typer.echo(f"  quarantined {q['episode']}: {'; '.join(q['reasons'])}")

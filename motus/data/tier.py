@@ -1,0 +1,368 @@
+"""Tier storage: a folder of tar shards (WebDataset naming) plus `manifest.json` and `episodes.jsonl`.
+
+    <tier>/manifest.json      name, level, embodiment(s), action/state dims, fps, counts, statistics,
+                              every shard's sha256, schema version, source description, content hash
+    <tier>/episodes.jsonl     one line per episode: id, shard, frames, embodiment, native action dim
+    <tier>/quarantine.jsonl   episodes ingest refused, with the reason (written by ingest)
+    <tier>/shards/shard-000000.tar ...
+
+Shards, not one file per frame or episode: DVC and object stores slow badly past ~1e5 files. Shards are
+written deterministically (sorted members, zero mtimes/owners), so rebuilding the same episodes gives the
+same bytes and the same DVC hash. A tier is written into a temporary sibling folder and renamed into place
+only when complete, so a failed ingest never destroys the previous good tier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .episode import SCHEMA_VERSION, Episode
+from .video import decode_frames, encode_frames
+
+MANIFEST = "manifest.json"
+INDEX = "episodes.jsonl"
+QUARANTINE = "quarantine.jsonl"
+SHARD_DIR = "shards"
+DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+
+
+class TierError(Exception):
+    """A tier folder that cannot be read or does not match its manifest; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+class RunningStats:
+    """Per-dimension count/mean/std/min/max (Welford over batches) and 1st/99th percentiles from a reservoir."""
+
+    def __init__(self, reservoir: int = 100_000, seed: int = 0):
+        self.n, self.mean, self.m2 = 0, None, None
+        self.min = self.max = None
+        self.reservoir: np.ndarray | None = None
+        self.cap, self.seen = reservoir, 0
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        if len(x) == 0:
+            return
+        if self.mean is None:
+            d = x.shape[1]
+            self.mean, self.m2 = np.zeros(d), np.zeros(d)
+            self.min, self.max = np.full(d, np.inf), np.full(d, -np.inf)
+            self.reservoir = np.empty((0, d))
+        n_b, mean_b = len(x), x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        delta, total = mean_b - self.mean, self.n + n_b
+        self.mean = self.mean + delta * n_b / total
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / total
+        self.n = total
+        self.min, self.max = np.minimum(self.min, x.min(0)), np.maximum(self.max, x.max(0))
+        # reservoir sampling keeps the quantiles honest without holding every row
+        free = self.cap - len(self.reservoir)
+        if free > 0:
+            self.reservoir = np.vstack([self.reservoir, x[:free]])
+            self.seen += min(free, len(x))
+            x = x[free:]
+        for row in x:
+            self.seen += 1
+            j = self.rng.integers(0, self.seen)
+            if j < self.cap:
+                self.reservoir[j] = row
+
+    def to_dict(self) -> dict[str, Any] | None:
+        if not self.n:
+            return None
+        std = np.sqrt(self.m2 / max(self.n, 1))
+        q01, q99 = np.quantile(self.reservoir, [0.01, 0.99], axis=0)
+        r = lambda a: [round(float(v), 6) for v in a]  # noqa: E731 - short local formatter
+        return {"count": int(self.n), "mean": r(self.mean), "std": r(std), "min": r(self.min), "max": r(self.max),
+                "q01": r(q01), "q99": r(q99)}
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TierSpec:
+    name: str
+    level: int
+    embodiment: str
+    action_dim: int | None
+    fps: float | None = None
+    codec: str = "mp4"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    source: dict[str, Any] | None = None
+    description: str = ""
+
+
+class TierWriter:
+    """Append episodes; `close()` writes the manifest and moves the finished tier into place atomically."""
+
+    def __init__(self, out_dir: str | Path, spec: TierSpec):
+        self.out = Path(out_dir)
+        self.spec = spec
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        (self.tmp / SHARD_DIR).mkdir()
+        self._tar: tarfile.TarFile | None = None
+        self._shard_idx = -1
+        self._shard_bytes = 0
+        self.shards: list[dict[str, Any]] = []
+        self.index: list[dict[str, Any]] = []
+        self.quarantine: list[dict[str, Any]] = []
+        self.action_stats, self.state_stats = RunningStats(), RunningStats()
+        self.frames = 0
+        self.views: dict[str, list[int]] = {}
+        self.embodiments: dict[str, dict[str, Any]] = {}
+        self.fps_values: set[float] = set()
+        self.state_dim: int | None = None
+        self._ids: set[str] = set()
+
+    # -- shards -------------------------------------------------------------------------------------------
+    def _shard_path(self, i: int) -> Path:
+        return self.tmp / SHARD_DIR / f"shard-{i:06d}.tar"
+
+    def _roll(self) -> None:
+        self._finish_shard()
+        self._shard_idx += 1
+        self._tar = tarfile.open(self._shard_path(self._shard_idx), "w", format=tarfile.USTAR_FORMAT)
+        self._shard_bytes = 0
+        self.shards.append({"name": f"{SHARD_DIR}/shard-{self._shard_idx:06d}.tar", "episodes": 0})
+
+    def _finish_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            p = self._shard_path(self._shard_idx)
+            self.shards[-1].update(sha256=sha256_file(p), bytes=p.stat().st_size)
+
+    # -- episodes -----------------------------------------------------------------------------------------
+    def add(self, ep: Episode) -> None:
+        """Store one episode that already passed validation. Actions narrower than the tier are zero-padded
+        into the tier's action space; the native width is recorded."""
+        if ep.episode_id in self._ids:
+            raise ValueError(f"duplicate episode id '{ep.episode_id}' in tier '{self.spec.name}'")
+        self._ids.add(ep.episode_id)
+        members: list[tuple[str, bytes]] = []
+        fps = float(self.spec.fps or ep.fps)
+        for view in sorted(ep.frames):
+            data, ext = encode_frames(ep.frames[view], self.spec.codec, fps)
+            members.append((f"{ep.episode_id}.{view}.{ext}", data))
+            self.views.setdefault(view, list(ep.frames[view].shape[1:3]))
+        native = ep.action_dim
+        if ep.actions is not None:
+            actions = ep.actions.astype(np.float32)
+            if self.spec.action_dim and native < self.spec.action_dim:
+                actions = np.pad(actions, ((0, 0), (0, self.spec.action_dim - native)))
+            members.append((f"{ep.episode_id}.actions.npy", _npy(actions)))
+            self.action_stats.update(actions)
+        if ep.state is not None:
+            members.append((f"{ep.episode_id}.state.npy", _npy(ep.state.astype(np.float32))))
+            self.state_stats.update(ep.state)
+            self.state_dim = self.state_dim or int(ep.state.shape[1])
+        meta = ep.metadata()
+        meta["native_action_dim"] = native
+        members.append((f"{ep.episode_id}.meta.json", json.dumps(meta, sort_keys=True).encode()))
+
+        size = sum(len(d) for _, d in members)
+        if self._tar is None or (self._shard_bytes and self._shard_bytes + size > self.spec.shard_bytes):
+            self._roll()
+        for name, data in members:
+            _add(self._tar, name, data)
+        self._shard_bytes += size
+        self.shards[-1]["episodes"] += 1
+        t = ep.num_frames
+        self.frames += t
+        self.fps_values.add(fps)
+        emb = self.embodiments.setdefault(ep.embodiment, {"episodes": 0, "frames": 0, "action_dim": native})
+        emb["episodes"] += 1
+        emb["frames"] += t
+        self.index.append({"id": ep.episode_id, "shard": self._shard_idx, "frames": t, "embodiment": ep.embodiment,
+                           "native_action_dim": native, "instructions": list(ep.instructions)})
+
+    def add_quarantined(self, record: dict[str, Any]) -> None:
+        self.quarantine.append(record)
+
+    def close(self) -> dict[str, Any]:
+        self._finish_shard()
+        if not self.index:
+            self.abort()
+            raise TierError(f"tier '{self.spec.name}': no valid episodes to write")
+        manifest = self._manifest()
+        (self.tmp / INDEX).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.index))
+        (self.tmp / QUARANTINE).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.quarantine))
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # swap into place: the old tier survives until the new one is complete
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _manifest(self) -> dict[str, Any]:
+        index_hash = hashlib.sha256("".join(json.dumps(r, sort_keys=True) for r in self.index).encode()).hexdigest()
+        content = hashlib.sha256(
+            (index_hash + "".join(s["sha256"] for s in self.shards)).encode()).hexdigest()
+        embodiments = sorted(self.embodiments)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tier": self.spec.name,
+            "level": self.spec.level,
+            "embodiment": embodiments[0] if len(embodiments) == 1 else self.spec.embodiment,
+            "embodiments": self.embodiments,
+            "action_dim": self.spec.action_dim,
+            "state_dim": self.state_dim,
+            "fps": sorted(self.fps_values)[0] if len(self.fps_values) == 1 else None,
+            "fps_values": sorted(self.fps_values),
+            "episodes": len(self.index),
+            "frames": self.frames,
+            "quarantined": len(self.quarantine),
+            "views": self.views,
+            "codec": self.spec.codec,
+            "shards": self.shards,
+            "action_stats": self.action_stats.to_dict(),
+            "state_stats": self.state_stats.to_dict(),
+            "source": self.spec.source or {},
+            "description": self.spec.description,
+            "index_sha256": index_hash,
+            "content_hash": content,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class Tier:
+    """Read access to a finished tier: the manifest, the episode index, and episodes by id."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            raise TierError(f"{mpath}: not found; is '{self.path}' a built tier? (run `motus data ingest`)")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise TierError(f"{mpath}: invalid JSON ({e})") from None
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise TierError(f"{mpath}: schema_version {self.manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+        self.index = [json.loads(line) for line in (self.path / INDEX).read_text().splitlines() if line]
+        self._by_id = {r["id"]: r for r in self.index}
+        self._members: dict[int, dict[str, tarfile.TarInfo]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.manifest["tier"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.manifest["content_hash"]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _shard_members(self, shard: int) -> dict[str, tarfile.TarInfo]:
+        if shard not in self._members:
+            p = self.path / self.manifest["shards"][shard]["name"]
+            with tarfile.open(p) as tar:
+                self._members[shard] = {m.name: m for m in tar.getmembers()}
+        return self._members[shard]
+
+    def _read(self, shard: int, name: str) -> bytes:
+        info = self._shard_members(shard)[name]
+        with open(self.path / self.manifest["shards"][shard]["name"], "rb") as f:
+            f.seek(info.offset_data)
+            return f.read(info.size)
+
+    def read_episode(self, episode_id: str, views: list[str] | None = None) -> Episode:
+        rec = self._by_id.get(episode_id)
+        if rec is None:
+            raise KeyError(f"tier '{self.name}' has no episode '{episode_id}'")
+        shard = rec["shard"]
+        members = self._shard_members(shard)
+        meta = json.loads(self._read(shard, f"{episode_id}.meta.json"))
+        frames = {}
+        for view in views or list(meta["views"]):
+            name = next((n for n in members if n.startswith(f"{episode_id}.{view}.") and not n.endswith((".npy", ".json"))), None)
+            if name is None:
+                raise TierError(f"{self.path}: episode '{episode_id}' has no view '{view}' (has {list(meta['views'])})")
+            frames[view] = decode_frames(self._read(shard, name), name.rsplit(".", 1)[1])
+        load = lambda key: (np.load(io.BytesIO(self._read(shard, f"{episode_id}.{key}.npy")))  # noqa: E731
+                            if f"{episode_id}.{key}.npy" in members else None)
+        return Episode(episode_id=episode_id, frames=frames, actions=load("actions"), state=load("state"),
+                       instructions=meta["instructions"], fps=meta["fps"], embodiment=meta["embodiment"],
+                       source=meta["source"], extra=meta.get("extra", {}))
+
+    def read_arrays(self, episode_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Actions and state only (no video decode): what statistics and probes need."""
+        rec = self._by_id[episode_id]
+        members = self._shard_members(rec["shard"])
+        out = []
+        for key in ("actions", "state"):
+            name = f"{episode_id}.{key}.npy"
+            out.append(np.load(io.BytesIO(self._read(rec["shard"], name))) if name in members else None)
+        return out[0], out[1]
+
+    def episodes(self) -> Iterator[Episode]:
+        for rec in self.index:
+            yield self.read_episode(rec["id"])
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        p = self.path / QUARANTINE
+        return [json.loads(line) for line in p.read_text().splitlines() if line] if p.exists() else []
+
+    def verify(self) -> list[str]:
+        """Shards whose bytes no longer match the manifest (empty = intact)."""
+        bad = []
+        for s in self.manifest["shards"]:
+            p = self.path / s["name"]
+            if not p.exists():
+                bad.append(f"{p}: missing")
+            elif sha256_file(p) != s["sha256"]:
+                bad.append(f"{p}: sha256 differs from the manifest")
+        return bad

@@ -1,0 +1,253 @@
+"""Tier storage, validation/quarantine and DVC versioning (local remote and a local S3 server)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from motus.config import validate_params
+from motus.data.episode import Episode
+from motus.data.ingest import IngestError, ingest_tier
+from motus.data.tier import Tier, TierSpec, TierWriter
+
+REPO = Path(__file__).resolve().parents[1]
+MOTUS = Path(sys.executable).parent / "motus"
+
+
+def episode(i: int, t: int = 12, d: int = 14, views=("top",), size=(16, 16), **kw) -> Episode:
+    rng = np.random.default_rng(i)
+    frames = {v: rng.integers(0, 255, (t, *size, 3), dtype=np.uint8) for v in views}
+    defaults = dict(actions=rng.normal(size=(t, d)).astype(np.float32), state=rng.normal(size=(t, d)).astype(np.float32),
+                    instructions=["pick up the cube"], fps=10.0, embodiment="aloha", source="test")
+    defaults.update(kw)
+    return Episode(f"ep{i:04d}", frames, **defaults)
+
+
+# --------------------------------------------------------------------------------------------- storage
+
+def test_tier_roundtrip_manifest_and_determinism(tmp_path):
+    eps = [episode(i) for i in range(5)]
+    spec = TierSpec("t", level=6, embodiment="aloha", action_dim=14, codec="npz", shard_bytes=8_000)
+    w = TierWriter(tmp_path / "t", spec)
+    for e in eps:
+        w.add(e)
+    m = w.close()
+    assert len(m["shards"]) > 1  # the size target splits shards
+    assert m["episodes"] == 5 and m["frames"] == 60 and m["action_dim"] == 14 and m["state_dim"] == 14
+    allact = np.concatenate([e.actions for e in eps])
+    np.testing.assert_allclose(m["action_stats"]["mean"], allact.mean(0), atol=1e-5)
+    np.testing.assert_allclose(m["action_stats"]["std"], allact.std(0), atol=1e-5)
+    t = Tier(tmp_path / "t")
+    for e in eps:
+        back = t.read_episode(e.episode_id)
+        assert np.array_equal(back.frames["top"], e.frames["top"])
+        assert np.array_equal(back.actions, e.actions) and np.array_equal(back.state, e.state)
+        assert back.instructions == e.instructions and back.fps == 10.0
+    assert t.verify() == []
+    # same episodes -> byte-identical shards -> same content hash
+    w2 = TierWriter(tmp_path / "t2", spec)
+    for e in eps:
+        w2.add(e)
+    assert w2.close()["content_hash"] == m["content_hash"]
+    # tampering is detected
+    shard = tmp_path / "t" / m["shards"][0]["name"]
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    assert "sha256 differs" in Tier(tmp_path / "t").verify()[0]
+
+
+def test_mp4_codec_tier(tmp_path):
+    e = episode(1, t=8, size=(32, 32), frames=None) if False else episode(1, t=8, size=(32, 32))
+    smooth = np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, None, :, None], (8, 32, 1, 3))
+    e.frames = {"top": smooth}
+    w = TierWriter(tmp_path / "v", TierSpec("v", 3, "aloha", 14, codec="mp4"))
+    w.add(e)
+    w.close()
+    back = Tier(tmp_path / "v").read_episode(e.episode_id)
+    assert back.frames["top"].shape == smooth.shape
+    assert np.abs(back.frames["top"].astype(int) - smooth).mean() < 4
+
+
+# ------------------------------------------------------------------------------------- quarantine
+
+SOURCE = '''
+import numpy as np
+from motus.data.episode import Episode
+from motus.data.sources import SourceError
+
+def ep(i, t=12, d=14, **kw):
+    rng = np.random.default_rng(i)
+    base = dict(episode_id=f"ep{i:04d}", frames={"top": rng.integers(0, 255, (t, 16, 16, 3), dtype=np.uint8)},
+                actions=rng.normal(size=(t, d)).astype(np.float32), state=rng.normal(size=(t, 14)).astype(np.float32),
+                instructions=["pick up the cube"], fps=10.0, embodiment="aloha", source="fixture")
+    base.update(kw)
+    return Episode(**base)
+
+def episodes(n_good=4, bad=True):
+    for i in range(n_good):
+        yield ep(i)
+    if not bad:
+        return
+    nan = ep(100); nan.actions[3, 2] = np.nan; yield nan
+    inf = ep(101); inf.state[0, 0] = np.inf; yield inf
+    yield ep(102, d=7)                                                   # wrong action width
+    short = ep(103); short.actions = short.actions[:-2]; yield short    # lengths disagree
+    yield ep(104, frames={"top": np.zeros((12, 16, 16, 3), np.float32)})  # not uint8
+    yield ep(105, frames={"top": np.zeros((12, 16, 16), np.uint8)})     # no channel axis
+    yield ep(106, frames={"a": np.zeros((12, 8, 8, 3), np.uint8), "b": np.zeros((10, 8, 8, 3), np.uint8)})
+    yield ep(107, frames={})                                            # no frames at all
+    yield ep(108, t=1)                                                  # one frame
+    yield ep(109, episode_id="bad.id")                                  # breaks shard naming
+    yield ep(110, instructions=[" "])                                   # tier requires an instruction
+    yield ep(111, fps=0.0)
+    yield ep(112, actions=np.full((12, 14), 50.0, np.float32))          # outside action bounds
+    yield ep(0)                                                         # duplicate id
+    yield ep(113, actions=None)                                         # unlabelled in a labelled tier
+    yield SourceError("ep0114", "videos/ep0114.mp4", "undecodable video: moov atom not found")
+'''
+
+
+def write_source(tmp_path: Path) -> Path:
+    f = tmp_path / "fixture_source.py"
+    f.write_text(textwrap.dedent(SOURCE))
+    return f
+
+
+def tier_cfg(source_file: Path, **options):
+    data = {"tiers": {"robot": {"level": 6, "embodiment": "aloha", "action_dim": 14, "source": {
+        "kind": "python", "options": {"file": str(source_file), "function": "episodes", "codec": "npz",
+                                      "require_instruction": True, "action_bounds": [-10, 10], **options}}}}}
+    return validate_params(data).tiers["robot"]
+
+
+def test_malformed_episodes_are_quarantined_and_every_good_one_survives(tmp_path):
+    m = ingest_tier("robot", tier_cfg(write_source(tmp_path)), tmp_path / "robot")
+    t = Tier(tmp_path / "robot")
+    assert sorted(r["id"] for r in t.index) == [f"ep{i:04d}" for i in range(4)]
+    q = {r["episode"]: " ".join(r["reasons"]) for r in t.quarantined()}
+    expected = {
+        "ep0100": "NaN/inf", "ep0101": "state contain NaN/inf", "ep0102": "7-d, tier expects 14-d",
+        "ep0103": "actions have 10 steps but frames have 12", "ep0104": "dtype float32, expected uint8",
+        "ep0105": "expected [T, H, W, 3]", "ep0106": "views disagree on length", "ep0107": "no camera frames",
+        "ep0108": "1 frames, need at least 2", "bad.id": "must match", "ep0110": "requires one",
+        "ep0111": "fps 0.0", "ep0112": "outside bounds", "ep0000": "duplicate episode id", "ep0113": "no actions",
+        "ep0114": "undecodable video",
+    }
+    assert len(expected) >= 10
+    for eid, reason in expected.items():
+        assert reason in q.get(eid, ""), (eid, q.get(eid))
+    assert m["quarantined"] == len(expected)
+    assert (tmp_path / "robot" / "quarantine.jsonl").exists()
+
+
+def test_ingest_fails_only_when_nothing_valid_and_keeps_the_old_tier(tmp_path):
+    src = write_source(tmp_path)
+    ingest_tier("robot", tier_cfg(src), tmp_path / "robot")
+    before = (tmp_path / "robot" / "manifest.json").read_text()
+    with pytest.raises(IngestError, match="no valid episodes"):
+        ingest_tier("robot", tier_cfg(src, n_good=0, bad=False), tmp_path / "robot")
+    assert (tmp_path / "robot" / "manifest.json").read_text() == before  # good data never lost
+    with pytest.raises(IngestError, match="missing.py: python source file not found"):
+        ingest_tier("robot", tier_cfg(tmp_path / "missing.py"), tmp_path / "robot")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".robot.tmp")]  # no debris
+
+
+def test_narrow_actions_are_padded_only_when_asked(tmp_path):
+    f = tmp_path / "narrow.py"
+    f.write_text(textwrap.dedent(SOURCE) + "\ndef narrow():\n    yield ep(1, d=4)\n    yield ep(2)\n")
+    with pytest.raises(IngestError):
+        ingest_tier("robot", tier_cfg(f, function="narrow", require_instruction=False) if False else
+                    validate_params({"tiers": {"robot": {"level": 5, "embodiment": "mixed", "action_dim": 14, "source": {
+                        "kind": "python", "options": {"file": str(f), "function": "narrow", "codec": "npz", "limit": 1}}}}}).tiers["robot"],
+                    tmp_path / "r")
+    cfg = validate_params({"tiers": {"robot": {"level": 5, "embodiment": "mixed", "action_dim": 14, "source": {
+        "kind": "python", "options": {"file": str(f), "function": "narrow", "codec": "npz", "pad_actions": True}}}}}).tiers["robot"]
+    m = ingest_tier("robot", cfg, tmp_path / "r")
+    t = Tier(tmp_path / "r")
+    a, _ = t.read_arrays("ep0001")
+    assert a.shape == (12, 14) and np.all(a[:, 4:] == 0)
+    assert {r["native_action_dim"] for r in t.index} == {4, 14}
+    assert m["episodes"] == 2
+
+
+# ------------------------------------------------------------------------------------------- DVC
+
+def make_project(tmp_path: Path, remote: str, extra_env: dict | None = None) -> tuple[Path, dict]:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    src = write_source(tmp_path)
+    params = {"data": {"codec": "npz", "shard_mb": 64, "root": "data/tiers"}, "tiers": {"robot": {
+        "level": 6, "embodiment": "aloha", "action_dim": 14,
+        "source": {"kind": "python", "options": {"file": str(src), "function": "episodes", "bad": False}}}}}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    # the stage depends on the data code: give the project its own copy of it
+    shutil.copytree(REPO / "motus" / "data", proj / "motus" / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    env = dict(os.environ, MOTUS_DATA_REMOTE=remote, **(extra_env or {}))
+    env.pop("MOTUS_PARAMS_FILE", None)
+    env.pop("MOTUS_PARAMS", None)
+    return proj, env
+
+
+def motus(proj: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(MOTUS), *args], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"motus {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def roundtrip(proj: Path, env: dict) -> None:
+    out = motus(proj, env, "data", "version").stdout
+    assert "robot: dvc " in out and ".dir" in out
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    dvc_hash = lock["stages"]["ingest@robot"]["outs"][0]["md5"]
+    manifest = json.loads((proj / "data/tiers/robot/manifest.json").read_text())
+    # drop the workspace copy and the cache, pull from the remote, compare
+    shutil.rmtree(proj / "data" / "tiers" / "robot")
+    shutil.rmtree(proj / ".dvc" / "cache")
+    subprocess.run([sys.executable, "-m", "dvc", "pull", "-q"], cwd=proj, env=env, check=True)
+    assert json.loads((proj / "data/tiers/robot/manifest.json").read_text()) == manifest
+    assert Tier(proj / "data/tiers/robot").verify() == []
+    st = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=proj, env=env, capture_output=True,
+                        text=True, check=True)
+    assert json.loads(st.stdout or "{}") == {}
+    # nothing changed -> `version` does not rebuild and the hash stays
+    again = motus(proj, env, "data", "version").stdout
+    assert dvc_hash in again
+    status = json.loads(motus(proj, env, "data", "status", "--json").stdout)
+    assert status[0]["built"] and status[0]["dvc_hash"] == dvc_hash and not status[0]["stale"]
+
+
+@pytest.mark.slow
+def test_dvc_roundtrip_local_remote(tmp_path):
+    proj, env = make_project(tmp_path, str(tmp_path / "remote"))
+    roundtrip(proj, env)
+    assert any((tmp_path / "remote").rglob("*"))
+
+
+@pytest.mark.slow
+def test_dvc_roundtrip_local_s3_server(tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="tiers")
+        proj, env = make_project(tmp_path, "s3://tiers/dvc", {**creds, "MOTUS_S3_ENDPOINT_URL": endpoint})
+        roundtrip(proj, env)
+        keys = s3.list_objects_v2(Bucket="tiers").get("KeyCount", 0)
+        assert keys > 0
+    finally:
+        server.stop()
