@@ -7,9 +7,13 @@ Two codecs for a view's frames (uint8 [T, H, W, 3]):
   a smooth clip round-trips at well over 30 dB PSNR at the default ``crf=18``.
 * ``npz``: lossless compressed numpy (a deflated ``.npz`` holding ``frames.npy``), for exactness.
 
-Both encoders are deterministic: the same frames give the same bytes (x264 is deterministic for a given
-build, the MP4 header carries no creation time, and the npz member carries a fixed zip timestamp), so a tier
-rebuilt from the same episodes hashes the same.
+Both encoders are deterministic: the same frames give the same bytes, so a tier rebuilt from the same
+episodes hashes the same. For mp4 (x264) that takes a fixed encoder thread count (``X264_THREADS``; frame
+threading changes the bitstream), and, on CPUs with AVX-512, pinning x264 to its AVX2 code path (its
+AVX-512 lookahead reads uninitialised memory and made identical input encode differently from run to run;
+the AVX2 and SSE paths give identical bytes). The MP4 header carries no creation time. Across CPU
+architectures (x86 vs ARM) the bytes may still differ; the decoded content is equivalent. The npz member
+carries a fixed zip timestamp.
 
 Odd frame sizes: yuv420p subsamples chroma 2x2, so H.264/MPEG-4 need even H and W. ``encode_mp4`` pads an
 odd height/width by one row/column of edge replication and records the true size in the container's
@@ -25,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import platform
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +80,27 @@ def mp4_encoder() -> str:
     return "mpeg4"
 
 
+# x264 CPU flags of an AVX2 machine. x264's AVX-512 code path (taken automatically where the CPU has it)
+# reads uninitialised memory in its macroblock-tree lookahead, so the same frames encode to different bytes
+# from run to run there (measured: most frame widths that are not a multiple of 128 px). Pinning the AVX2
+# set is byte-identical to what SSE4.2/AVX2 machines produce, and only applied where AVX-512 is present.
+_X264_AVX2_FLAGS = "MMX2,SSE,SSE2,SSE2Fast,LZCNT,SSE3,SSSE3,SSE4,SSE4.2,AVX,FMA3,BMI1,BMI2,AVX2,Cache64"
+# x264's output depends on its thread count (frame threading), so it is fixed, not left to the core count.
+X264_THREADS = 2
+
+
+@lru_cache(maxsize=1)
+def _x264_asm_override() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return _X264_AVX2_FLAGS if "avx512f" in flags and "avx2" in flags else None
+
+
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     if not isinstance(frames, np.ndarray):
         raise ValueError(f"frames must be a numpy array, got {type(frames).__name__}")
@@ -88,13 +114,17 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 def _encoder_options(codec: str, crf: int, width: int, height: int, fps: Fraction) -> tuple[dict[str, str], int]:
     """Codec options and bit rate (0 = let the options decide) that approximate x264's ``crf``."""
     if codec == "libx264":
-        return {"crf": str(int(crf)), "preset": "medium"}, 0
+        options = {"crf": str(int(crf)), "preset": "medium", "threads": str(X264_THREADS)}
+        asm = _x264_asm_override()
+        if asm:
+            options["x264-params"] = f"asm={asm}"
+        return options, 0
     if codec == "mpeg4":  # constant quantiser: crf 18 -> q 3, 23 -> 4, 28 -> 5, 51 -> 8
         q = int(min(31, max(2, round(crf / 6))))
-        return {"flags": "+qscale", "global_quality": str(q * 118)}, 0  # 118 = FF_QP2LAMBDA
+        return {"flags": "+qscale", "global_quality": str(q * 118), "threads": "1"}, 0  # 118 = FF_QP2LAMBDA
     # No constant-quality mode (libopenh264, ...): a bit budget per pixel that halves every 6 crf steps.
     bits_per_pixel = 0.3 * 2.0 ** ((18 - crf) / 6)
-    return {}, max(100_000, int(width * height * float(fps) * bits_per_pixel))
+    return {"threads": "1"}, max(100_000, int(width * height * float(fps) * bits_per_pixel))
 
 
 def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, *, codec: str | None = None) -> bytes:
@@ -128,9 +158,10 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, *, codec: str | No
             stream.bit_rate = bit_rate
         stream.options = options
         for i in range(t):
+            # yuv420p conversion done here, explicitly (BT.601, limited range), not left to encode().
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-            frame.pts = i
-            frame.time_base = stream.codec_context.time_base
+            frame = frame.reformat(format="yuv420p")
+            frame.pts = i  # in the codec time base, 1/rate
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
