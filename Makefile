@@ -36,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/model_step.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -426,7 +426,7 @@ def test_cli_validate_ok(invoke) -> None:
     result = invoke("validate", "--params", str(SHIPPED))
     assert result.exit_code == 0, result.output
     assert "ok" in result.output
-    assert "preset tiny, 5 tiers, 3 stages, 3 gates, 2 pools" in result.output
+    assert "preset tiny, 6 tiers, 3 stages, 3 gates, 2 pools" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
