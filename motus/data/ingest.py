@@ -110,7 +110,7 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
     options = dict(tier.source.options)
     writer = TierWriter(out_dir, TierSpec(
         name=name, level=tier.level, embodiment=tier.embodiment, action_dim=tier.action_dim, fps=tier.fps,
-        codec=options.get("codec", "mp4"), shard_bytes=int(float(options.get("shard_mb", 256)) * 2**20),
+        codec=options.get("codec", "mp4"), pad_state=bool(options.get("pad_actions", False)), shard_bytes=int(float(options.get("shard_mb", 256)) * 2**20),
         source={"kind": tier.source.kind, "options": tier.source.options}, description=tier.description))
     good = bad = 0
     started = time.perf_counter()
@@ -130,6 +130,8 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
                     problems = _episode_problems(item, tier, options)
                     if item.episode_id in writer._ids:
                         problems.append(f"duplicate episode id '{item.episode_id}'")
+                    if not problems and writer.state_problem(item):
+                        problems.append(writer.state_problem(item))
                     if problems:
                         writer.add_quarantined({"episode": str(item.episode_id), "file": item.extra.get("file", ""),
                                                 "source": item.source, "reasons": problems})

@@ -126,6 +126,7 @@ class TierSpec:
     action_dim: int | None
     fps: float | None = None
     codec: str = "mp4"
+    pad_state: bool = False  # mixed-embodiment tiers: narrower state is zero-padded like actions
     shard_bytes: int = DEFAULT_SHARD_BYTES
     source: dict[str, Any] | None = None
     description: str = ""
@@ -178,6 +179,9 @@ class TierWriter:
         into the tier's action space; the native width is recorded."""
         if ep.episode_id in self._ids:
             raise ValueError(f"duplicate episode id '{ep.episode_id}' in tier '{self.spec.name}'")
+        problem = self.state_problem(ep)
+        if problem:
+            raise ValueError(f"episode '{ep.episode_id}': {problem}")
         self._ids.add(ep.episode_id)
         members: list[tuple[str, bytes]] = []
         fps = float(self.spec.fps or ep.fps)
@@ -193,9 +197,15 @@ class TierWriter:
             members.append((f"{ep.episode_id}.actions.npy", _npy(actions)))
             self.action_stats.update(actions)
         if ep.state is not None:
-            members.append((f"{ep.episode_id}.state.npy", _npy(ep.state.astype(np.float32))))
-            self.state_stats.update(ep.state)
-            self.state_dim = self.state_dim or int(ep.state.shape[1])
+            state = ep.state.astype(np.float32)
+            if self.spec.action_dim and self.spec.pad_state and state.shape[1] < self.spec.action_dim:
+                state = np.pad(state, ((0, 0), (0, self.spec.action_dim - state.shape[1])))
+            if self.state_dim is not None and state.shape[1] != self.state_dim:
+                raise ValueError(f"episode '{ep.episode_id}': state is {state.shape[1]}-d, "
+                                 f"tier '{self.spec.name}' stores {self.state_dim}-d state")
+            members.append((f"{ep.episode_id}.state.npy", _npy(state)))
+            self.state_stats.update(state)
+            self.state_dim = int(state.shape[1])
         meta = ep.metadata()
         meta["native_action_dim"] = native
         members.append((f"{ep.episode_id}.meta.json", json.dumps(meta, sort_keys=True).encode()))
@@ -215,6 +225,17 @@ class TierWriter:
         emb["frames"] += t
         self.index.append({"id": ep.episode_id, "shard": self._shard_idx, "frames": t, "embodiment": ep.embodiment,
                            "native_action_dim": native, "instructions": list(ep.instructions)})
+
+    def state_problem(self, ep: Episode) -> str | None:
+        """A state width that disagrees with the tier's earlier episodes (after padding), or None."""
+        if ep.state is None or self.state_dim is None or ep.state.ndim != 2:
+            return None
+        width = ep.state.shape[1]
+        if self.spec.action_dim and self.spec.pad_state:
+            width = max(width, self.spec.action_dim)
+        if width != self.state_dim:
+            return f"state is {width}-d, the tier's other episodes have {self.state_dim}-d state"
+        return None
 
     def add_quarantined(self, record: dict[str, Any]) -> None:
         self.quarantine.append(record)
