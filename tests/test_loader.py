@@ -296,3 +296,18 @@ def test_collate_labelled_unlabelled(tiers):
     assert mixed["actions"].shape == (2, 8, D) and mixed["action_mask"].tolist() == [True, False]
     assert (mixed["actions"][1] == 0).all()
     assert mixed["tier"] == ["robot", "human"]
+
+
+def test_window_spec_from_params_follows_the_model():
+    from motus.config import WindowConfig
+    from motus.data.loader import window_spec_from_params
+    from motus.model import build_config
+
+    tiny = build_config("tiny")
+    spec = window_spec_from_params(WindowConfig(), tiny, action_dim=14)
+    assert (spec.chunk, spec.video_action_ratio, spec.downsample) == (8, 2, 3)
+    assert spec.future_frames == tiny.num_frames - 1 and spec.image_size == (64, 64)
+    full = build_config("full")
+    assert window_spec_from_params(WindowConfig(), full).video_action_ratio == 4  # the official 16 actions : 4 frames
+    with pytest.raises(ValueError, match="data.window.video_action_ratio=4"):
+        window_spec_from_params(WindowConfig(video_action_ratio=4), tiny)

@@ -568,3 +568,24 @@ def collate_windows(items: Sequence[Mapping[str, Any]], allow_missing_actions: b
     if allow_missing_actions:
         out["action_mask"], out["state_mask"] = action_mask, state_mask
     return out
+
+
+def window_spec_from_params(window: Any, model: Any, action_dim: int | None = None) -> WindowSpec:
+    """`params.yaml`'s `data.window` (a `motus.config.WindowConfig`) + the model's MotusConfig -> WindowSpec.
+
+    The model fixes K (action chunk), the pixel frames per sample (1 + K/ratio) and the image size; the ratio
+    defaults to K / (num_frames - 1) and must agree with the model when given explicitly.
+    """
+    k, future = model.action.chunk, model.num_frames - 1
+    ratio = window.video_action_ratio
+    if ratio is None:
+        if k % future:
+            raise ValueError(f"model.action_chunk={k} is not a multiple of the model's {future} future frames; "
+                             f"set data.window.video_action_ratio")
+        ratio = k // future
+    elif k % ratio or k // ratio != future:
+        raise ValueError(f"data.window.video_action_ratio={ratio}: action_chunk {k} / {ratio} future frames != "
+                         f"the model's {future} (num_video_frames - 1)")
+    return WindowSpec(chunk=k, video_action_ratio=ratio, downsample=window.downsample,
+                      image_size=(model.height, model.width), view=window.view,
+                      normalization=window.normalization, action_dim=action_dim)
