@@ -1,0 +1,73 @@
+"""What a run cost and which code it ran: device hours, money, and the git state of the checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import TypedDict
+
+UNKNOWN_COMMIT = "unknown"
+
+
+class GitState(TypedDict):
+    commit: str  # full sha, or "unknown" (not a repo, no commit yet, or no git executable)
+    dirty: bool  # uncommitted changes to tracked files, or untracked (not ignored) files
+    branch: str | None  # None when not a repo or HEAD is detached
+
+
+def device_hours(nodes: int, devices_per_node: int, wall_seconds: float) -> float:
+    """Accelerator hours a job held: every device of every node for the whole wall time."""
+    if nodes < 0 or devices_per_node < 0 or wall_seconds < 0:
+        raise ValueError(
+            f"device_hours needs non-negative inputs, got nodes={nodes}, "
+            f"devices_per_node={devices_per_node}, wall_seconds={wall_seconds}")
+    return nodes * devices_per_node * wall_seconds / 3600.0
+
+
+def cost(device_hours: float, device: str, prices: dict[str, float]) -> float | None:
+    """`device_hours` x the hourly price of `device`; None (and a warning) when `device` has no price.
+
+    A missing price is never a silent 0: a run without a known cost must read as unknown, not as free.
+    The lookup is exact first, then case-insensitive (`H100` finds `h100`).
+    """
+    price = prices.get(device)
+    if price is None:
+        folded = {k.casefold(): v for k, v in prices.items()}
+        price = folded.get(device.casefold())
+    if price is None:
+        warnings.warn(
+            f"no price for device {device!r} (priced: {sorted(prices) or 'none'}); cost is unknown",
+            UserWarning, stacklevel=2)
+        return None
+    return float(device_hours) * float(price)
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    """stdout of `git -C repo args...`, stripped; None when git fails or is missing."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # never take the index lock
+    try:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                             timeout=30, env=env, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip()
+
+
+def git_state(repo: Path) -> GitState:
+    """Commit, dirty flag and branch of the checkout at `repo` (via the `git` executable).
+
+    Never raises: outside a repository (or without git) it is `{"commit": "unknown", "dirty": False,
+    "branch": None}`. A repository without commits has commit "unknown" but a real branch and dirty flag.
+    """
+    repo = Path(repo)
+    if _git(repo, "rev-parse", "--is-inside-work-tree") != "true":
+        return {"commit": UNKNOWN_COMMIT, "dirty": False, "branch": None}
+    commit = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}") or UNKNOWN_COMMIT
+    status = _git(repo, "status", "--porcelain", "--untracked-files=normal")
+    branch = _git(repo, "symbolic-ref", "--short", "-q", "HEAD") or None
+    # A status that cannot be read is reported dirty: lineage must not claim a clean tree it did not see.
+    return {"commit": commit, "dirty": status is None or bool(status), "branch": branch}

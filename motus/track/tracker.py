@@ -1,0 +1,545 @@
+"""`MlflowTracker`: the `motus.train.tracking.Tracker` protocol, recorded as one MLflow run.
+
+One tracker is one run, created or (given `run_id`) resumed: a training job that was killed and restarted
+keeps reporting into the run it started. Everything goes through an explicit `mlflow.MlflowClient` bound to
+this tracker's tracking URI, so two trackers in one process (two stores, two runs) never share MLflow's
+process-global "active run" or tracking URI.
+
+Where things land for a SQLite store (`sqlite:///path/mlflow.db`; a relative path is taken from the
+current directory and made absolute, its folder is created): a new experiment gets the artifact location
+`<db folder>/mlartifacts`, so a run's artifacts are in `<db folder>/mlartifacts/<run_id>/artifacts/`.
+An experiment that already exists keeps its own artifact location; other stores (a tracking server) use
+the server's default unless `artifact_location` is given.
+
+Choices worth knowing:
+- Params are flattened to dotted keys (`stages.stage1.lr`, list items as `layers.0`), stringified with
+  `str()`, and values longer than MLflow's limit are cut with `PARAM_TRUNCATION_MARKER`; the full nested
+  config (every `log_params` call of the run, merged) is always also the JSON artifact `config/params.json`.
+- A param that is logged again with the same value is fine (a resumed job logs its config again); a
+  different value raises `ParamConflictError` naming the keys: a resumed job must run the same config.
+- Metrics: None values are skipped; NaN and +-inf are logged as they are (a diverged loss is a fact the run
+  record must show, not hide; SQL stores keep NaN and record +-inf as +-1.797e308, the largest float).
+  Anything `float()` cannot convert raises `TypeError` naming the key.
+- A dataset digest longer than MLflow's 36-character limit (a sha256 tier hash is 64) is stored as its
+  first 36 characters in the dataset input; the full digest is the run tag `tier.<name>.digest` and
+  `digest` in the dataset's profile. MLflow records a dataset once per run: logging it again (a resumed
+  job) is harmless, and the context of the first logging stays.
+- System metrics (`system/...`, CPU, memory, disk, network, GPU when there is one) are sampled by MLflow's
+  `SystemMetricsMonitor` bound to this run and URI (no fluent run), every `system_metrics_interval`
+  seconds (MLflow's `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides it), and stopped by `finish`.
+- A tracker never finished by its process ends its run as KILLED at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["FINISHED", "FAILED", "KILLED"]
+STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
+
+PARAMS_ARTIFACT = "config/params.json"
+PARAM_TRUNCATION_MARKER = "...[truncated; full value in config/params.json]"
+# MLflow's limits (mlflow.utils.validation), fixed here so they do not depend on a private module.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_DATASET_DIGEST_LENGTH = 36
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+ARTIFACTS_FOLDER = "mlartifacts"
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+_T = TypeVar("_T")
+
+
+class ParamConflictError(ValueError):
+    """A param logged again with a different value (MLflow params are write-once)."""
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+def sqlite_db_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (absolute when the URI is), or None for other stores."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    path = tracking_uri[len(prefix):].partition("?")[0]
+    if path in ("", ":memory:"):
+        return None
+    return Path(path)
+
+
+def resolve_tracking_uri(tracking_uri: str) -> str:
+    """A SQLite URI with an absolute path (a relative one is taken from the cwd) whose folder exists.
+
+    `sqlite:///mlflow.db` -> `sqlite:////<cwd>/mlflow.db`. Other URIs are returned unchanged.
+    """
+    db = sqlite_db_path(tracking_uri)
+    if db is None:
+        return tracking_uri
+    _, sep, query = tracking_uri.partition("?")
+    db = db if db.is_absolute() else Path.cwd() / db
+    db = db.resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db.as_posix()}{sep}{query}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """`file://<db folder>/mlartifacts` for a SQLite store; None (the store's default) otherwise."""
+    db = sqlite_db_path(resolve_tracking_uri(tracking_uri))
+    return None if db is None else (db.parent / ARTIFACTS_FOLDER).as_uri()
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+
+def _key(key: Any) -> str:
+    """A param/tag key MLflow accepts: characters outside [/\\w.- :] become `_`."""
+    return _BAD_KEY_CHARS.sub("_", str(key))
+
+
+def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts/lists -> {dotted key: str(value)}; an empty dict/list keeps its key as `{}`/`[]`."""
+    flat: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, Mapping):
+            items: Iterator[tuple[Any, Any]] = iter(value.items())
+        elif isinstance(value, (list, tuple)):
+            items = iter(enumerate(value))
+        else:
+            flat[key] = str(value)
+            return
+        empty = True
+        for k, v in items:
+            empty = False
+            walk(v, f"{key}.{_key(k)}" if key else _key(k))
+        if empty and key:
+            flat[key] = "{}" if isinstance(value, Mapping) else "[]"
+
+    walk(nested, prefix)
+    return flat
+
+
+def truncate_value(value: str, limit: int = MAX_PARAM_VALUE_LENGTH, marker: str = PARAM_TRUNCATION_MARKER) -> str:
+    """`value`, or its head + `marker` when it is longer than `limit` (the result is exactly `limit` long)."""
+    if len(value) <= limit:
+        return value
+    return value[: limit - len(marker)] + marker
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def _deep_merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class ExternalDatasetSource(DatasetSource):
+    """A source MLflow has no resolver for (e.g. `sim:metaworld`): recorded as its URI string."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "external"
+
+    def load(self) -> str:
+        return self.uri
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> ExternalDatasetSource:
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> ExternalDatasetSource:
+        return cls(source_dict["uri"])
+
+
+def dataset_source(source: str | Path) -> DatasetSource:
+    """A dataset source for a local path (made absolute), a URI (s3://, https://, ...) or anything else."""
+    text = str(source)
+    scheme = urlparse(text).scheme
+    if isinstance(source, Path) or scheme == "" or (len(scheme) == 1 and text[1:3] in (":\\", ":/")):
+        text = str(Path(text).absolute())
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" (file and "" share a class)
+        warnings.simplefilter("ignore")
+        try:
+            return resolve_dataset_source(text)
+        except MlflowException:
+            return ExternalDatasetSource(text)
+
+
+def _context_tags(tags: dict[str, str] | None) -> dict[str, str]:
+    """User, source and git tags as `mlflow.start_run` would add them, then `tags` over them."""
+    user = {k: str(v) for k, v in (tags or {}).items()}
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {k: str(v) for k, v in resolve_tags(user).items()}
+    except Exception:  # context tags are a courtesy; a run without them is still a run
+        logger.debug("could not resolve MLflow context tags", exc_info=True)
+        return user
+
+
+# ---------------------------------------------------------------------------------------------- tracker
+
+
+class MlflowTracker:
+    """One MLflow run: created in `experiment`, or resumed with `run_id`. Use on rank 0 only.
+
+    Implements `motus.train.tracking.Tracker`; also a context manager (FINISHED on a clean exit, KILLED
+    on KeyboardInterrupt, FAILED on any other exception).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        system_metrics: bool = True,
+        *,
+        system_metrics_interval: float = 2.0,
+        artifact_location: str | None = None,
+    ):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._finished = False
+        self._monitor: Any = None
+        self._params: dict[str, str] = {}
+        self._config: dict[str, Any] = {}
+
+        if run_id is None:
+            self.experiment_id = self._ensure_experiment(experiment, artifact_location)
+            run = self.client.create_run(self.experiment_id, tags=_context_tags(tags), run_name=run_name)
+            self.resumed = False
+        else:
+            run = self._resume(run_id, experiment)
+            self.experiment_id = run.info.experiment_id
+            self.resumed = True
+        self.run_id: str | None = run.info.run_id
+        self.run_name: str = run.info.run_name
+        self.artifact_uri: str = run.info.artifact_uri
+        if self.resumed:
+            self._params = dict(run.data.params)
+            self._config = self._load_logged_config()
+            if tags:
+                self.set_tags(tags)
+        atexit.register(self._finish_at_exit)
+        if system_metrics:
+            self._start_system_metrics(system_metrics_interval)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _ensure_experiment(self, name: str, artifact_location: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = artifact_location or default_artifact_location(self.tracking_uri)
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:  # created by someone else in between
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(name)
+                assert exp is not None
+        if exp.lifecycle_stage == LifecycleStage.DELETED:
+            raise ValueError(
+                f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted in {self.tracking_uri}; "
+                f"restore it (`mlflow experiments restore --experiment-id {exp.experiment_id}`) "
+                "or use another experiment name")
+        return exp.experiment_id
+
+    def _resume(self, run_id: str, experiment: str) -> Any:
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            raise ValueError(f"cannot resume MLflow run {run_id!r}: not found in {self.tracking_uri}") from e
+        if run.info.lifecycle_stage == LifecycleStage.DELETED:
+            raise ValueError(f"cannot resume MLflow run {run_id!r}: it is deleted")
+        exp = self.client.get_experiment(run.info.experiment_id)
+        if exp.name != experiment:
+            raise ValueError(
+                f"cannot resume MLflow run {run_id!r} in experiment {experiment!r}: "
+                f"it belongs to experiment {exp.name!r}")
+        self.client.update_run(run_id, status="RUNNING")
+        return run
+
+    def _start_system_metrics(self, interval: float) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval, resume_logging=self.resumed,
+                tracking_uri=self.tracking_uri)
+            monitor.start()
+        except Exception as e:  # e.g. psutil missing: the run goes on without system metrics
+            logger.warning("system metrics are off for run %s: %s", self.run_id, e)
+            return
+        self._monitor = monitor
+
+    def finish(self, status: Status = "FINISHED") -> None:
+        """End the run with `status` and stop system metrics. Later calls do nothing."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if self._finished:
+            return
+        self._finished = True
+        atexit.unregister(self._finish_at_exit)
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()  # flushes its last samples while the run is still RUNNING
+        self.client.set_terminated(self.run_id, status=status)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _finish_at_exit(self) -> None:
+        try:
+            self.finish("KILLED")
+        except Exception:  # the store may be gone at interpreter exit
+            logger.debug("could not end run %s at exit", self.run_id, exc_info=True)
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError(f"MLflow run {self.run_id} is already finished")
+
+    # ------------------------------------------------------------------------------------ params/tags
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flatten `params` to dotted keys, log them (truncated to MLflow's limit) and `config/params.json`.
+
+        Raises `ParamConflictError` (before logging anything) if a key was already logged to this run with
+        a different value.
+        """
+        self._check_open()
+        flat = {k: truncate_value(v) for k, v in flatten_params(params).items()}
+        conflicts = [(k, self._params[k], v) for k, v in flat.items() if k in self._params and self._params[k] != v]
+        if conflicts:
+            shown = "; ".join(f"{k!r}: logged {old!r}, now {new!r}" for k, old, new in conflicts[:10])
+            more = f" (and {len(conflicts) - 10} more)" if len(conflicts) > 10 else ""
+            raise ParamConflictError(
+                f"MLflow run {self.run_id} already has different values for {len(conflicts)} param(s): "
+                f"{shown}{more}. A resumed run must use the configuration it started with; "
+                "start a new run for a new configuration.")
+        new = [Param(k, v) for k, v in flat.items() if k not in self._params]
+        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+        self._params.update(flat)
+        _deep_merge(self._config, _jsonable(params))
+        self._write_artifact(PARAMS_ARTIFACT, lambda p: p.write_text(
+            json.dumps(self._config, indent=2, default=str) + "\n", encoding="utf-8"))
+
+    def _load_logged_config(self) -> dict[str, Any]:
+        """The `config/params.json` a resumed run already has (merged into, never overwritten), or {}."""
+        try:
+            parsed = urlparse(self.artifact_uri)
+            if parsed.scheme in ("", "file"):  # local artifacts: read in place (no copy, no progress bar)
+                local = Path(url2pathname(parsed.path)) / PARAMS_ARTIFACT
+                loaded = json.loads(local.read_text(encoding="utf-8")) if local.is_file() else {}
+            else:
+                listed = {a.path for a in self.client.list_artifacts(self.run_id, PurePosixPath(PARAMS_ARTIFACT).parent.as_posix())}
+                if PARAMS_ARTIFACT not in listed:
+                    return {}
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = Path(self.client.download_artifacts(self.run_id, PARAMS_ARTIFACT, tmp))
+                    loaded = json.loads(local.read_text(encoding="utf-8"))
+        except Exception:  # unreadable: start from what this attempt logs
+            logger.warning("could not read %s of run %s; it will hold this attempt's params only",
+                           PARAMS_ARTIFACT, self.run_id, exc_info=True)
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._check_open()
+        run_tags = [RunTag(_key(k), truncate_value(str(v), MAX_TAG_VALUE_LENGTH, "...[truncated]"))
+                    for k, v in tags.items()]
+        for chunk in _chunks(run_tags, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    # ------------------------------------------------------------------------------------ metrics
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One batch at `step`; None is skipped, NaN/inf are logged as they are."""
+        self._check_open()
+        timestamp = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"metric {key!r}: {value!r} is not a number") from e
+            batch.append(Metric(key=str(key), value=number, timestamp=timestamp, step=int(step)))
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    # ------------------------------------------------------------------------------------ datasets
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
+                    extra: dict[str, Any] | None = None) -> None:
+        """A tier as a dataset input (tagged `mlflow.data.context=<context>`) + run tag `tier.<name>.digest`.
+
+        `extra` (e.g. episode and frame counts) and the full digest are the dataset's JSON profile.
+        """
+        self._check_open()
+        if not digest:
+            raise ValueError(f"dataset {name!r}: empty digest")
+        meta = MetaDataset(source=dataset_source(source), name=name, digest=digest[:MAX_DATASET_DIGEST_LENGTH])
+        d = meta.to_dict()
+        profile = json.dumps(_jsonable({**(extra or {}), "digest": digest}), default=str)
+        entity = DatasetEntity(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                               source=d["source"], schema=d.get("schema"), profile=profile)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag(DATASET_CONTEXT_TAG, context)])])
+        self.set_tags({f"tier.{name}.digest": digest})
+
+    # ------------------------------------------------------------------------------------ artifacts
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file -> `<artifact_path>/<name>`; a directory -> `<artifact_path>/<dir name>/...` (recursive)."""
+        self._check_open()
+        path = Path(path)
+        if path.is_dir():
+            dest = path.resolve().name if artifact_path is None else f"{artifact_path}/{path.resolve().name}"
+            self.client.log_artifacts(self.run_id, str(path), dest)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"no file or directory to log as an artifact: {path}")
+
+    def _write_artifact(self, name: str, write: Callable[[Path], Any]) -> None:
+        """Write one artifact file named `name` (a relative artifact path) with `write(local_path)`."""
+        rel = PurePosixPath(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.name:
+            raise ValueError(f"artifact name must be a relative file path without '..', got {name!r}")
+        with tempfile.TemporaryDirectory(prefix="motus-artifact-") as tmp:
+            local = Path(tmp) / rel.name
+            write(local)
+            folder = str(rel.parent)
+            self.client.log_artifact(self.run_id, str(local), None if folder == "." else folder)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        """uint8 [H, W, 3] -> PNG artifact at `name` (`.png` appended when missing)."""
+        self._check_open()
+        from PIL import Image
+
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"log_image needs a uint8 [H, W, 3] array, got {array.dtype} {list(array.shape)}")
+        name = name if name.lower().endswith(".png") else f"{name}.png"
+        picture = Image.fromarray(np.ascontiguousarray(array))
+        self._write_artifact(name, lambda p: picture.save(p, format="PNG"))
+
+    def log_loss_curve(self, history: dict[str, list[tuple[int, float]]], name: str = "loss_curve.png") -> None:
+        """Series -> [(step, value)] as one PNG: one axes, log y when every plotted value is > 0."""
+        self._check_open()
+        name = name if name.lower().endswith(".png") else f"{name}.png"
+        self._write_artifact(name, lambda p: plot_loss_curve(history, p, title=PurePosixPath(name).stem))
+
+
+def plot_loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], path: Path, title: str = "") -> Path:
+    """Render `history` to a PNG at `path` with matplotlib's Agg canvas (pyplot and its globals untouched).
+
+    Non-finite and None values are left out of the plot (they are in the metric history).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plotted: list[float] = []
+    for series, points in history.items():
+        finite = sorted((int(s), float(v)) for s, v in points if v is not None and math.isfinite(float(v)))
+        if not finite:
+            continue
+        steps, values = zip(*finite, strict=True)
+        ax.plot(steps, values, label=str(series), linewidth=1.2)
+        plotted.extend(values)
+    if plotted and min(plotted) > 0:
+        ax.set_yscale("log")
+    if plotted:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
