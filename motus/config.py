@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ConfigError",
+    "CostConfig",
     "DataConfig",
     "WindowConfig",
     "FlowConfig",
@@ -87,6 +88,9 @@ class ModelWeights(_Section):
         None, description="Video generation backbone (Wan 2.2 5B for the full preset)."
     )
     vae: Path | None = Field(None, description="Video VAE matching the video backbone.")
+    text: Path | None = Field(
+        None, description="T5 text encoder for the video expert (umt5-xxl for Wan 2.2); None = tiny stand-in."
+    )
     vlm: Path | None = Field(
         None, description="Vision-language model for the understanding expert (Qwen3-VL-2B)."
     )
@@ -209,6 +213,15 @@ class Stage(_Section):
     registered_model: str = Field(
         min_length=1, description="MLflow registered model the result is logged to."
     )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after the linear warm-up."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak (cosine/linear).")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Complete checkpoints kept on disk.")
+    validate_every: int = Field(50, ge=1, description="Steps between held-out validations (and one at the end).")
+    log_every: int = Field(1, ge=1, description="Steps between metric logs.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
     @model_validator(mode="after")
     def _actions_need_a_source(self) -> Stage:
@@ -278,6 +291,16 @@ class Pool(_Section):
         return self
 
 
+class CostConfig(_Section):
+    """Prices that turn device hours into money in every run's accounting."""
+
+    currency: str = Field("USD", min_length=1)
+    device_hour: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.05, "A100": 1.80, "H100": 3.50},
+        description="Price of one device-hour by device type (cpu, A100, H100, ...).",
+    )
+
+
 # ------------------------------------------------------------------------------------------------ root
 
 
@@ -291,6 +314,7 @@ class Params(_Section):
     stages: dict[str, Stage] = Field(default_factory=dict)
     gates: dict[str, Gate] = Field(default_factory=dict, description="Keyed by registered model name.")
     pools: dict[str, Pool] = Field(default_factory=dict)
+    costs: CostConfig = Field(default_factory=CostConfig)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
@@ -404,7 +428,7 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
 
     if model.get("preset") == "full":
         weights = mapping(model.get("weights"))
-        for key in ("video", "vae", "vlm"):
+        for key in ("video", "vae", "vlm", "text"):
             if weights.get(key) in (None, ""):
                 problems.append(
                     (f"model.weights.{key}", "the full preset needs a local path to pretrained weights")

@@ -278,8 +278,8 @@ def test_full_preset_needs_weights(tmp_path: Path) -> None:
     data = good_data()
     data["model"] = {"preset": "full", "weights": {"vae": "/models/vae"}}
     err = errors_of(tmp_path, data)
-    assert keys(err) == ["model.weights.video", "model.weights.vlm"]
-    data["model"]["weights"] = {"video": "/m/wan", "vae": "/m/vae", "vlm": "/m/qwen"}
+    assert keys(err) == ["model.weights.video", "model.weights.vlm", "model.weights.text"]
+    data["model"]["weights"] = {"video": "/m/wan", "vae": "/m/vae", "vlm": "/m/qwen", "text": "/m/umt5"}
     assert load_params(write(tmp_path, yaml.safe_dump(data))).model.weights.vlm == Path("/m/qwen")
 
 
@@ -324,7 +324,7 @@ def test_params_model_rejects_inconsistency_directly() -> None:
 
 def test_resolved_dict_is_json_friendly(tmp_path: Path) -> None:
     data = good_data()
-    data["model"] = {"preset": "full", "weights": {"video": "/m/wan", "vae": "/m/vae", "vlm": "/m/qwen"}}
+    data["model"] = {"preset": "full", "weights": {"video": "/m/wan", "vae": "/m/vae", "vlm": "/m/qwen", "text": "/m/umt5"}}
     resolved = resolved_dict(load_params(write(tmp_path, yaml.safe_dump(data))))
     assert json.loads(json.dumps(resolved)) == resolved
     assert resolved["model"]["weights"]["video"] == "/m/wan"

@@ -7,12 +7,14 @@ import typer
 from .config_cmd import config_app
 from .data_cmd import data_app
 from .model_cmd import model_app
+from .train_cmd import train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Motus training platform: data tiers -> Stage 1-3 training -> gated, lineage-tracked models.")
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+app.command()(train)
 
 
 @app.command()

@@ -71,6 +71,7 @@ class WindowSpec:
     view: str | None = None  # camera view; None = the first view in the tier manifest
     normalization: Normalization = "mean_std"
     action_dim: int | None = None  # zero-pad actions to this width (error if the tier is wider)
+    state_dim: int | None = None  # zero-pad (or, for wider state, refuse) state to this width
 
     def __post_init__(self) -> None:
         for name in ("chunk", "video_action_ratio", "downsample"):
@@ -331,7 +332,10 @@ class TierWindows(Dataset):
         if hit is not None:
             self._cache.move_to_end(episode_id)
             return hit
-        ep = self.tier.read_episode(episode_id, views=[self.view])
+        # mixed-embodiment tiers name their cameras differently: without an explicit view, each episode
+        # contributes its own first camera
+        ep = self.tier.read_episode(episode_id, views=[self.view] if self.spec.view is not None else None)
+        view = self.view if self.view in ep.frames else next(iter(ep.frames))
         self.decodes += 1
         actions = None
         if self.labelled:
@@ -343,7 +347,13 @@ class TierWindows(Dataset):
         state = None
         if ep.state is not None:
             state = normalize(ep.state, self.spec.normalization, self._state_stats)
-        out = _Decoded(frames=ep.frames[self.view], actions=actions, state=state)
+            want = self.spec.state_dim
+            if want is not None and state.shape[1] != want:
+                if state.shape[1] > want:
+                    raise ValueError(f"tier '{self.name}' episode '{ep.episode_id}': state is {state.shape[1]}-d, "
+                                     f"wider than WindowSpec.state_dim={want}")
+                state = np.pad(state, ((0, 0), (0, want - state.shape[1])))
+        out = _Decoded(frames=ep.frames[view], actions=actions, state=state)
         if self.cache_size:
             self._cache[episode_id] = out
             while len(self._cache) > self.cache_size:
@@ -570,7 +580,8 @@ def collate_windows(items: Sequence[Mapping[str, Any]], allow_missing_actions: b
     return out
 
 
-def window_spec_from_params(window: Any, model: Any, action_dim: int | None = None) -> WindowSpec:
+def window_spec_from_params(window: Any, model: Any, action_dim: int | None = None,
+                            state_dim: int | None = None) -> WindowSpec:
     """`params.yaml`'s `data.window` (a `motus.config.WindowConfig`) + the model's MotusConfig -> WindowSpec.
 
     The model fixes K (action chunk), the pixel frames per sample (1 + K/ratio) and the image size; the ratio
@@ -588,4 +599,4 @@ def window_spec_from_params(window: Any, model: Any, action_dim: int | None = No
                          f"the model's {future} (num_video_frames - 1)")
     return WindowSpec(chunk=k, video_action_ratio=ratio, downsample=window.downsample,
                       image_size=(model.height, model.width), view=window.view,
-                      normalization=window.normalization, action_dim=action_dim)
+                      normalization=window.normalization, action_dim=action_dim, state_dim=state_dim)

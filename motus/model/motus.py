@@ -232,10 +232,12 @@ class MotusModel(nn.Module):
         understanding: UnderstandingContext | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        action_stream: bool = True,
     ) -> SampleResult:
         """video_latents: [B, C, F, h, w]; frame 0 is the observation. Its future frames are read only when
         the mode keeps video clean (idm). Clean inputs are never modified; understanding and text are embedded
-        once for all Euler steps."""
+        once for all Euler steps. `action_stream=False` leaves the action tokens out entirely (a video-only
+        Stage 1 model in vgm mode) instead of holding them at noise."""
         m = get_mode(mode)
         cfg = self.config
         self._check_video(video_latents, "video_latents")
@@ -259,7 +261,11 @@ class MotusModel(nn.Module):
             act = actions
         else:
             act = torch.randn(a_shape, generator=generator, device=dev, dtype=video_latents.dtype)
-        if cfg.action.encoder_mode == "finetune" and state is None:
+        if not action_stream:
+            if m.action != "noise":
+                raise ValueError(f"mode '{mode}' uses actions; action_stream=False only suits modes that ignore them (vgm)")
+            act = None
+        elif cfg.action.encoder_mode == "finetune" and state is None:
             raise ValueError("the action expert is in finetune mode: sampling needs `state` [B, state_dim]")
 
         context = self.video.embed_text(self._check_text(text_embeds, b))
@@ -270,7 +276,8 @@ class MotusModel(nn.Module):
             tv = ones * (t_cur if m.video == "generate" else fixed_t[m.video])
             ta = ones * (t_cur if m.action == "generate" else fixed_t[m.action])
             t_frames = torch.cat([torch.zeros(b, 1, device=dev), tv[:, None].expand(b, f - 1)], dim=1)
-            vel = self.forward(torch.cat([obs, future], dim=2), t_frames, text_embeds, act, ta, state,
+            vel = self.forward(torch.cat([obs, future], dim=2), t_frames, text_embeds, act,
+                               ta if act is not None else None, state if act is not None else None,
                                understanding, text_context=context)
             dt = t_next - t_cur  # negative: integrate from noise (t=1) to data (t=0)
             if m.video == "generate":

@@ -70,7 +70,8 @@ class MotusConfig:
     width: int = 64
     vlm_image_size: int = 64  # the VLM sees the conditioning frame resized to this square
     # Local pretrained weights (never downloaded). None = random init (fine for tiny, refused for full).
-    weights: dict[str, str | None] = field(default_factory=lambda: {"video": None, "vae": None, "vlm": None})
+    weights: dict[str, str | None] = field(
+        default_factory=lambda: {"video": None, "vae": None, "vlm": None, "text": None})
 
     # --- derived geometry -------------------------------------------------------------------------------
     @property

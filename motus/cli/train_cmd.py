@@ -1,0 +1,47 @@
+"""`motus train`: one stage job, on this machine's processes (the `local` launcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def train(
+    stage: Annotated[str, typer.Option("--stage", "-s", help="Stage number (1, 2, 3) or its params.yaml key.")],
+    nproc: Annotated[int, typer.Option("--nproc", "-n", min=1, help="Processes (devices) on this machine.")] = 1,
+    run_dir: Annotated[Path | None, typer.Option(help="Job folder (checkpoints, metrics, export). Rerunning the "
+                                                      "same command resumes from its latest complete checkpoint.")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Parent model export to start from (Stage 2/3).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (the schedule keeps the full length).")] = None,
+    track: Annotated[bool, typer.Option(help="Log to MLflow (MOTUS_TRACKING_URI).")] = True,
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml to read.")] = None,
+) -> None:
+    """Train one stage with DeepSpeed; resumable, tracked in MLflow, exported for the registry."""
+    from ..config import ConfigError, get_settings, load_params
+    from ..launch.local import run_local
+    from ..launch.spec import JobSpec
+    from ..train.recipe import StageNotReady, check_ready, recipe_from_params
+
+    try:
+        settings = get_settings()
+        params_file = params or settings.params_file
+        p = load_params(params_file)
+        recipe = recipe_from_params(p, stage)
+        check_ready(p, recipe, Path(p.data.root))
+    except (ConfigError, ValueError, StageNotReady) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if recipe.parent and not init_from:
+        typer.echo(f"note: {recipe.name} names parent '{recipe.parent}'; without --init-from it starts from the "
+                   f"pretrained bases (the registry will resolve the parent's champion)", err=True)
+    spec = JobSpec(stage=recipe.name, run_dir=run_dir or Path("outputs/runs") / recipe.name, params_file=Path(params_file),
+                   procs_per_node=nproc, init_from=init_from, max_steps=max_steps, track=track)
+    typer.echo(f"{recipe.name}: {nproc} process(es), {recipe.settings.steps} steps, run dir {spec.run_dir}")
+    code = run_local(spec)
+    if code != 0:
+        typer.echo(f"error: {recipe.name} failed (exit {code}); rerun the same command to resume from the latest "
+                   f"complete checkpoint in {spec.run_dir}/checkpoints", err=True)
+        raise typer.Exit(code)
+    typer.echo(f"{recipe.name}: done; export in {spec.run_dir}/export, metrics in {spec.run_dir}/metrics.jsonl")

@@ -1,0 +1,1 @@
+"""Where a training job runs: `local` (torchrun processes on this machine) or `kubernetes` (PyTorchJob)."""

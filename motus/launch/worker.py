@@ -1,0 +1,65 @@
+"""The per-process entry point of a training job: `python -m motus.launch.worker --stage ... --run-dir ...`.
+
+torchrun (local) or the PyTorchJob's pods (kubernetes) start one of these per device. Rank 0 opens (or,
+on resume, reopens) the job's single MLflow run; the others report nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="motus.launch.worker", description=__doc__)
+    ap.add_argument("--stage", required=True)
+    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--params", type=Path, default=None)
+    ap.add_argument("--init-from", default=None)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--no-track", action="store_true")
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+
+    from ..config import get_settings, load_params
+    from ..train.loop import run_stage
+    from ..train.recipe import stage_key
+
+    settings = get_settings()
+    params = load_params(args.params or settings.params_file)
+    stage = stage_key(params, args.stage)
+    tracker = None
+    if rank == 0 and not args.no_track:
+        from ..track import MlflowTracker
+        from ..track.accounting import git_state
+
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        run_file = args.run_dir / "run.json"
+        run_id = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
+        git = git_state(Path.cwd())
+        tracker = MlflowTracker(settings.tracking_uri, experiment=params.project.name,
+                                run_name=f"{stage}-{args.run_dir.name}", run_id=run_id,
+                                tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
+        run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": settings.tracking_uri}))
+    status = "FAILED"
+    try:
+        result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps)
+        status = "FINISHED"
+        if rank == 0:
+            print(json.dumps({"stage": result.stage, "steps": result.steps, "export": str(result.export_dir),
+                              "device_hours": result.device_hours, "final_loss": result.losses[-1][1]
+                              if result.losses else None}))
+        return 0
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage recipes, the DeepSpeed training loop, and atomic resumable checkpoints."""

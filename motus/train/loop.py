@@ -1,0 +1,487 @@
+"""One stage job, top to bottom: data -> DeepSpeed engine -> steps -> validation -> checkpoints -> export.
+
+Every process of a job runs `run_stage`; rank 0 alone reports to the tracker and writes the export. What a
+step sees is a pure function of (seed, step, rank) — the data stream position and the flow-matching noise —
+so a job killed and resumed from its latest complete checkpoint continues with exactly the losses an
+uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import config_hash, resolved_dict
+from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spec_from_params
+from ..data.tier import Tier
+from ..model import MotusModel
+from ..model.text import FrozenTextEncoder
+from ..model.vlm import FrozenVAE, FrozenVLM
+from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .parent import load_parent
+from .recipe import StageRecipe, check_ready, lr_lambda, model_config_for, recipe_from_params
+from .tracking import NullTracker, Tracker
+
+log = logging.getLogger("motus.train")
+
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}  # dense bf16, per device
+
+
+@dataclass
+class JobContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    nodes: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device_type: str = "cpu"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    run_dir: Path
+    export_dir: Path | None
+    last_checkpoint: Path | None
+    losses: list[tuple[int, float]]
+    wall_seconds: float
+    device_hours: float
+    resumed_from: Path | None
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+def init_distributed() -> JobContext:
+    """Join the process group torchrun (or the DeepSpeed launcher) set up; a bare process becomes a world of 1."""
+    import deepspeed
+
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        name = torch.cuda.get_device_name(local_rank)
+        device_type = "H100" if "H100" in name else "A100" if "A100" in name else name
+        device = torch.device("cuda", local_rank)
+    else:
+        device_type, device = "cpu", torch.device("cpu")
+        # processes on one machine share its cores; oversubscription slows every process many times over
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return JobContext(rank, world, local_rank, max(1, world // local_world), device, device_type)
+
+
+def _mean_across_ranks(values: dict[str, float], ctx: JobContext) -> dict[str, float]:
+    if ctx.world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / ctx.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+# --------------------------------------------------------------------------------------------- the job
+
+class StageJob:
+    def __init__(self, params: Any, stage: str | int, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
+                 init_from: str | None = None, max_steps: int | None = None):
+        self.params, self.ctx = params, ctx
+        self.recipe: StageRecipe = recipe_from_params(params, stage)
+        self.s = self.recipe.settings
+        self.run_dir = Path(run_dir)
+        self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()
+        self.init_from = init_from
+        self.max_steps = max_steps  # stop early (tests, smoke runs) without changing the schedule
+        self.seed = params.project.seed
+        self.config_hash = config_hash(params)
+        self.data_root = Path(params.data.root)
+
+    # -- building -----------------------------------------------------------------------------------------
+    def build(self) -> None:
+        check_ready(self.params, self.recipe, self.data_root)
+        cfg = model_config_for(self.params, self.recipe)
+        torch.manual_seed(self.seed)
+        self.model = MotusModel(cfg, with_vlm=False, with_vae=False)
+        self.model.set_trainable(self.recipe.trains)
+        self.model.gradient_checkpointing = self.s.activation_checkpointing
+        # frozen parts: same seed on every rank and every attempt -> identical random tiny bases
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + 1)
+            w = cfg.weights
+            self.vae = FrozenVAE(cfg.vae, w.get("vae")).to(self.ctx.device)
+            self.text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), seed=self.seed + 2).to(self.ctx.device)
+            self.vlm = FrozenVLM(cfg.vlm, w.get("vlm")).to(self.ctx.device) if self.recipe.uses_understanding else None
+        self.cfg = cfg
+        self._build_data()
+
+    def _build_data(self) -> None:
+        cfg, p = self.cfg, self.params
+        spec = window_spec_from_params(p.data.window, cfg, cfg.action.action_dim, cfg.action.state_dim)
+        self.tiers = {t: Tier(self.data_root / t) for t in self.recipe.tiers}
+        self.train_sets = {t: TierWindows(tier, spec, split="train", heldout_fraction=p.data.heldout_fraction)
+                           for t, tier in self.tiers.items()}
+        self.heldout_sets = {t: TierWindows(tier, spec, split="heldout", heldout_fraction=p.data.heldout_fraction)
+                             for t, tier in self.tiers.items()}
+        self.stream = MixedWindows(self.train_sets, self.recipe.tiers, seed=self.seed)
+        self.normalization = {t: ds.normalization for t, ds in self.train_sets.items()}
+
+    def _optimizer(self):
+        video_lr = self.s.video_lr or self.s.lr
+        groups = [
+            {"name": "video", "params": [p for p in self.model.video.parameters() if p.requires_grad], "lr": video_lr},
+            {"name": "experts", "params": [p for n in ("action", "understanding")
+                                           for p in self.model.expert(n).parameters() if p.requires_grad],
+             "lr": self.s.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError(f"{self.recipe.name}: nothing to train (trains={self.recipe.trains})")
+        opt = torch.optim.AdamW(groups, betas=tuple(self.s.betas), weight_decay=self.s.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.s))
+        return opt, sched
+
+    def ds_config(self) -> dict[str, Any]:
+        if self.s.batch_size % self.ctx.world:
+            raise ValueError(f"stages.{self.recipe.name}.batch_size={self.s.batch_size} must be divisible by the "
+                             f"{self.ctx.world} processes")
+        micro = self.s.batch_size // self.ctx.world
+        cfg: dict[str, Any] = {
+            "train_batch_size": self.s.batch_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.s.grad_clip,  # clipping lives in the engine, where DeepSpeed applies it
+            "zero_optimization": {"stage": self.s.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if self.ctx.device.type == "cuda":
+            cfg["bf16"] = {"enabled": True}
+        return cfg
+
+    def initialize(self) -> None:
+        import deepspeed
+
+        self.resumed_from = find_latest_complete(self.run_dir / "checkpoints")
+        if self.init_from and self.resumed_from is None:
+            report = load_parent(self.model, self.init_from, drop_action_io=self.recipe.drops_action_io)
+            log.info("started from %s (%d tensors, %d action I/O tensors re-initialised)", self.init_from,
+                     len(report["loaded"]), len(report["dropped"]))
+        opt, sched = self._optimizer()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config())
+        self.start_step, self.wall_before = 0, 0.0
+        if self.resumed_from is not None:
+            m = load_checkpoint(self.engine, self.resumed_from)
+            if m.config_hash != self.config_hash:
+                raise ValueError(f"{self.resumed_from} was written with config {m.config_hash[:12]}, this job's is "
+                                 f"{self.config_hash[:12]}: resume only runs the same config (use a new --run-dir)")
+            self.start_step, self.wall_before = m.step, m.wall_seconds
+
+    # -- one batch ----------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> dict[str, Any]:
+        micro = self.s.batch_size // self.ctx.world
+        first = step * self.s.batch_size + self.ctx.rank * micro
+        return collate_windows([self.stream[first + j] for j in range(micro)],
+                               allow_missing_actions=not self.recipe.uses_actions)
+
+    def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        dev = self.ctx.device
+        video = batch["video"].to(dev)
+        out = {"video_latents": self.vae.encode(video), "text_embeds": self.text(list(batch["instruction"]))}
+        if self.recipe.uses_actions:
+            out["actions"] = batch["actions"].to(dev)
+            if self.cfg.action.encoder_mode == "finetune":
+                out["state"] = self._state(batch["state"]).to(dev)
+        if self.vlm is not None:
+            first = (video[:, :, 0].float().clamp(-1, 1) + 1) / 2
+            out["understanding"] = self.vlm.encode(self.vlm.prepare(first.cpu(), list(batch["instruction"]),
+                                                                    self.cfg.vlm_image_size))
+        return out
+
+    def _state(self, state: torch.Tensor) -> torch.Tensor:
+        want = self.cfg.action.state_dim
+        if state.shape[1] < want:
+            state = torch.nn.functional.pad(state, (0, want - state.shape[1]))
+        return state[:, :want]
+
+    def _noise(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator(device=self.ctx.device).manual_seed(
+            (self.seed * 1_000_003 + step * 7919 + self.ctx.rank * 104_729 + salt) % (2**63))
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> StageResult:
+        self.build()
+        self.initialize()
+        s, ctx, tr = self.s, self.ctx, self.tracker
+        if ctx.rank == 0:
+            self._log_start()
+        end = min(s.steps, self.max_steps or s.steps)
+        losses: list[tuple[int, float]] = []
+        history: dict[str, list[tuple[int, float]]] = {"loss": [], "video_loss": [], "action_loss": []}
+        t_start = time.perf_counter()
+        flops_per_step = None
+        last_ckpt = self.resumed_from
+        for step in range(self.start_step, end):
+            t0 = time.perf_counter()
+            inputs = self._inputs(self._batch(step))
+            if flops_per_step is None:
+                flops_per_step = self._count_flops(inputs, step)
+            out = self.engine.module.training_loss(**inputs, generator=self._noise(step))
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            dt = time.perf_counter() - t0
+            vals = {k: float(out[k].detach()) for k in ("loss", "video_loss", "action_loss") if k in out}
+            vals = _mean_across_ranks(vals, ctx)
+            done = step + 1
+            losses.append((done, vals["loss"]))
+            for k, v in vals.items():
+                history[k].append((done, v))
+            if ctx.rank == 0 and (done % s.log_every == 0 or done == end):
+                self._log_step(done, vals, dt, flops_per_step, t_start)
+            if done % s.validate_every == 0 or done == s.steps:
+                self.validate(done)
+            if done % s.checkpoint_every == 0 or done == s.steps:
+                wall = self.wall_before + time.perf_counter() - t_start
+                last_ckpt = save_checkpoint(
+                    self.engine, self.run_dir / "checkpoints", done, stage=self.recipe.name,
+                    data_position=done * s.batch_size, config_hash=self.config_hash, parent=self.init_from,
+                    wall_seconds=wall, keep_last=s.keep_checkpoints,
+                    extra={"mlflow_run_id": tr.run_id, "normalization": self.normalization})
+        wall = self.wall_before + time.perf_counter() - t_start
+        hours = ctx.nodes * (ctx.world // ctx.nodes) * wall / 3600
+        export = None
+        if end == s.steps:
+            export = self.export(last_ckpt, hours, wall)
+        if ctx.rank == 0:
+            history = {k: v for k, v in history.items() if v}
+            tr.log_loss_curve(history)
+            self._log_accounting(wall)
+        if ctx.world > 1:
+            dist.barrier()
+        return StageResult(self.recipe.name, end, self.run_dir, export, last_ckpt, losses, wall, hours,
+                           self.resumed_from)
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def _log_start(self) -> None:
+        tr, s = self.tracker, self.s
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = resolved_dict(self.params)
+        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        tr.set_tags({"stage": self.recipe.name, "stage.number": str(self.recipe.stage), "config_hash": self.config_hash,
+                     "device": self.ctx.device_type, "world_size": str(self.ctx.world), "nodes": str(self.ctx.nodes),
+                     "parent": str(self.init_from or ""), "registered_model": s.registered_model})
+        if self.resumed_from is None:
+            tr.log_params({"params": resolved, "job": {"stage": self.recipe.name, "world_size": self.ctx.world,
+                                                       "device": self.ctx.device_type, "init_from": self.init_from}})
+            tr.log_artifact(self.run_dir / "config.json", "config")
+            for name, tier in self.tiers.items():
+                digest = self._tier_digest(name, tier)
+                tr.log_dataset(name, digest, str((self.data_root / name).resolve()),
+                               extra={"level": tier.manifest["level"], "episodes": tier.manifest["episodes"],
+                                      "weight": self.recipe.tiers[name]})
+        else:
+            tr.set_tags({"resumed_from": str(self.resumed_from)})
+
+    def _tier_digest(self, name: str, tier: Tier) -> str:
+        """The DVC hash when the tier is versioned (lineage's tier hash), else the manifest's content hash."""
+        lock = Path("dvc.lock")
+        if lock.exists():
+            import yaml
+
+            stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(f"ingest@{name}", {})
+            for o in stage.get("outs", []):
+                if o.get("md5"):
+                    return o["md5"]
+        return tier.content_hash
+
+    def _count_flops(self, inputs: dict[str, Any], step: int) -> float | None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        try:
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                self.engine.module.training_loss(**inputs, generator=self._noise(step, salt=1))
+            return 3.0 * fc.get_total_flops()  # forward + backward ~ 3x forward
+        except Exception:  # noqa: BLE001 - MFU is an estimate; never fail a job over it
+            return None
+
+    def _peak_flops(self) -> float:
+        if self.ctx.device_type in PEAK_FLOPS:
+            return PEAK_FLOPS[self.ctx.device_type]
+        if not hasattr(self, "_measured_peak"):
+            a = torch.randn(512, 512, device=self.ctx.device)
+            t = time.perf_counter()
+            for _ in range(10):
+                a @ a
+            self._measured_peak = 2 * 512**3 * 10 / (time.perf_counter() - t)
+        return self._measured_peak
+
+    def _log_step(self, step: int, vals: dict[str, float], dt: float, flops: float | None, t_start: float) -> None:
+        m = {f"train/{k}": v for k, v in vals.items()}
+        for g in self.optimizer.param_groups:
+            m[f"lr/{g.get('name', 'group')}"] = g["lr"]
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            m["train/grad_norm"] = float(gn)
+        m["perf/step_time_s"] = dt
+        m["perf/samples_per_s"] = self.s.batch_size / dt
+        if flops:
+            m["perf/mfu"] = flops / dt / self._peak_flops()  # per-process FLOPs over one device's peak
+        elapsed = self.wall_before + time.perf_counter() - t_start
+        m["cost/device_hours"] = self.ctx.world * elapsed / 3600
+        self.tracker.log_metrics(m, step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **m}) + "\n")
+        log.info("step %d loss %.4f (%.2fs)", step, vals["loss"], dt)
+
+    def _log_accounting(self, wall: float) -> None:
+        hours = self.ctx.world * wall / 3600
+        price = self.params.costs.device_hour.get(self.ctx.device_type)
+        metrics = {"cost/device_hours": hours, "cost/wall_hours": wall / 3600}
+        tags = {"device_type": self.ctx.device_type, "devices": str(self.ctx.world), "currency": self.params.costs.currency}
+        if price is None:
+            log.warning("no price for device '%s' in costs.device_hour: cost not computed", self.ctx.device_type)
+        else:
+            metrics["cost/amount"] = hours * price
+        self.tracker.log_metrics(metrics, self.s.steps)
+        self.tracker.set_tags(tags)
+
+    # -- validation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float]:
+        """Held-out windows: flow loss per modality at fixed t, VLA action MSE, world-model video MSE/PSNR."""
+        if self.ctx.rank != 0:
+            if self.ctx.world > 1:
+                dist.barrier()
+            return {}
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        items = []
+        for _name, ds in sorted(self.heldout_sets.items()):
+            items += [ds[i] for i in range(min(2, len(ds)))]
+        metrics: dict[str, float] = {}
+        if items:
+            inputs = self._inputs(collate_windows(items[:4], allow_missing_actions=not self.recipe.uses_actions))
+            metrics.update(self._fixed_t_losses(model, inputs))
+            metrics.update(self._mode_metrics(model, inputs, step))
+            self.tracker.log_metrics(metrics, step)
+        model.train(was_training)
+        if self.ctx.world > 1:
+            dist.barrier()
+        return metrics
+
+    def _fixed_t_losses(self, model: MotusModel, inputs: dict[str, Any]) -> dict[str, float]:
+        x0 = inputs["video_latents"]
+        b, _, f, _, _ = x0.shape
+        out = {}
+        for t in (0.25, 0.5, 0.75):
+            g = self._noise(0, salt=int(t * 100))
+            eps = torch.randn(x0.shape, generator=g, device=x0.device)
+            tv = torch.full((b,), t, device=x0.device)
+            noisy = torch.cat([x0[:, :, :1], (1 - t) * x0[:, :, 1:] + t * eps[:, :, 1:]], dim=2)
+            t_frames = torch.cat([torch.zeros(b, 1, device=x0.device), tv[:, None].expand(b, f - 1)], dim=1)
+            a = inputs.get("actions")
+            noisy_a = eps_a = None
+            if a is not None:
+                eps_a = torch.randn(a.shape, generator=g, device=a.device)
+                noisy_a = (1 - t) * a + t * eps_a
+            vel = model(noisy, t_frames, inputs["text_embeds"], noisy_a, tv if a is not None else None,
+                        inputs.get("state"), inputs.get("understanding"))
+            out[f"val/video_loss@t{t}"] = float(((vel.video[:, :, 1:] - (eps - x0)[:, :, 1:]) ** 2).mean())
+            if a is not None:
+                out[f"val/action_loss@t{t}"] = float(((vel.action - (eps_a - a)) ** 2).mean())
+        out["val/video_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/video_loss@")]))
+        if a is not None:
+            out["val/action_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/action_loss@")]))
+        return out
+
+    def _mode_metrics(self, model: MotusModel, inputs: dict[str, Any], step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        common = dict(video_latents=inputs["video_latents"], text_embeds=inputs["text_embeds"],
+                      state=inputs.get("state"), understanding=inputs.get("understanding"))
+        if self.recipe.uses_actions:
+            vla = model.sample("vla", **common, generator=self._noise(0, salt=7))
+            out["val/vla_action_mse"] = float(((vla.actions - inputs["actions"]) ** 2).mean())
+            wm = model.sample("wm", **common, actions=inputs["actions"], generator=self._noise(0, salt=8))
+        else:
+            wm = model.sample("vgm", **dict(common, state=None), generator=self._noise(0, salt=8), action_stream=False)
+        pred = (self.vae.decode(wm.video_latents) + 1) / 2
+        real = (self.vae.decode(inputs["video_latents"]) + 1) / 2
+        mse = float(((pred[:, :, 1:] - real[:, :, 1:]) ** 2).mean())
+        out["val/wm_video_mse"] = mse
+        out["val/wm_video_psnr"] = 10 * math.log10(1.0 / max(mse, 1e-10))
+        self._frame_grid(pred, real, step)
+        return out
+
+    def _frame_grid(self, pred: torch.Tensor, real: torch.Tensor, step: int) -> None:
+        """Rows: real / predicted future frames of the first held-out window."""
+        to_img = lambda x: (x.clamp(0, 1) * 255).byte().permute(1, 2, 3, 0).cpu().numpy()  # noqa: E731
+        r, p = to_img(real[0]), to_img(pred[0])
+        grid = np.concatenate([np.concatenate(list(r), axis=1), np.concatenate(list(p), axis=1)], axis=0)
+        self.tracker.log_image(grid, f"validation/frames_step{step:06d}.png")
+
+    # -- export -------------------------------------------------------------------------------------------
+    def export(self, checkpoint: Path | None, hours: float, wall: float) -> Path | None:
+        """Model-only export (`save_pretrained` layout) + lineage facts: what the registry will hold."""
+        if self.ctx.rank != 0:
+            return None
+        out = self.run_dir / "export"
+        model = self.engine.module
+        # tiny random bases have no path to come back from: ship them with the export
+        model.vae = self.vae
+        model.vlm = self.vlm
+        try:
+            model.save_pretrained(out)
+        finally:
+            model.vae = model.vlm = None
+        if self.text.weights is None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.text.state_dict().items()}, str(out / "text.safetensors"))
+        lineage = {
+            "stage": self.recipe.name, "stage_number": self.recipe.stage,
+            "registered_model": self.s.registered_model, "config_hash": self.config_hash,
+            "parent": self.init_from, "checkpoint": str(checkpoint) if checkpoint else None,
+            "tiers": {n: {"level": t.manifest["level"], "digest": self._tier_digest(n, t),
+                          "content_hash": t.content_hash, "weight": self.recipe.tiers[n]} for n, t in self.tiers.items()},
+            "normalization": self.normalization, "device_hours": hours, "wall_seconds": wall,
+            "device_type": self.ctx.device_type, "mlflow_run_id": self.tracker.run_id,
+        }
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
+        self.tracker.log_artifact(out / "lineage.json", "export")
+        if checkpoint is not None and (checkpoint / "manifest.json").exists():
+            self.tracker.log_artifact(checkpoint / "manifest.json", "checkpoint")
+        return out
+
+
+def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | None = None,
+              init_from: str | None = None, max_steps: int | None = None) -> StageResult:
+    ctx = init_distributed()
+    try:
+        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

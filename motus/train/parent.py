@@ -1,0 +1,53 @@
+"""Starting a stage from its parent's exported weights. A failed or partial load is FATAL, never swallowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..model.motus import CONFIG_FILE, EXPERTS, WEIGHTS_FILE, MotusModel
+
+# Stage 2 -> 3: the action encoder/decoder change meaning (latent -> real actions, + state and registers)
+ACTION_IO_PREFIXES = ("action.encoder.action_in.", "action.encoder.state_in.", "action.encoder.registers",
+                      "action.decoder.head.")
+
+
+class ParentLoadError(Exception):
+    pass
+
+
+def load_parent(model: MotusModel, export_dir: str | Path, *, drop_action_io: bool) -> dict[str, list[str]]:
+    """Copy the parent export's expert weights into `model`; returns what was dropped and kept fresh.
+
+    Every other key must exist on both sides with the same shape, or this raises naming the checkpoint.
+    """
+    d = Path(export_dir)
+    weights = d / WEIGHTS_FILE
+    if not (d / CONFIG_FILE).exists() or not weights.exists():
+        raise ParentLoadError(f"parent checkpoint '{d}' is missing or incomplete: expected {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE} there (a model export from `save_pretrained`)")
+    try:
+        json.loads((d / CONFIG_FILE).read_text())
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same fatal condition
+        raise ParentLoadError(f"parent checkpoint '{d}' cannot be read: {e}") from None
+    own = {f"{n}.{k}": v for n in EXPERTS for k, v in model.expert(n).state_dict().items()}
+    dropped = sorted(k for k in set(state) | set(own) if drop_action_io and k.startswith(ACTION_IO_PREFIXES))
+    missing = sorted(k for k in own if k not in state and k not in dropped)
+    unexpected = sorted(k for k in state if k not in own and k not in dropped)
+    mismatched = sorted(f"{k}: parent {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in own if k in state and k not in dropped and state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        lines = [f"parent checkpoint '{d}' is incompatible with this stage's model:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
+        raise ParentLoadError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in own.items():
+            if k not in dropped:
+                v.copy_(state[k])
+    return {"dropped": dropped, "loaded": sorted(k for k in own if k not in dropped)}
