@@ -410,12 +410,12 @@ class StageJob:
                 noisy_a = (1 - t) * a + t * eps_a
             vel = model(noisy, t_frames, inputs["text_embeds"], noisy_a, tv if a is not None else None,
                         inputs.get("state"), inputs.get("understanding"))
-            out[f"val/video_loss@t{t}"] = float(((vel.video[:, :, 1:] - (eps - x0)[:, :, 1:]) ** 2).mean())
+            out[f"val/video_loss_t{t}"] = float(((vel.video[:, :, 1:] - (eps - x0)[:, :, 1:]) ** 2).mean())
             if a is not None:
-                out[f"val/action_loss@t{t}"] = float(((vel.action - (eps_a - a)) ** 2).mean())
-        out["val/video_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/video_loss@")]))
+                out[f"val/action_loss_t{t}"] = float(((vel.action - (eps_a - a)) ** 2).mean())
+        out["val/video_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/video_loss_t")]))
         if a is not None:
-            out["val/action_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/action_loss@")]))
+            out["val/action_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/action_loss_t")]))
         return out
 
     def _mode_metrics(self, model: MotusModel, inputs: dict[str, Any], step: int) -> dict[str, float]:

@@ -1,0 +1,202 @@
+"""Stage jobs end to end: 2 CPU processes under torchrun, DeepSpeed, checkpoints, resume after kill -9, MLflow."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from motus.config import load_params, validate_params
+from motus.data.ingest import ingest_tier
+from motus.model import MotusModel, build_config, tiny
+from motus.train.parent import ParentLoadError, load_parent
+
+REPO = Path(__file__).resolve().parents[1]
+MOTUS = Path(sys.executable).parent / "motus"
+pytestmark = pytest.mark.slow
+
+
+def shrink(options: dict, n: int = 2) -> dict:
+    out = copy.deepcopy(options)
+    for key in ("n", "episodes_per_task"):
+        if key in out:
+            out[key] = n if key == "n" else 1
+    if "tasks" in out:
+        out["tasks"] = out["tasks"][:2]
+    if "parts" in out:
+        out["parts"] = [dict(p, options=shrink(p.get("options", {}), 1)) for p in out["parts"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder: the shipped params.yaml with short stages, and small simulator tiers."""
+    proj = tmp_path_factory.mktemp("proj")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for s in raw["stages"].values():
+        s.update(steps=8, batch_size=4, checkpoint_every=2, validate_every=4, warmup_steps=1, lr=2e-3, video_lr=2e-3)
+    for t in raw["tiers"].values():
+        t["source"]["options"] = shrink(t["source"]["options"])
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = validate_params(raw)
+    for name, tier in params.tiers.items():
+        ingest_tier(name, tier, proj / "data" / "tiers" / name)
+    return proj
+
+
+def env_for(proj: Path) -> dict:
+    env = dict(os.environ, MOTUS_TRACKING_URI=f"sqlite:///{proj}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"):
+        env.pop(k, None)
+    return env
+
+
+def train(proj: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(MOTUS), "train", *args], cwd=proj, env=env_for(proj), capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert r.returncode == 0, f"motus train {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a resumed job re-logs steps after its checkpoint: the last record wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def mlflow_run(proj: Path, run_dir: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{proj}/mlflow.db")
+    rid = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    return client, client.get_run(rid)
+
+
+def artifacts(client, rid, path=None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(rid, path):
+        out += artifacts(client, rid, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_stage1_then_stage3_two_processes(project):
+    r1 = train(project, "--stage", "1", "--nproc", "2", "--run-dir", "runs/s1")
+    run1 = project / "runs" / "s1"
+    l1 = losses(run1)
+    assert sorted(l1) == list(range(1, 9))
+    assert sum(l1[s] for s in (6, 7, 8)) < sum(l1[s] for s in (1, 2, 3)), l1  # losses fall
+    assert (run1 / "checkpoints" / "step-000008" / "manifest.json").exists()
+    assert (run1 / "checkpoints" / "latest").read_text().strip() == "step-000008"
+    export = run1 / "export"
+    assert {"model.safetensors", "motus_config.json", "lineage.json"} <= {p.name for p in export.iterdir()}
+    assert "stage1: done" in r1.stdout
+
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/s3", "--init-from", str(export))
+    run3 = project / "runs" / "s3"
+    l3 = losses(run3)
+    assert sum(l3[s] for s in (6, 7, 8)) < sum(l3[s] for s in (1, 2, 3)), l3
+    lineage = json.loads((run3 / "export" / "lineage.json").read_text())
+    assert lineage["parent"] == str(export) and set(lineage["tiers"]) == {"target-aloha-transfer", "target-aloha-insertion"}
+
+    client, run = mlflow_run(project, run3)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["params.stages.stage3.lr"] == "0.002"
+    assert run.data.tags["code.commit"] and run.data.tags["code.dirty"] in ("true", "false")
+    for key in ("train/loss", "train/video_loss", "train/action_loss", "train/grad_norm", "lr/video", "lr/experts",
+                "perf/samples_per_s", "perf/step_time_s", "perf/mfu", "cost/device_hours", "cost/amount",
+                "val/video_loss", "val/action_loss", "val/vla_action_mse", "val/wm_video_psnr"):
+        assert key in run.data.metrics, key
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    assert run.data.metrics["cost/device_hours"] > 0 and run.data.tags["device_type"] == "cpu"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 8
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    tiers = load_params(project / "params.yaml").stages["stage3"].tiers
+    assert set(digests) == set(tiers)
+    arts = artifacts(client, run.info.run_id)
+    for want in ("config/config.json", "checkpoint/manifest.json", "loss_curve.png", "export/lineage.json"):
+        assert want in arts, (want, arts)
+    assert any(a.startswith("validation/frames_") for a in arts)
+
+
+def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(project):
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/straight", "--no-track")
+    straight = losses(project / "runs" / "straight")
+
+    run_dir = project / "runs" / "killed"
+    proc = subprocess.Popen([str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track"],
+                            cwd=project, env=env_for(project), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step-000004").exists():
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both workers, mid-training
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "step-000008").exists()
+    # a half-written checkpoint from the kill, if any, is a .tmp-* folder that resume ignores
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track")
+    resumed = losses(run_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+    manifest = json.loads((run_dir / "checkpoints" / "step-000008" / "manifest.json").read_text())
+    assert manifest["data_position"] == 8 * 4
+
+
+def test_stage2_refuses_without_latent_actions(project):
+    r = train(project, "--stage", "2", "--no-track", check=False)
+    assert r.returncode == 1
+    assert "latent actions" in r.stderr and "never trains on fake actions" in r.stderr
+
+
+def test_finetune_from_a_missing_checkpoint_fails_loudly(project):
+    r = train(project, "--stage", "3", "--run-dir", "runs/bad", "--init-from", str(project / "no-such-export"),
+              "--no-track", check=False)
+    assert r.returncode != 0
+    assert "no-such-export" in r.stdout + r.stderr and "missing or incomplete" in r.stdout + r.stderr
+
+
+def test_incompatible_parent_is_fatal_and_named(tmp_path):
+    other = MotusModel(build_config("small"), with_vlm=False, with_vae=False)
+    other.save_pretrained(tmp_path / "small-export")
+    model = MotusModel(tiny(), with_vlm=False, with_vae=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ParentLoadError, match=r"(?s)small-export' is incompatible.*shape mismatch"):
+        load_parent(model, tmp_path / "small-export", drop_action_io=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "motus_config.json").write_text("{}")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ParentLoadError, match="broken' cannot be read"):
+        load_parent(model, tmp_path / "broken", drop_action_io=True)
+
+
+def test_stage3_from_stage2_drops_only_the_action_io_layers(tmp_path):
+    pre = build_config("tiny", {"action": {"encoder_mode": "pretrain"}})
+    parent = MotusModel(pre, with_vlm=False, with_vae=False)
+    with torch.no_grad():
+        for p in parent.parameters():
+            p.add_(1.0)
+    parent.save_pretrained(tmp_path / "stage2")
+    child = MotusModel(tiny(), with_vlm=False, with_vae=False)
+    report = load_parent(child, tmp_path / "stage2", drop_action_io=True)
+    assert all(k.startswith(("action.encoder.", "action.decoder.head.")) for k in report["dropped"])
+    assert "action.encoder.state_in.0.weight" in report["dropped"]
+    ps = dict(parent.named_parameters())
+    for k, v in child.named_parameters():
+        if k in report["loaded"] and k.startswith(("video.", "understanding.", "action.blocks.")):
+            assert torch.equal(v, ps[k]), k
+    assert child.action.decoder.head.weight.abs().sum() == 0  # re-initialised, zero like a fresh decoder
