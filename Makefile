@@ -37,6 +37,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,141 @@
+"""Training-job overheads, printed as ratios.
+
+    python benchmarks/train.py [--steps 12]
+
+1. MLflow logging on vs off: median step time of the same tiny Stage 3 job (1 process) with the MLflow
+   tracker vs no tracker. Goal: ratio ~1.0 (logging must not slow training).
+2. Real loader vs in-memory batch: median step time reading windows from the tier (decode, resize, VAE,
+   VLM) vs re-using one prepared batch. Shows how much of a tiny step is input pipeline.
+3. Checkpoint save+load throughput (bytes/s) vs `dd` writing and reading the same number of bytes on the
+   same disk (ratio of throughputs).
+4. One vs two processes: samples/s of `motus train --nproc 2` over `--nproc 1` (this machine has 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MOTUS = Path(sys.executable).parent / "motus"
+
+
+def make_project(root: Path, steps: int) -> Path:
+    from motus.config import validate_params
+    from motus.data.ingest import ingest_tier
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for s in raw["stages"].values():
+        s.update(steps=steps, batch_size=4, checkpoint_every=10**6, validate_every=10**6)
+    keep = raw["stages"]["stage3"]["tiers"]
+    raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in keep}
+    raw["stages"] = {"stage3": dict(raw["stages"]["stage3"], parent=None)}
+    raw["gates"] = {k: v for k, v in raw.get("gates", {}).items() if k == raw["stages"]["stage3"]["registered_model"]}
+    for t in raw["tiers"].values():
+        t["source"]["options"]["n"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = validate_params(raw)
+    for name, tier in params.tiers.items():
+        ingest_tier(name, tier, root / "data" / "tiers" / name)
+    return root
+
+
+def env(root: Path) -> dict:
+    e = dict(os.environ, MOTUS_TRACKING_URI=f"sqlite:///{root}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
+             TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    e.pop("MOTUS_PARAMS_FILE", None)
+    e.pop("MOTUS_PARAMS", None)
+    return e
+
+
+def job(root: Path, name: str, *extra: str) -> list[dict]:
+    r = subprocess.run([str(MOTUS), "train", "--stage", "3", "--run-dir", f"runs/{name}", *extra], cwd=root,
+                       env=env(root), capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"job {name} failed:\n{r.stderr[-2000:]}")
+    return [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_step(records: list[dict]) -> float:
+    return statistics.median(r["perf/step_time_s"] for r in records[2:])  # skip warm-up steps
+
+
+def in_process_pipeline(root: Path, steps: int) -> tuple[float, float, float, float]:
+    """(real-loader step s, in-memory step s, checkpoint bytes/s, dd bytes/s) in this process (world of 1)."""
+    os.chdir(root)
+    os.environ.update(env(root))
+    from motus.config import load_params
+    from motus.train.checkpoint import load_checkpoint, save_checkpoint
+    from motus.train.loop import StageJob, init_distributed
+
+    ctx = init_distributed()
+    j = StageJob(load_params("params.yaml"), "stage3", root / "runs" / "inproc", ctx)
+    j.build()
+    j.initialize()
+
+    def step(inputs, s):
+        out = j.engine.module.training_loss(**inputs, generator=j._noise(s))
+        j.engine.backward(out["loss"])
+        j.engine.step()
+
+    real, mem = [], []
+    fixed = j._inputs(j._batch(0))
+    for s in range(steps):
+        t = time.perf_counter()
+        step(j._inputs(j._batch(s)), s)
+        real.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        step(fixed, s)
+        mem.append(time.perf_counter() - t)
+    ck = root / "runs" / "inproc" / "checkpoints"
+    t = time.perf_counter()
+    path = save_checkpoint(j.engine, ck, 1, stage="stage3", data_position=0, config_hash=j.config_hash, parent=None,
+                           wall_seconds=0.0)
+    load_checkpoint(j.engine, path)
+    ck_s = time.perf_counter() - t
+    nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    target = root / "dd.bin"
+    mb = max(1, nbytes // 2**20)
+    t = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fsync"], check=True,
+                   capture_output=True)
+    subprocess.run(["dd", f"if={target}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+    dd_s = time.perf_counter() - t
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return statistics.median(real[2:]), statistics.median(mem[2:]), 2 * nbytes / ck_s, 2 * mb * 2**20 / dd_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_project(Path(tmp), args.steps)
+        off = median_step(job(root, "off", "--no-track"))
+        on = median_step(job(root, "on"))
+        print(f"MLflow logging: step {on * 1e3:.0f} ms on vs {off * 1e3:.0f} ms off -> ratio {on / off:.2f}")
+        one = job(root, "one", "--no-track", "--nproc", "1")
+        two = job(root, "two", "--no-track", "--nproc", "2")
+        sps1 = statistics.median(r["perf/samples_per_s"] for r in one[2:])
+        sps2 = statistics.median(r["perf/samples_per_s"] for r in two[2:])
+        print(f"processes: {sps2:.1f} samples/s with 2 vs {sps1:.1f} with 1 -> ratio {sps2 / sps1:.2f}")
+        real, mem, ck, dd = in_process_pipeline(root, args.steps)
+        print(f"loader: step {real * 1e3:.0f} ms with the real loader vs {mem * 1e3:.0f} ms in-memory -> ratio "
+              f"{real / mem:.2f}")
+        print(f"checkpoint: save+load {ck / 2**20:.0f} MB/s vs dd {dd / 2**20:.0f} MB/s -> ratio {ck / dd:.2f}")
+
+
+if __name__ == "__main__":
+    main()
