@@ -114,6 +114,7 @@ def test_stage1_then_stage3_two_processes(project):
     assert run.info.status == "FINISHED"
     assert run.data.params["params.stages.stage3.lr"] == "0.002"
     assert run.data.tags["code.commit"] and run.data.tags["code.dirty"] in ("true", "false")
+    assert run.data.params["code.commit"] == run.data.tags["code.commit"] and "code.dirty" in run.data.params
     for key in ("train/loss", "train/video_loss", "train/action_loss", "train/grad_norm", "lr/video", "lr/experts",
                 "perf/samples_per_s", "perf/step_time_s", "perf/mfu", "cost/device_hours", "cost/amount",
                 "val/video_loss", "val/action_loss", "val/vla_action_mse", "val/wm_video_psnr"):

@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker = MlflowTracker(settings.tracking_uri, experiment=params.project.name,
                                 run_name=f"{stage}-{args.run_dir.name}", run_id=run_id,
                                 tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
+        if run_id is None:
+            tracker.log_params({"code": {"commit": git["commit"], "dirty": git["dirty"]}})
         run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": settings.tracking_uri}))
     status = "FAILED"
     try:
