@@ -32,6 +32,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "ConfigError",
+    "FlowSettings",
+    "LatentActionSection",
     "CostConfig",
     "DataConfig",
     "WindowConfig",
@@ -291,6 +293,40 @@ class Pool(_Section):
         return self
 
 
+class FlowSettings(_Section):
+    """Optical flow between adjacent frames, rendered as RGB flow images for the latent-action VAE."""
+
+    model: Literal["dis", "torchscript"] = Field("dis", description="OpenCV DIS on CPU, or a learned TorchScript model.")
+    preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset.")
+    weights: Path | None = Field(None, description="Local TorchScript flow model (RAFT/DPFlow export) for model=torchscript.")
+    image_size: int = Field(16, ge=8, description="Side of the flow images the VAE sees.")
+    max_magnitude: float | None = Field(
+        None, gt=0, description="Flow magnitude (pixels) mapped to full colour saturation; None = per-clip p99.")
+    stride: int = Field(1, ge=1, description="Frames between the two images of a flow pair.")
+
+
+class LatentActionSection(_Section):
+    """The latent-action VAE (optical flow -> DC-AE -> 14-d latent) that feeds Stage 2."""
+
+    preset: Literal["tiny", "full"] = Field("tiny", description="VAE size preset.")
+    weights: Path | None = Field(None, description="Local pretrained DC-AE folder (diffusers format) for `full`.")
+    tiers: list[str] | None = Field(None, description="Tiers to train on; None = the tiers of the Stage 2 recipe.")
+    labelled_fraction: float = Field(0.1, ge=0, le=1, description="Share of each batch drawn from 14-d labelled tiers.")
+    lambda_action: float = Field(1.0, ge=0, description="Weight of ||z - a_real||^2 on labelled samples.")
+    beta_kl: float = Field(1e-6, ge=0, description="Weight of the KL term.")
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    checkpoint_every: int = Field(100, ge=1)
+    validate_every: int = Field(100, ge=1)
+    registered_model: str = Field("motus-lam", min_length=1)
+    flow: FlowSettings = Field(default_factory=FlowSettings)
+
+
 class CostConfig(_Section):
     """Prices that turn device hours into money in every run's accounting."""
 
@@ -315,6 +351,7 @@ class Params(_Section):
     gates: dict[str, Gate] = Field(default_factory=dict, description="Keyed by registered model name.")
     pools: dict[str, Pool] = Field(default_factory=dict)
     costs: CostConfig = Field(default_factory=CostConfig)
+    latent_action: LatentActionSection = Field(default_factory=LatentActionSection)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:

@@ -186,7 +186,9 @@ def make_project(tmp_path: Path, remote: str, extra_env: dict | None = None) -> 
         "level": 6, "embodiment": "aloha", "action_dim": 14,
         "source": {"kind": "python", "options": {"file": str(src), "function": "episodes", "bad": False}}}}}
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    # the shipped ingest stage; the feature stages need a stage2 recipe this project does not have
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": stages["ingest"]}}))
     # the stage depends on the data code: give the project its own copy of it
     shutil.copytree(REPO / "motus" / "data", proj / "motus" / "data", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)

@@ -6,6 +6,7 @@ import typer
 
 from .config_cmd import config_app
 from .data_cmd import data_app
+from .latent_cmd import latent_app
 from .model_cmd import model_app
 from .train_cmd import train
 
@@ -15,6 +16,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.command()(train)
+app.add_typer(latent_app, name="latent-action")
 
 
 @app.command()

@@ -220,7 +220,7 @@ class TierWindows(Dataset):
     """
 
     def __init__(self, tier: Tier, spec: WindowSpec, split: Split = "train", heldout_fraction: float = 0.1,
-                 stride: int = 1, cache_size: int = 4):
+                 stride: int = 1, cache_size: int = 4, latent_actions: Any = None):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
         if not isinstance(stride, int) or stride < 1:
@@ -237,13 +237,17 @@ class TierWindows(Dataset):
         if self.view not in views:
             raise ValueError(f"tier '{tier.name}' has no view '{self.view}' (has {views})")
 
-        self.tier_action_dim: int | None = m.get("action_dim")
+        # Stage 2: actions come from the latent-action feature ([T-1, d] per episode, already in normalised
+        # units) instead of the tier, so unlabelled video trains the action expert too
+        self.latent_actions = latent_actions
+        self.tier_action_dim: int | None = (latent_actions.dim if latent_actions is not None else m.get("action_dim"))
         self.labelled = self.tier_action_dim is not None
         if self.labelled and spec.action_dim is not None and self.tier_action_dim > spec.action_dim:
             raise ValueError(f"tier '{tier.name}' has {self.tier_action_dim}-d actions, wider than "
                              f"WindowSpec.action_dim={spec.action_dim}")
         method = spec.normalization
-        self._action_stats = _stats_used(m.get("action_stats"), method, "action", tier.name) if self.labelled else None
+        self._action_stats = (_stats_used(m.get("action_stats"), method, "action", tier.name)
+                              if self.labelled and latent_actions is None else None)
         self._state_stats = (_stats_used(m.get("state_stats"), method, "state", tier.name)
                              if m.get("state_stats") is not None else None)
 
@@ -338,7 +342,14 @@ class TierWindows(Dataset):
         view = self.view if self.view in ep.frames else next(iter(ep.frames))
         self.decodes += 1
         actions = None
-        if self.labelled:
+        if self.latent_actions is not None:
+            actions = np.asarray(self.latent_actions.get(episode_id), dtype=np.float32)
+            if len(actions) != ep.num_frames - 1:
+                raise ValueError(f"latent actions of '{self.name}/{episode_id}' have {len(actions)} steps, the episode "
+                                 f"{ep.num_frames} frames (expected {ep.num_frames - 1}): re-export the feature")
+            if self.action_dim > actions.shape[1]:
+                actions = np.pad(actions, ((0, 0), (0, self.action_dim - actions.shape[1])))
+        elif self.labelled:
             if ep.actions is None:
                 raise ValueError(f"tier '{self.name}' is labelled but episode '{episode_id}' has no actions")
             actions = normalize(ep.actions, self.spec.normalization, self._action_stats)

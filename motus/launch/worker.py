@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="motus.launch.worker", description=__doc__)
-    ap.add_argument("--stage", required=True)
+    ap.add_argument("--stage", required=True, help="A params.yaml stage, or 'latent-action' for the VAE job.")
     ap.add_argument("--run-dir", required=True, type=Path)
     ap.add_argument("--params", type=Path, default=None)
     ap.add_argument("--init-from", default=None)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     params = load_params(args.params or settings.params_file)
-    stage = stage_key(params, args.stage)
+    stage = args.stage if args.stage == "latent-action" else stage_key(params, args.stage)
     tracker = None
     if rank == 0 and not args.no_track:
         from ..track import MlflowTracker
@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": settings.tracking_uri}))
     status = "FAILED"
     try:
+        if stage == "latent-action":
+            from ..train.latent_action import run_latent_action
+
+            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps)
+            status = "FINISHED"
+            if rank == 0:
+                print(json.dumps(out))
+            return 0
         result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps)
         status = "FINISHED"
         if rank == 0:

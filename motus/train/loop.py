@@ -141,10 +141,16 @@ class StageJob:
         cfg, p = self.cfg, self.params
         spec = window_spec_from_params(p.data.window, cfg, cfg.action.action_dim, cfg.action.state_dim)
         self.tiers = {t: Tier(self.data_root / t) for t in self.recipe.tiers}
-        self.train_sets = {t: TierWindows(tier, spec, split="train", heldout_fraction=p.data.heldout_fraction)
-                           for t, tier in self.tiers.items()}
-        self.heldout_sets = {t: TierWindows(tier, spec, split="heldout", heldout_fraction=p.data.heldout_fraction)
-                             for t, tier in self.tiers.items()}
+        latent = {t: None for t in self.tiers}
+        if self.recipe.action_source == "latent":
+            from .latent_action import LatentActionSource
+
+            latent = {t: LatentActionSource(p, t) for t in self.tiers}
+        self.latent_sources = {t: v for t, v in latent.items() if v is not None}
+        self.train_sets = {t: TierWindows(tier, spec, split="train", heldout_fraction=p.data.heldout_fraction,
+                                          latent_actions=latent[t]) for t, tier in self.tiers.items()}
+        self.heldout_sets = {t: TierWindows(tier, spec, split="heldout", heldout_fraction=p.data.heldout_fraction,
+                                            latent_actions=latent[t]) for t, tier in self.tiers.items()}
         self.stream = MixedWindows(self.train_sets, self.recipe.tiers, seed=self.seed)
         self.normalization = {t: ds.normalization for t, ds in self.train_sets.items()}
 
@@ -302,6 +308,9 @@ class StageJob:
                 tr.log_dataset(name, digest, str((self.data_root / name).resolve()),
                                extra={"level": tier.manifest["level"], "episodes": tier.manifest["episodes"],
                                       "weight": self.recipe.tiers[name]})
+            for name, src in self.latent_sources.items():
+                tr.log_dataset(f"latent_actions/{name}", src.feature.manifest["content_hash"],
+                               str(src.feature.path.resolve()), extra=src.feature.manifest.get("meta", {}))
         else:
             tr.set_tags({"resumed_from": str(self.resumed_from)})
 

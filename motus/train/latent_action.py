@@ -1,0 +1,382 @@
+"""The latent-action job: flow features -> the latent-action VAE (DeepSpeed, checkpoints, MLflow) -> export.
+
+Three steps, each a CLI command and a DVC stage:
+  flow     every frame pair of a tier -> an RGB flow image (features/flow/<tier>)
+  train    the VAE on 90 % unlabelled flow + 10 % labelled flow with the 14-d robot action of that frame
+  export   every Stage 2 tier -> `latent_actions` [T-1, 14] per episode (features/latent_actions/<tier>)
+Batches are a pure function of (seed, step, rank), like the stage jobs, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import config_hash
+from ..data.features import Feature, FeatureWriter, feature_dir
+from ..data.flow import episode_flow_images, make_flow_model
+from ..data.loader import split_episodes
+from ..data.tier import Tier
+from ..model.latent_action import LatentActionVAE, build_latent_action_config
+from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .loop import JobContext, _mean_across_ranks
+from .tracking import NullTracker, Tracker
+
+log = logging.getLogger("motus.latent_action")
+FLOW, LATENT = "flow", "latent_actions"
+
+
+def features_root(params: Any) -> Path:
+    return Path(params.data.root).parent / "features"
+
+
+def lam_tiers(params: Any) -> list[str]:
+    la = params.latent_action
+    if la.tiers:
+        return list(la.tiers)
+    s2 = [s for s in params.stages.values() if s.action_source == "latent"]
+    if not s2:
+        raise ValueError("latent_action.tiers is null and no stage trains on latent actions: name the tiers")
+    return list(s2[0].tiers)
+
+
+# ------------------------------------------------------------------------------------------------ flow
+
+def build_flow_feature(params: Any, tier_name: str, progress=None) -> dict[str, Any]:
+    fs = params.latent_action.flow
+    tier = Tier(Path(params.data.root) / tier_name)
+    options = {"preset": fs.preset} if fs.model == "dis" else {"weights": fs.weights}
+    model = make_flow_model(fs.model, **options)
+    size = (fs.image_size, fs.image_size)
+    writer = FeatureWriter(feature_dir(features_root(params), FLOW, tier_name), FLOW, tier_name, tier.content_hash,
+                           compress=True, meta={"model": fs.model, "preset": fs.preset, "image_size": fs.image_size,
+                                                "stride": fs.stride, "max_magnitude": fs.max_magnitude})
+    for rec in tier.index:
+        ep = tier.read_episode(rec["id"])
+        frames = ep.frames[next(iter(ep.frames))]
+        images, _meta = episode_flow_images(frames, model, size, fs.max_magnitude, fs.stride)
+        writer.add(rec["id"], {FLOW: images})
+        if progress:
+            progress()
+    return writer.close()
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+class FlowPairs:
+    """All (tier, episode, t) flow images of the chosen tiers and split; labelled where the tier has 14-d actions."""
+
+    def __init__(self, params: Any, tiers: list[str], split: str, latent_dim: int):
+        self.params, self.split = params, split
+        root = Path(params.data.root)
+        self.flows = {t: Feature(feature_dir(features_root(params), FLOW, t)) for t in tiers}
+        self.tiers = {t: Tier(root / t) for t in tiers}
+        self.items: list[tuple[str, str, int]] = []  # (tier, episode, count)
+        self.labelled: list[tuple[str, str, int]] = []
+        self.stats = {}
+        for t, tier in self.tiers.items():
+            train_ids, held = split_episodes(t, [r["id"] for r in tier.index], params.data.heldout_fraction)
+            chosen = set(train_ids if split == "train" else held)
+            dim = tier.manifest.get("action_dim")
+            if dim == latent_dim and tier.manifest.get("action_stats"):
+                s = tier.manifest["action_stats"]
+                self.stats[t] = (np.asarray(s["mean"], np.float32), np.maximum(np.asarray(s["std"], np.float32), 1e-6))
+            for rec in tier.index:
+                if rec["id"] not in chosen or rec["frames"] < 2:
+                    continue
+                entry = (t, rec["id"], rec["frames"] - 1)
+                self.items.append(entry)
+                if t in self.stats and rec.get("native_action_dim") in (None, latent_dim):
+                    self.labelled.append(entry)
+        if not self.items:
+            raise ValueError(f"no flow pairs in the {split} split of tiers {tiers}")
+        self._cum = np.cumsum([0] + [n for _, _, n in self.items])
+        self._lcum = np.cumsum([0] + [n for _, _, n in self.labelled])
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def _episode(self, tier: str, eid: str) -> tuple[np.ndarray, np.ndarray | None]:
+        key = (tier, eid)
+        if key not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.pop(next(iter(self._cache)))
+            flow = self.flows[tier].get(eid, FLOW)
+            actions = None
+            if tier in self.stats:
+                raw, _ = self.tiers[tier].read_arrays(eid)
+                if raw is not None:
+                    mean, std = self.stats[tier]
+                    actions = ((raw - mean) / std).astype(np.float32)
+            self._cache[key] = (flow, actions)
+        return self._cache[key]
+
+    def pick(self, rng: np.random.Generator, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        pool, cum = (self.labelled, self._lcum) if labelled and self.labelled else (self.items, self._cum)
+        k = int(rng.integers(0, cum[-1]))
+        i = int(np.searchsorted(cum, k, side="right") - 1)
+        tier, eid, _ = pool[i]
+        t = k - int(cum[i])
+        flow, actions = self._episode(tier, eid)
+        return flow[t], (actions[t] if (labelled and actions is not None) else None)
+
+    def batch(self, seed: int, positions: list[int], fraction: float, latent_dim: int) -> dict[str, torch.Tensor]:
+        imgs, acts, mask = [], [], []
+        for pos in positions:
+            rng = np.random.default_rng([seed, pos])
+            labelled = bool(self.labelled) and rng.random() < fraction
+            img, a = self.pick(rng, labelled)
+            imgs.append(img)
+            acts.append(a if a is not None else np.zeros(latent_dim, np.float32))
+            mask.append(a is not None)
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return {"flow": x, "actions": torch.from_numpy(np.stack(acts)), "mask": torch.tensor(mask)}
+
+
+# -------------------------------------------------------------------------------------------- quality
+
+def r2_score(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean R^2 over the target dims that vary."""
+    ss_tot = ((target - target.mean(0)) ** 2).sum(0)
+    ss_res = ((target - pred) ** 2).sum(0)
+    keep = ss_tot > 1e-8
+    return float(np.mean(1 - ss_res[keep] / ss_tot[keep])) if keep.any() else float("nan")
+
+
+def linear_probe_r2(z_train: np.ndarray, a_train: np.ndarray, z_test: np.ndarray, a_test: np.ndarray,
+                    ridge: float = 1e-3) -> float:
+    """Ridge regression latent -> real action fitted on train, R^2 on test."""
+    x = np.concatenate([z_train, np.ones((len(z_train), 1))], 1)
+    w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ a_train)
+    return r2_score(np.concatenate([z_test, np.ones((len(z_test), 1))], 1) @ w, a_test)
+
+
+@torch.no_grad()
+def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 256, seed: int = 0) -> dict[str, float]:
+    """Probe R^2 (latent -> real action, fitted on train labelled, scored on held-out labelled) and recon PSNR."""
+    vae.eval()
+    out: dict[str, float] = {}
+
+    def labelled(pairs: FlowPairs, count: int, salt: int):
+        acts, imgs = [], []
+        rng = np.random.default_rng([seed, salt])
+        for _ in range(count):
+            img, a = pairs.pick(rng, True)
+            if a is None:
+                continue
+            imgs.append(img)
+            acts.append(a)
+        if not imgs:
+            return None, None, None
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return vae.latent(x).cpu().numpy(), np.stack(acts), x
+
+    if train.labelled and held.labelled:
+        zt, at, _ = labelled(train, 2 * n, 1)
+        zh, ah, _ = labelled(held, n, 2)
+        if zt is not None and zh is not None:
+            out["lam/probe_r2"] = linear_probe_r2(zt, at, zh, ah)
+    rng = np.random.default_rng([seed, 3])
+    imgs = [held.pick(rng, False)[0] for _ in range(min(n, 64))]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    recon = vae.decode(vae.latent(x)).clamp(-1, 1)
+    mse = float(((recon - x) / 2).pow(2).mean())  # in [0, 1] pixel units
+    out["lam/recon_psnr"] = 10 * math.log10(1.0 / max(mse, 1e-10))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- job
+
+class LatentActionJob:
+    def __init__(self, params: Any, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
+                 max_steps: int | None = None):
+        self.params, self.la, self.ctx = params, params.latent_action, ctx
+        self.run_dir = Path(run_dir)
+        self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()
+        self.max_steps, self.seed = max_steps, params.project.seed
+        self.config_hash = config_hash(params)
+
+    def build(self) -> None:
+        import deepspeed
+
+        la = self.la
+        cfg = build_latent_action_config(la.preset, {"lambda_action": la.lambda_action, "beta_kl": la.beta_kl,
+                                                     "image_size": la.flow.image_size})
+        torch.manual_seed(self.seed)
+        self.model = LatentActionVAE(cfg, weights=str(la.weights) if la.weights else None)
+        self.tiers = lam_tiers(self.params)
+        self.train_pairs = FlowPairs(self.params, self.tiers, "train", cfg.latent_dim)
+        self.held_pairs = FlowPairs(self.params, self.tiers, "heldout", cfg.latent_dim)
+        if la.batch_size % self.ctx.world:
+            raise ValueError(f"latent_action.batch_size={la.batch_size} must be divisible by {self.ctx.world} processes")
+        opt = torch.optim.AdamW(self.model.parameters(), lr=la.lr, betas=(0.9, 0.95), weight_decay=la.weight_decay)
+        warm = la.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        ds = {"train_batch_size": la.batch_size, "train_micro_batch_size_per_gpu": la.batch_size // self.ctx.world,
+              "gradient_accumulation_steps": 1, "gradient_clipping": la.grad_clip,
+              "zero_optimization": {"stage": la.zero_stage}, "steps_per_print": 10**9}
+        if self.ctx.device.type == "cuda":
+            ds["bf16"] = {"enabled": True}
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
+        self.resumed_from = find_latest_complete(self.run_dir / "checkpoints")
+        self.start_step, self.wall_before = 0, 0.0
+        if self.resumed_from is not None:
+            m = load_checkpoint(self.engine, self.resumed_from)
+            if m.config_hash != self.config_hash:
+                raise ValueError(f"{self.resumed_from} was written with another config; use a new --run-dir")
+            self.start_step, self.wall_before = m.step, m.wall_seconds
+
+    def run(self) -> dict[str, Any]:
+        self.build()
+        la, ctx, tr = self.la, self.ctx, self.tracker
+        if ctx.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tr.set_tags({"job": "latent-action", "config_hash": self.config_hash, "device": ctx.device_type,
+                         "registered_model": la.registered_model})
+            if self.resumed_from is None:
+                tr.log_params({"latent_action": la.model_dump(mode="json"), "tiers": self.tiers})
+                for t in self.tiers:
+                    f = self.train_pairs.flows[t]
+                    tr.log_dataset(f"flow/{t}", f.manifest["content_hash"], str(f.path.resolve()))
+        micro = la.batch_size // ctx.world
+        end = min(la.steps, self.max_steps or la.steps)
+        t_start = time.perf_counter()
+        history: dict[str, list[tuple[int, float]]] = {"recon_loss": [], "action_loss": []}
+        last = self.resumed_from
+        for step in range(self.start_step, end):
+            t0 = time.perf_counter()
+            first = step * la.batch_size + ctx.rank * micro
+            b = self.train_pairs.batch(self.seed, list(range(first, first + micro)), la.labelled_fraction,
+                                       self.model.config.latent_dim)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + ctx.rank)
+            out = self.engine(b["flow"].to(ctx.device), b["actions"].to(ctx.device), b["mask"].to(ctx.device),
+                              generator=g)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            vals = _mean_across_ranks({k: float(out[k].detach()) for k in ("loss", "recon_loss", "action_loss", "kl")},
+                                      ctx)
+            done = step + 1
+            history["recon_loss"].append((done, vals["recon_loss"]))
+            history["action_loss"].append((done, vals["action_loss"]))
+            if ctx.rank == 0:
+                m = {f"lam/train/{k}": v for k, v in vals.items()}
+                m.update({"lr": self.optimizer.param_groups[0]["lr"], "perf/step_time_s": time.perf_counter() - t0})
+                tr.log_metrics(m, done)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": done, **m}) + "\n")
+            if done % la.validate_every == 0 or done == la.steps:
+                self.validate(done)
+            if done % la.checkpoint_every == 0 or done == la.steps:
+                last = save_checkpoint(self.engine, self.run_dir / "checkpoints", done, stage="latent-action",
+                                       data_position=done * la.batch_size, config_hash=self.config_hash,
+                                       parent=None, wall_seconds=self.wall_before + time.perf_counter() - t_start,
+                                       extra={"mlflow_run_id": tr.run_id})
+        wall = self.wall_before + time.perf_counter() - t_start
+        result = {"steps": end, "export": None, "wall_seconds": wall}
+        if ctx.rank == 0:
+            tr.log_loss_curve({k: v for k, v in history.items() if v}, "lam_loss_curve.png")
+            hours = ctx.world * wall / 3600
+            metrics = {"cost/device_hours": hours}
+            price = self.params.costs.device_hour.get(ctx.device_type)
+            if price is not None:
+                metrics["cost/amount"] = hours * price
+            tr.log_metrics(metrics, end)
+            if end == la.steps:
+                result["export"] = str(self.export(last, hours))
+        if ctx.world > 1:
+            dist.barrier()
+        return result
+
+    def validate(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.ctx.rank == 0:
+            metrics = quality(self.engine.module, self.train_pairs, self.held_pairs, seed=self.seed)
+            self.engine.module.train()
+            self.tracker.log_metrics(metrics, step)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.ctx.world > 1:
+            dist.barrier()
+        return metrics
+
+    def export(self, checkpoint: Path | None, hours: float) -> Path:
+        out = self.run_dir / "export"
+        self.engine.module.save_pretrained(out)
+        lineage = {"job": "latent-action", "registered_model": self.la.registered_model, "config_hash": self.config_hash,
+                   "checkpoint": str(checkpoint) if checkpoint else None, "device_hours": hours,
+                   "flow_features": {t: self.train_pairs.flows[t].manifest["content_hash"] for t in self.tiers},
+                   "tiers": {t: self.train_pairs.tiers[t].content_hash for t in self.tiers},
+                   "mlflow_run_id": self.tracker.run_id}
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
+        self.tracker.log_artifact(out / "lineage.json", "export")
+        return out
+
+
+def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None, max_steps: int | None = None):
+    from .loop import init_distributed
+
+    ctx = init_distributed()
+    try:
+        return LatentActionJob(params, run_dir, ctx, tracker, max_steps).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+@torch.no_grad()
+def export_latent_actions(params: Any, lam_export: Path, tier_name: str, batch: int = 256) -> dict[str, Any]:
+    """`latent_actions` [T-1, 14] for every episode of a tier: the VAE's mean latent of each flow image."""
+    vae = LatentActionVAE.from_pretrained(lam_export).eval()
+    flows = Feature(feature_dir(features_root(params), FLOW, tier_name))
+    tier = Tier(Path(params.data.root) / tier_name)
+    if flows.tier_hash != tier.content_hash:
+        raise ValueError(f"flow feature of '{tier_name}' was computed from another version of the tier "
+                         f"({flows.tier_hash[:12]} != {tier.content_hash[:12]}): rebuild it (motus latent-action flow)")
+    lam_hash = _dir_hash(lam_export)
+    writer = FeatureWriter(feature_dir(features_root(params), LATENT, tier_name), LATENT, tier_name, tier.content_hash,
+                           meta={"latent_action_model": str(lam_export), "latent_action_model_hash": lam_hash,
+                                 "flow_feature_hash": flows.manifest["content_hash"]})
+    for rec in tier.index:
+        imgs = flows.get(rec["id"], FLOW)
+        parts = []
+        for i in range(0, len(imgs), batch):
+            x = torch.from_numpy(imgs[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            parts.append(vae.latent(x).float().numpy())
+        z = np.concatenate(parts).astype(np.float32)
+        assert z.shape == (rec["frames"] - 1, vae.config.latent_dim), (rec["id"], z.shape)
+        writer.add(rec["id"], {LATENT: z})
+    return writer.close()
+
+
+def _dir_hash(d: Path) -> str:
+    import hashlib
+
+    from ..data.tier import sha256_file
+
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(d)}\t{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+class LatentActionSource:
+    """What Stage 2's loader reads: `dim` and `get(episode_id)` -> [T-1, d] from the exported feature."""
+
+    def __init__(self, params: Any, tier_name: str):
+        self.feature = Feature(feature_dir(features_root(params), LATENT, tier_name))
+        arrays = self.feature.manifest.get("arrays", {})
+        shape = arrays.get(LATENT, {}).get("shape") or arrays.get(LATENT, {}).get("trailing_shape")
+        self.dim = int(shape[-1]) if shape else int(self.feature.get(self.feature.episode_ids[0], LATENT).shape[1])
+
+    def get(self, episode_id: str) -> np.ndarray:
+        return self.feature.get(episode_id, LATENT)
