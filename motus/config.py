@@ -312,6 +312,8 @@ class LatentActionSection(_Section):
     weights: Path | None = Field(None, description="Local pretrained DC-AE folder (diffusers format) for `full`.")
     tiers: list[str] | None = Field(None, description="Tiers to train on; None = the tiers of the Stage 2 recipe.")
     labelled_fraction: float = Field(0.1, ge=0, le=1, description="Share of each batch drawn from 14-d labelled tiers.")
+    action_target: Literal["delta", "absolute"] = Field(
+        "delta", description="Align the latent with the step's action change (what flow sees) or the raw action.")
     lambda_action: float = Field(1.0, ge=0, description="Weight of ||z - a_real||^2 on labelled samples.")
     beta_kl: float = Field(1e-6, ge=0, description="Weight of the KL term.")
     steps: int = Field(200, ge=1)

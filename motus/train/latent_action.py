@@ -74,8 +74,8 @@ def build_flow_feature(params: Any, tier_name: str, progress=None) -> dict[str, 
 class FlowPairs:
     """All (tier, episode, t) flow images of the chosen tiers and split; labelled where the tier has 14-d actions."""
 
-    def __init__(self, params: Any, tiers: list[str], split: str, latent_dim: int):
-        self.params, self.split = params, split
+    def __init__(self, params: Any, tiers: list[str], split: str, latent_dim: int, target: str = "delta"):
+        self.params, self.split, self.target = params, split, target
         root = Path(params.data.root)
         self.flows = {t: Feature(feature_dir(features_root(params), FLOW, t)) for t in tiers}
         self.tiers = {t: Tier(root / t) for t in tiers}
@@ -87,8 +87,7 @@ class FlowPairs:
             chosen = set(train_ids if split == "train" else held)
             dim = tier.manifest.get("action_dim")
             if dim == latent_dim and tier.manifest.get("action_stats"):
-                s = tier.manifest["action_stats"]
-                self.stats[t] = (np.asarray(s["mean"], np.float32), np.maximum(np.asarray(s["std"], np.float32), 1e-6))
+                self.stats[t] = self._target_stats(tier)
             for rec in tier.index:
                 if rec["id"] not in chosen or rec["frames"] < 2:
                     continue
@@ -102,6 +101,15 @@ class FlowPairs:
         self._lcum = np.cumsum([0] + [n for _, _, n in self.labelled])
         self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
 
+    def _target_stats(self, tier: Tier) -> tuple[np.ndarray, np.ndarray]:
+        """Normalisation of the alignment target over the whole tier (both splits: it is a unit, not a label)."""
+        if self.target == "absolute":
+            s = tier.manifest["action_stats"]
+            return np.asarray(s["mean"], np.float32), np.maximum(np.asarray(s["std"], np.float32), 1e-6)
+        rows = [np.diff(a, axis=0) for a in (tier.read_arrays(r["id"])[0] for r in tier.index) if a is not None and len(a) > 1]
+        d = np.concatenate(rows)
+        return d.mean(0).astype(np.float32), np.maximum(d.std(0), 1e-6).astype(np.float32)
+
     def _episode(self, tier: str, eid: str) -> tuple[np.ndarray, np.ndarray | None]:
         key = (tier, eid)
         if key not in self._cache:
@@ -113,7 +121,9 @@ class FlowPairs:
                 raw, _ = self.tiers[tier].read_arrays(eid)
                 if raw is not None:
                     mean, std = self.stats[tier]
-                    actions = ((raw - mean) / std).astype(np.float32)
+                    # flow t sees the motion from frame t to t+1: align with that step's joint displacement
+                    target = np.diff(raw, axis=0) if self.target == "delta" else raw[:-1]
+                    actions = ((target - mean) / std).astype(np.float32)
             self._cache[key] = (flow, actions)
         return self._cache[key]
 
@@ -151,10 +161,13 @@ def r2_score(pred: np.ndarray, target: np.ndarray) -> float:
 
 def linear_probe_r2(z_train: np.ndarray, a_train: np.ndarray, z_test: np.ndarray, a_test: np.ndarray,
                     ridge: float = 1e-3) -> float:
-    """Ridge regression latent -> real action fitted on train, R^2 on test."""
-    x = np.concatenate([z_train, np.ones((len(z_train), 1))], 1)
+    """Ridge regression latent -> real action fitted on train, R^2 on test. Latents are standardised with the
+    train statistics first, so the ridge penalty means the same whatever the latent's scale."""
+    mean, std = z_train.mean(0), z_train.std(0) + 1e-8
+    zt, zs = (z_train - mean) / std, (z_test - mean) / std
+    x = np.concatenate([zt, np.ones((len(zt), 1))], 1)
     w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ a_train)
-    return r2_score(np.concatenate([z_test, np.ones((len(z_test), 1))], 1) @ w, a_test)
+    return r2_score(np.concatenate([zs, np.ones((len(zs), 1))], 1) @ w, a_test)
 
 
 @torch.no_grad()
@@ -211,8 +224,8 @@ class LatentActionJob:
         torch.manual_seed(self.seed)
         self.model = LatentActionVAE(cfg, weights=str(la.weights) if la.weights else None)
         self.tiers = lam_tiers(self.params)
-        self.train_pairs = FlowPairs(self.params, self.tiers, "train", cfg.latent_dim)
-        self.held_pairs = FlowPairs(self.params, self.tiers, "heldout", cfg.latent_dim)
+        self.train_pairs = FlowPairs(self.params, self.tiers, "train", cfg.latent_dim, la.action_target)
+        self.held_pairs = FlowPairs(self.params, self.tiers, "heldout", cfg.latent_dim, la.action_target)
         if la.batch_size % self.ctx.world:
             raise ValueError(f"latent_action.batch_size={la.batch_size} must be divisible by {self.ctx.world} processes")
         opt = torch.optim.AdamW(self.model.parameters(), lr=la.lr, betas=(0.9, 0.95), weight_decay=la.weight_decay)

@@ -210,8 +210,13 @@ class StageJob:
     def _batch(self, step: int) -> dict[str, Any]:
         micro = self.s.batch_size // self.ctx.world
         first = step * self.s.batch_size + self.ctx.rank * micro
-        return collate_windows([self.stream[first + j] for j in range(micro)],
-                               allow_missing_actions=not self.recipe.uses_actions)
+        return collate_windows([self.stream[first + j] for j in range(micro)], allow_missing_actions=self._lenient)
+
+    @property
+    def _lenient(self) -> bool:
+        """Batches may mix items with and without actions/state when the stage reads neither from the tier:
+        Stage 1 (no actions) and Stage 2 (latent actions for every item, no state in pretrain mode)."""
+        return not self.recipe.uses_actions or self.cfg.action.encoder_mode == "pretrain"
 
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         dev = self.ctx.device
@@ -393,7 +398,7 @@ class StageJob:
             items += [ds[i] for i in range(min(2, len(ds)))]
         metrics: dict[str, float] = {}
         if items:
-            inputs = self._inputs(collate_windows(items[:4], allow_missing_actions=not self.recipe.uses_actions))
+            inputs = self._inputs(collate_windows(items[:4], allow_missing_actions=self._lenient))
             metrics.update(self._fixed_t_losses(model, inputs))
             metrics.update(self._mode_metrics(model, inputs, step))
             self.tracker.log_metrics(metrics, step)

@@ -19,10 +19,25 @@ class ParentLoadError(Exception):
     pass
 
 
-def load_parent(model: MotusModel, export_dir: str | Path, *, drop_action_io: bool) -> dict[str, list[str]]:
+def parent_experts(export_dir: str | Path) -> tuple[str, ...]:
+    """The experts a parent actually trained: a Stage 1 export holds a trained video expert only (its action
+    and understanding experts are untouched initialisations, in another encoder mode), later stages all three."""
+    lineage = Path(export_dir) / "lineage.json"
+    if lineage.exists():
+        try:
+            if json.loads(lineage.read_text()).get("stage_number") == 1:
+                return ("video",)
+        except json.JSONDecodeError:
+            raise ParentLoadError(f"parent checkpoint '{export_dir}': lineage.json is not valid JSON") from None
+    return EXPERTS
+
+
+def load_parent(model: MotusModel, export_dir: str | Path, *, drop_action_io: bool,
+                experts: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Copy the parent export's expert weights into `model`; returns what was dropped and kept fresh.
 
-    Every other key must exist on both sides with the same shape, or this raises naming the checkpoint.
+    `experts` limits the copy (default: what the parent trained, see `parent_experts`). Every other key of
+    those experts must exist on both sides with the same shape, or this raises naming the checkpoint.
     """
     d = Path(export_dir)
     weights = d / WEIGHTS_FILE
@@ -34,7 +49,9 @@ def load_parent(model: MotusModel, export_dir: str | Path, *, drop_action_io: bo
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same fatal condition
         raise ParentLoadError(f"parent checkpoint '{d}' cannot be read: {e}") from None
-    own = {f"{n}.{k}": v for n in EXPERTS for k, v in model.expert(n).state_dict().items()}
+    experts = experts or parent_experts(d)
+    own = {f"{n}.{k}": v for n in experts for k, v in model.expert(n).state_dict().items()}
+    state = {k: v for k, v in state.items() if k.split(".", 1)[0] in experts}
     dropped = sorted(k for k in set(state) | set(own) if drop_action_io and k.startswith(ACTION_IO_PREFIXES))
     missing = sorted(k for k in own if k not in state and k not in dropped)
     unexpected = sorted(k for k in state if k not in own and k not in dropped)
