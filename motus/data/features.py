@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -29,7 +28,17 @@ from typing import Any
 import numpy as np
 
 from .episode import EPISODE_ID
-from .tier import DEFAULT_SHARD_BYTES, INDEX, MANIFEST, SHARD_DIR, _add, _npy, sha256_file
+from .tier import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    MANIFEST,
+    SHARD_DIR,
+    _add,
+    _npy,
+    sha256_file,
+    swap_into_place,
+    write_jsonl,
+)
 
 FEATURE_SCHEMA_VERSION = 1
 NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")  # feature, tier and array names: dot-free and path-safe
@@ -142,15 +151,9 @@ class FeatureWriter:
             self.abort()
             raise FeatureError(f"{self.out}: feature '{self.feature}' of tier '{self.tier_name}' has no episodes")
         manifest = self._manifest()
-        (self.tmp / INDEX).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.index))
+        write_jsonl(self.tmp / INDEX, self.index)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(self.tmp, self.out)
         return manifest
 
     def abort(self) -> None:

@@ -118,6 +118,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Move a finished folder over `out`; the old one survives until the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @dataclass
 class TierSpec:
     name: str
@@ -246,17 +261,10 @@ class TierWriter:
             self.abort()
             raise TierError(f"tier '{self.spec.name}': no valid episodes to write")
         manifest = self._manifest()
-        (self.tmp / INDEX).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.index))
-        (self.tmp / QUARANTINE).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.quarantine))
+        write_jsonl(self.tmp / INDEX, self.index)
+        write_jsonl(self.tmp / QUARANTINE, self.quarantine)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        # swap into place: the old tier survives until the new one is complete
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(self.tmp, self.out)
         return manifest
 
     def abort(self) -> None:
