@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ def run(proj, *args):
     return r
 
 
-def test_flow_train_export_then_stage2(project):
+def test_flow_train_export_then_stage2(project):  # noqa: F811 - the fixture imported above
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["latent_action"].update(steps=12, batch_size=16, checkpoint_every=6, validate_every=12)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
