@@ -8,6 +8,7 @@ from .config_cmd import config_app
 from .data_cmd import data_app
 from .latent_cmd import latent_app
 from .model_cmd import model_app
+from .pipeline_cmd import pipeline_app
 from .train_cmd import train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -17,6 +18,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.command()(train)
 app.add_typer(latent_app, name="latent-action")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 @app.command()

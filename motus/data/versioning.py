@@ -62,16 +62,28 @@ def stage_name(tier: str) -> str:
 
 
 def reproduce(root: Path, tiers: list[str], force: bool = False) -> None:
-    args = ["repro", *[stage_name(t) for t in tiers]] + (["--force"] if force else [])
-    _dvc(args, root, capture=False)
+    repro_stages(root, [stage_name(t) for t in tiers], force=force)
 
 
 def push(root: Path, tiers: list[str]) -> None:
-    _dvc(["push", "--remote", REMOTE_NAME, *[stage_name(t) for t in tiers]], root, capture=False)
+    push_stages(root, [stage_name(t) for t in tiers])
 
 
 def pull(root: Path, tiers: list[str]) -> None:
-    _dvc(["pull", "--remote", REMOTE_NAME, *[stage_name(t) for t in tiers]], root, capture=False)
+    pull_stages(root, [stage_name(t) for t in tiers])
+
+
+def repro_stages(root: Path, stages: list[str], force: bool = False, capture: bool = False) -> None:
+    """`dvc repro` these dvc.yaml stages (e.g. `ingest@sim-metaworld`, `flow@multi-robot`)."""
+    _dvc(["repro", *stages] + (["--force"] if force else []), root, capture=capture)
+
+
+def push_stages(root: Path, stages: list[str], capture: bool = False) -> None:
+    _dvc(["push", "--remote", REMOTE_NAME, *stages], root, capture=capture)
+
+
+def pull_stages(root: Path, stages: list[str], capture: bool = False) -> None:
+    _dvc(["pull", "--remote", REMOTE_NAME, *stages], root, capture=capture)
 
 
 def locked_hashes(root: Path) -> dict[str, str]:

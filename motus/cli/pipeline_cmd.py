@@ -1,0 +1,132 @@
+"""`motus pipeline plan | run`: the whole recipe as one Prefect flow, rerunning only what changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+pipeline_app = typer.Typer(no_args_is_help=True, help="Plan and run the recipe: tiers -> Stage 1-3 -> gates -> champion.")
+
+ParamsOption = Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml of the project (its folder is the "
+                                                                         "project root: dvc.yaml, data/, outputs/).")]
+FromOption = Annotated[str | None, typer.Option("--from", help="First step to run; earlier steps must be cached.")]
+UntilOption = Annotated[str | None, typer.Option("--until", help="Last step to run.")]
+SeedsOption = Annotated[int | None, typer.Option("--eval-seeds", help="Closed-loop seeds per task in the evaluate step.")]
+
+
+def _evaluation(seeds: int | None) -> dict:
+    return {} if seeds is None else {"seeds": seeds}
+
+
+def _pipeline(params: Path | None, nproc: int = 1, evaluation: dict | None = None):
+    from ..config import ConfigError
+    from ..pipeline import Pipeline, PipelineError
+
+    try:
+        root = params.resolve().parent if params else Path.cwd()
+        return Pipeline(params, root=root, nproc=nproc, evaluation=evaluation)
+    except (ConfigError, PipelineError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@pipeline_app.command()
+def plan(params: ParamsOption = None, from_step: FromOption = None, until_step: UntilOption = None,
+         eval_seeds: SeedsOption = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Every step: cached or to run, and WHY (the code file, config key or input hash that changed)."""
+    from ..pipeline import PipelineError
+    from ..pipeline.report import print_plan
+
+    pipe = _pipeline(params, evaluation=_evaluation(eval_seeds))
+    try:
+        rows = pipe.plan(from_step, until_step)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+    else:
+        print_plan(rows)
+
+
+def _check_profile(profile: str) -> None:
+    from ..config import get_settings
+
+    s = get_settings()
+    if profile == "local":
+        os.environ.pop("PREFECT_API_URL", None)  # Prefect's ephemeral mode: no server to run
+        return
+    missing = []
+    if not s.tracking_uri.startswith(("http://", "https://")):
+        missing.append(f"MOTUS_TRACKING_URI must be an MLflow server (is {s.tracking_uri})")
+    if not os.environ.get("PREFECT_API_URL"):
+        missing.append("PREFECT_API_URL must point at the Prefect server")
+    if "://" not in s.data_remote:
+        missing.append(f"MOTUS_DATA_REMOTE must be an object store URL such as s3://bucket/dvc (is {s.data_remote})")
+    if missing:
+        typer.echo("error: the production profile needs its services:\n  " + "\n  ".join(missing), err=True)
+        raise typer.Exit(2)
+
+
+@pipeline_app.command()
+def run(params: ParamsOption = None, from_step: FromOption = None, until_step: UntilOption = None,
+        profile: Annotated[str, typer.Option(help="local: ephemeral Prefect, SQLite MLflow, local DVC remote. "
+                                                  "production: the servers named by PREFECT_API_URL and MOTUS_*.")] = "local",
+        nproc: Annotated[int, typer.Option("--nproc", "-n", min=1, help="Processes per training job.")] = 1,
+        eval_seeds: SeedsOption = None) -> None:
+    """Run the recipe as a Prefect flow; cached steps are reused, a killed stage resumes from its checkpoint."""
+    import asyncio
+
+    from ..pipeline.report import REPORT, print_summary
+
+    if profile not in ("local", "production"):
+        typer.echo(f"error: --profile must be local or production, not {profile}", err=True)
+        raise typer.Exit(2)
+    os.environ["MOTUS_PROFILE"] = profile
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _check_profile(profile)
+    pipe = _pipeline(params)  # validates the params and the step names before Prefect starts
+    _valid_steps(pipe, from_step, until_step)
+
+    from flows.pipeline import motus_pipeline
+
+    failure = None
+    try:
+        asyncio.run(motus_pipeline(params_file=str(pipe.params_file), root=str(pipe.root), from_step=from_step,
+                                   until_step=until_step, nproc=nproc, evaluation=_evaluation(eval_seeds)))
+    except Exception as e:  # noqa: BLE001 - reported below with the summary
+        failure = f"{type(e).__name__}: {e}"
+    report_file = pipe.out_dir / REPORT
+    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    if report is not None:
+        print_summary(report)
+    if failure:
+        typer.echo(f"error: the pipeline failed: {failure}", err=True)
+        raise typer.Exit(1)
+    if report and report["status"] != "completed":
+        raise typer.Exit(3)
+
+
+def _valid_steps(pipe, from_step, until_step) -> bool:
+    from ..pipeline import PipelineError
+
+    try:
+        pipe.select(from_step, until_step)
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    return True
+
+
+@pipeline_app.command()
+def steps(params: ParamsOption = None) -> None:
+    """The steps of the recipe in order, with what each depends on."""
+    pipe = _pipeline(params)
+    for s in pipe.steps:
+        typer.echo(f"{s.name:<34} {s.kind:<15} after: {', '.join(s.deps) or '-'}")

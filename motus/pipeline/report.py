@@ -1,0 +1,88 @@
+"""What a pipeline run and a plan say to people: a summary table, a terraform-plan-like listing, a JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPORT = "last-run.json"
+
+
+def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str | None) -> dict[str, Any]:
+    steps = []
+    for r in pipe.results:
+        out = r.outputs or {}
+        detail = ""
+        if "model" in out and "version" in out and r.kind != "evaluate":
+            detail = f"{out['model']} v{out['version']}"
+        elif r.kind == "gate":
+            detail = f"{out.get('verdict', '')} -> champion v{out.get('champion')}" if out else ""
+        elif r.kind == "evaluate":
+            m = out.get("metrics", {})
+            detail = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m.items())[:3] if isinstance(v, (int, float)))
+        elif "content_hash" in out:
+            detail = f"content {out['content_hash'][:12]}"
+        steps.append({"step": r.step, "kind": r.kind, "status": r.status, "seconds": round(r.seconds, 2),
+                      "compute_seconds": round(r.compute_seconds, 2), "device_hours": out.get("device_hours")
+                      if r.status == "ran" else None, "detail": detail, "error": r.error})
+    status = "completed" if stopped is None else ("stopped at a gate" if stopped == "gate" else "failed")
+    return {"status": status, "error": error, "wall_seconds": round(wall_seconds, 2),
+            "device_hours": sum(s["device_hours"] or 0.0 for s in steps),
+            "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
+            "steps": steps, "champions": pipe.champions(), "tracking_uri": pipe.tracking_uri,
+            "pipeline_run": pipe.pipeline_run}
+
+
+def write_report(pipe: Any, report: dict[str, Any]) -> Path:
+    pipe.out_dir.mkdir(parents=True, exist_ok=True)
+    path = pipe.out_dir / REPORT
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+def _console() -> Console:
+    # a pipeline's output usually lands in a log file or CI: do not squeeze the table into 80 columns there
+    c = Console()
+    return c if c.is_terminal else Console(width=140)
+
+
+def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or _console()
+    t = Table(title=f"motus pipeline: {report['status']} in {report['wall_seconds']:.0f}s", show_lines=False)
+    for col in ("step", "status", "seconds", "device h", "result"):
+        t.add_column(col, justify="right" if col in ("seconds", "device h") else "left")
+    for s in report["steps"]:
+        style = {"cached": "dim", "failed": "red"}.get(s["status"])
+        dh = f"{s['device_hours']:.4f}" if s.get("device_hours") else ""
+        t.add_row(s["step"], s["status"], f"{s['seconds']:.1f}", dh, s["error"] or s["detail"], style=style)
+    console.print(t)
+    champs = ", ".join(f"{m}: {'v' + str(v) if v else 'none'}" for m, v in report["champions"].items())
+    console.print(f"champions: {champs}")
+    console.print(f"device hours this run: {report['device_hours']:.4f}")
+    if report.get("error"):
+        console.print(f"[red]{report['error']}[/red]")
+    uri = report.get("tracking_uri", "")
+    console.print("next: " + (f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite") else f"MLflow at {uri}")
+                  + ", `motus registry history MODEL`, `motus lineage show models:/MODEL@champion`, "
+                    "`prefect server start` for the flow runs")
+
+
+def print_plan(rows: list[Any], console: Console | None = None) -> None:
+    console = console or _console()
+    sym = {"cached": "[dim]=[/dim]", "run": "[yellow]+[/yellow]", "check": "[cyan]?[/cyan]"}
+    total = 0.0
+    for r in rows:
+        est = f"  ~{r.est_device_hours:.4f} device h" if r.est_device_hours else ""
+        total += r.est_device_hours or 0.0
+        console.print(f"{sym.get(r.action, r.action)} {r.step:<34} {r.action:<7}{est}")
+        for w in r.why:
+            console.print(f"      {w}", style="dim" if r.action == "cached" else None, markup=False)
+    runs = sum(r.action == "run" for r in rows)
+    cached = sum(r.action == "cached" for r in rows)
+    checks = sum(r.action == "check" for r in rows)
+    console.print(f"\nPlan: {runs} to run, {cached} cached, {checks} gate(s) to decide; "
+                  f"estimated {total:.4f} device hours (measured throughput x planned steps).")

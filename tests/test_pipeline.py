@@ -1,0 +1,169 @@
+"""The pipeline: content keys, the plan's reasons, and the whole tiny recipe run for real as a Prefect flow
+(ephemeral Prefect, SQLite MLflow, a local DVC remote), rerun from cache, changed, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from motus.config import validate_params
+from motus.pipeline import build_steps, is_infrastructure_error
+from motus.pipeline.keys import StepInputs, code_files, explain
+from motus.pipeline.pipeline import GateFailed, InfrastructureError, PipelineError
+
+from .pipeline_project import MOTUS, REPO, make_project, project_env
+
+# ------------------------------------------------------------------------------------------ contracts
+
+
+def test_steps_come_after_what_they_need():
+    params = validate_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    steps = build_steps(params)
+    order = {s.name: i for i, s in enumerate(steps)}
+    for s in steps:
+        for d in s.deps:
+            assert order[d] < order[s.name], f"{s.name} runs before its dependency {d}"
+    assert "gate:motus-vgm" in {d for s in steps if s.name == "stage2" for d in s.deps}
+    assert [s.name for s in steps][-3:] == ["stage3", "evaluate:motus-aloha", "gate:motus-aloha"]
+    assert {s.name for s in steps if s.kind == "tier"} == {f"tier:{t}" for t in params.tiers}
+    assert {s.target for s in steps if s.kind == "flow"} == set(params.stages["stage2"].tiers)
+
+
+def test_keys_are_stable_and_changes_are_named():
+    code = code_files("tier")
+    assert "config.py" in code and any(p.startswith("data/") for p in code)
+    a = StepInputs(code, {"tiers.x.source.options.seed": 1}, {"tier:x": "a" * 64}, "motus-vgm/1")
+    same = StepInputs(dict(code), {"tiers.x.source.options.seed": 1}, {"tier:x": "a" * 64}, "motus-vgm/1")
+    assert a.key() == same.key() and len(a.key()) == 64
+    b = StepInputs({**code, "data/tier.py": "0" * 64}, {"tiers.x.source.options.seed": 2}, {"tier:x": "b" * 64},
+                   "motus-vgm/2")
+    assert b.key() != a.key()
+    why = explain(a, b)
+    assert "code motus/data/tier.py changed" in why
+    assert "config tiers.x.source.options.seed: 1 -> 2" in why
+    assert f"input tier:x: {'a' * 12} -> {'b' * 12}" in why
+    assert "parent motus-vgm/1 -> motus-vgm/2" in why
+    assert explain(a, same) == []
+
+
+def test_only_infrastructure_errors_are_retried():
+    assert is_infrastructure_error(InfrastructureError("killed"))
+    assert is_infrastructure_error(ConnectionError("refused"))
+    assert not is_infrastructure_error(GateFailed("val/action_loss 3.1 > 2.5"))
+    assert not is_infrastructure_error(PipelineError("stage3 failed (exit 1)"))
+    assert not is_infrastructure_error(ValueError("bad config"))
+
+
+def test_cli_names_bad_steps_and_missing_production_services(tmp_path):
+    proj = make_project(tmp_path / "p")
+    env = project_env(proj)
+    r = subprocess.run([str(MOTUS), "pipeline", "run", "--from", "stage9"], cwd=proj, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--from stage9: no such step" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([str(MOTUS), "pipeline", "run", "--profile", "production"], cwd=proj, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "MOTUS_TRACKING_URI must be an MLflow server" in r.stderr
+    assert "PREFECT_API_URL" in r.stderr and "MOTUS_DATA_REMOTE" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ the spine
+
+
+def pipeline(proj: Path, *args: str, env: dict | None = None, timeout: int = 1200) -> tuple[dict, str]:
+    r = subprocess.run([str(MOTUS), "pipeline", *args], cwd=proj, env=env or project_env(proj), capture_output=True,
+                       text=True, timeout=timeout)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"motus pipeline {' '.join(args)} exited {r.returncode}:\n{out[-6000:]}"
+    report = json.loads((proj / "outputs" / "pipeline" / "last-run.json").read_text()) if args[0] == "run" else {}
+    return report, out
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {s["step"]: s["status"] for s in report["steps"]}
+
+
+def kill_tree(pattern: str) -> None:
+    """SIGKILL every process whose command line mentions `pattern` (the pipeline and its training job)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if pattern in " ".join(p.info["cmdline"] or []):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj")
+    return proj
+
+
+@pytest.mark.slow
+def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(project):
+    proj = project
+    # 1. the whole recipe, from nothing
+    report, out = pipeline(proj, "run", "--eval-seeds", "2")
+    st = statuses(report)
+    assert report["status"] == "completed", out[-4000:]
+    assert all(v == "ran" for v in st.values()), st
+    champions = report["champions"]
+    assert all(isinstance(v, int) for v in champions.values()), champions
+    assert "champions: motus-vgm: v1" in out and "next:" in out
+    first_keys = {s["step"] for s in report["steps"]}
+
+    # 2. again: nothing to do
+    report, _ = pipeline(proj, "run", "--eval-seeds", "2")
+    st = statuses(report)
+    assert {k for k, v in st.items() if v != "cached" and not k.startswith("gate:")} == set(), st
+    assert set(st) == first_keys and report["champions"] == champions
+    _, plan = pipeline(proj, "plan", "--eval-seeds", "2")
+    assert "0 to run" in plan
+
+    # 3. one tier changes: the plan names the change and exactly its downstream steps
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    seed = raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"]
+    raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"] = seed + 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _, plan = pipeline(proj, "plan", "--eval-seeds", "2", "--json")
+    rows = {r["step"]: r for r in json.loads(plan[plan.index("["):])}
+    to_run = {k for k, r in rows.items() if r["action"] == "run"}
+    assert to_run == {"tier:target-aloha-insertion", "stage3", "evaluate:motus-aloha"}, to_run
+    assert (f"config tiers.target-aloha-insertion.source.options.seed: {seed} -> {seed + 1}"
+            in rows["tier:target-aloha-insertion"]["why"])
+    assert rows["gate:motus-aloha"]["action"] in ("run", "check")
+
+    # 4. run it, kill everything once Stage 3 has a complete checkpoint, run again: Stage 3 resumes
+    env = project_env(proj)
+    proc = subprocess.Popen([str(MOTUS), "pipeline", "run", "--eval-seeds", "2"], cwd=proj, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = proj / "outputs" / "pipeline" / "runs"
+    deadline = time.time() + 600
+    ckpt = None
+    while time.time() < deadline and ckpt is None:
+        time.sleep(1)
+        for d in runs.glob("stage3-*"):
+            done = [c for c in (d / "checkpoints").glob("*") if (c / "manifest.json").exists()]
+            if done and not (d / "export").exists():
+                ckpt = d
+        assert proc.poll() is None, "the pipeline ended before Stage 3 wrote a checkpoint"
+    assert ckpt is not None, "no Stage 3 checkpoint within 10 minutes"
+    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(str(ckpt))
+    proc.wait(30)
+    report, out = pipeline(proj, "run", "--eval-seeds", "2")
+    st = statuses(report)
+    ran = {k for k, v in st.items() if v == "ran" and not k.startswith("gate:")}
+    assert ran == {"tier:target-aloha-insertion", "stage3", "evaluate:motus-aloha"}, st
+    assert "stage3: resuming" in out
+    steps_logged = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged.count(1) == 1 and steps_logged[-1] == raw["stages"]["stage3"]["steps"]
+    assert report["champions"]["motus-aloha"] == champions["motus-aloha"] + 1
