@@ -342,6 +342,17 @@ class CostConfig(_Section):
 # ------------------------------------------------------------------------------------------------ root
 
 
+class EvaluationConfig(_Section):
+    """How the pipeline's evaluate step judges a target-robot model (motus/evaluate)."""
+
+    seeds: int = Field(4, ge=1, description="Closed-loop episodes per task, on seeds first_seed, first_seed+1, ...")
+    first_seed: int = Field(1000, ge=1000, description="Evaluation seeds start here (the demo tiers use seeds below).")
+    tasks: list[Literal["transfer_cube", "insertion"]] = Field(
+        default_factory=lambda: ["transfer_cube", "insertion"], description="gym-aloha tasks to roll out.")
+    max_steps: int = Field(400, ge=1, description="Episode length cap (gym-aloha's own limit is 400).")
+    video_episodes: int = Field(1, ge=0, description="Rollouts per mode and task kept as MLflow videos.")
+
+
 class Params(_Section):
     """All of `params.yaml`. Every section has a default, so an empty file is a valid (tiny, local) config."""
 
@@ -354,6 +365,7 @@ class Params(_Section):
     pools: dict[str, Pool] = Field(default_factory=dict)
     costs: CostConfig = Field(default_factory=CostConfig)
     latent_action: LatentActionSection = Field(default_factory=LatentActionSection)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
@@ -643,6 +655,7 @@ class Settings(BaseSettings):
     data_remote: str = Field(".dvc-remote", description="DVC remote: a local folder or an s3:// URL.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO etc.); None = AWS.")
     launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")
+    image: str | None = Field(None, description="Training container image for the kubernetes launcher.")
     profile: Literal["local", "production"] = Field("local", description="Which deployment this is.")
 
 

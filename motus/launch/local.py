@@ -27,6 +27,8 @@ def command(spec: JobSpec, port: int | None = None) -> list[str]:
 def environment(spec: JobSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # run the installed `motus`, never a `motus/` folder that happens to sit in the working directory
+    env.setdefault("PYTHONSAFEPATH", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
     try:
         import torch

@@ -1,0 +1,472 @@
+"""The `kubernetes` launcher: the same job spec as `local`, run as a Kubeflow PyTorchJob.
+
+`build_pytorchjob` turns a `JobSpec` into a `KubeflowOrgV1PyTorchJob` (the kubeflow-training SDK's model):
+1 Master + (nodes - 1) Workers, `nprocPerNode` = GPUs per node, each pod running the *same* worker command as
+the local launcher under torchrun. torchrun reads its node count, node rank, rendezvous address and processes
+per node from the `PET_*` variables the Training Operator sets in every pod, so the command carries none of
+them and works unchanged for static and elastic jobs.
+
+Where things live on the cluster (all pods see the same paths):
+
+* `/workspace`: a ReadWriteMany PersistentVolumeClaim and the working directory. The spec's relative run folder
+  and `params.yaml`'s `data.root` resolve under it, so checkpoints (committed by an atomic folder rename, which
+  needs a POSIX filesystem every rank sees) and data tiers are shared by every rank of every node;
+* `/etc/motus/params.yaml`: the submitter's params file, as an immutable ConfigMap named after its config hash,
+  so a job always runs exactly the configuration it was submitted with;
+* the object store: when a checkpoint remote (`s3://...`) is set, the Master pod restores the mirror's latest
+  complete checkpoint before training (init container) and mirrors new ones while it trains (native sidecar),
+  see `checkpoint_store`. A restarted or resubmitted job therefore resumes from the latest complete
+  checkpoint even on a fresh volume;
+* credentials: only `secretKeyRef`s (S3 keys, optional MLflow user/password); a spec env entry that looks like a
+  credential is refused rather than written inline.
+
+`KubernetesLauncher` submits, watches, streams logs and cancels through `TrainingClient`; `job_gpu_hours`
+is nodes x GPUs per node x wall hours of a finished (or running) job.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from ..config import Params, Pool, Settings, config_hash
+from ..track.accounting import device_hours
+from .spec import JobSpec
+
+WORKSPACE = "/workspace"
+PARAMS_DIR = "/etc/motus"
+PARAMS_PATH = f"{PARAMS_DIR}/params.yaml"
+CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CLUSTER_TRACKING_URI = "http://mlflow.motus-system.svc.cluster.local:5000"  # infra/mlflow
+_SECRET_LIKE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL)", re.I)
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be used (no kubeconfig, API unreachable, request refused); the message says why."""
+
+
+@dataclass
+class ClusterOptions:
+    """Cluster-only choices; the local launcher never sees these. Defaults match `k8s/` and `infra/`."""
+
+    namespace: str = "motus"
+    name: str | None = None  # None: motus-<stage>-<config hash[:8]>, so resubmitting the same job reuses it
+    service_account: str = "motus-trainer"
+    workspace_pvc: str = "motus-workspace"
+    s3_secret: str = "motus-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    mlflow_secret: str | None = "motus-mlflow"  # optional keys MLFLOW_TRACKING_USERNAME / _PASSWORD
+    tracking_uri: str | None = None  # None: the settings' URI, or the in-cluster MLflow when that is SQLite
+    s3_endpoint_url: str | None = None  # None: the settings' endpoint (None there = AWS)
+    data_remote: str | None = None
+    checkpoint_remote: str | None = None  # s3://bucket/prefix; None: derived from an s3 data remote
+    shm_size: str = "64Gi"
+    cpu: str | None = None
+    memory: str | None = None
+    backoff_limit: int = 3
+    ttl_seconds_after_finished: int = 7 * 24 * 3600
+    active_deadline_seconds: int | None = None
+    clean_pod_policy: str = "Running"
+    priority_class: str | None = None
+    elastic_min_nodes: int | None = None  # set both for an elastic job (c10d rendezvous)
+    elastic_max_nodes: int | None = None
+    max_restarts: int = 3
+    mirror_interval_s: int = 120
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ClusterOptions:
+        base = cls(s3_endpoint_url=settings.s3_endpoint_url, data_remote=settings.data_remote,
+                   tracking_uri=None if settings.tracking_uri.startswith(("sqlite:", "file:", "./", "/"))
+                   or "://" not in settings.tracking_uri else settings.tracking_uri)
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------------------------ render
+
+
+def job_name(spec: JobSpec, params: Params) -> str:
+    return f"motus-{spec.stage}-{config_hash(params)[:8]}".lower().replace("_", "-")
+
+
+def resolve_stage(params: Params, stage: str) -> str:
+    """'1' or 'stage1' -> the params.yaml stage key (as `motus train` accepts), without importing the model."""
+    if stage == "latent-action" or stage in params.stages:
+        return stage
+    keys = [k for k, s in params.stages.items() if str(s.stage) == str(stage)]
+    if len(keys) != 1:
+        raise ValueError(f"params.yaml: stages: no single stage '{stage}' (stages: {', '.join(params.stages)})")
+    return keys[0]
+
+
+def params_configmap_name(params: Params) -> str:
+    return f"motus-params-{config_hash(params)[:10]}"
+
+
+def pool_of(params: Params, name: str | None) -> tuple[str, Pool]:
+    if not params.pools:
+        raise ValueError("params.yaml: pools: no GPU pools defined; add pools.a100 / pools.h100")
+    if name is None:
+        raise ValueError(f"a cluster job needs a pool (params.yaml pools: {', '.join(sorted(params.pools))})")
+    if name not in params.pools:
+        raise ValueError(f"params.yaml: pools.{name}: unknown pool (known: {', '.join(sorted(params.pools))})")
+    return name, params.pools[name]
+
+
+def checkpoint_remote(spec: JobSpec, opts: ClusterOptions) -> str | None:
+    """Where this run's checkpoints are mirrored: `<remote>/<run dir>`; None keeps them on the volume only."""
+    base = opts.checkpoint_remote
+    if base is None and opts.data_remote and opts.data_remote.startswith("s3://"):
+        bucket = opts.data_remote[5:].split("/", 1)[0]
+        base = f"s3://{bucket}/runs"
+    if base is None:
+        return None
+    return f"{base.rstrip('/')}/{PurePosixPath(str(spec.run_dir)).as_posix().strip('/')}"
+
+
+def _env(spec: JobSpec, opts: ClusterOptions) -> list[Any]:
+    from kubernetes.client import V1EnvVar, V1EnvVarSource, V1SecretKeySelector
+
+    def secret(var: str, name: str, key: str, optional: bool = False) -> Any:
+        return V1EnvVar(name=var, value_from=V1EnvVarSource(
+            secret_key_ref=V1SecretKeySelector(name=name, key=key, optional=optional or None)))
+
+    plain = {"PYTHONUNBUFFERED": "1", "MOTUS_PARAMS": PARAMS_PATH, "MOTUS_LAUNCHER": "kubernetes",
+             "MOTUS_PROFILE": "production", "MOTUS_TRACKING_URI": opts.tracking_uri or CLUSTER_TRACKING_URI,
+             "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    if opts.data_remote:
+        plain["MOTUS_DATA_REMOTE"] = opts.data_remote
+    if opts.s3_endpoint_url:
+        plain.update(MOTUS_S3_ENDPOINT_URL=opts.s3_endpoint_url, MLFLOW_S3_ENDPOINT_URL=opts.s3_endpoint_url,
+                     AWS_ENDPOINT_URL_S3=opts.s3_endpoint_url)
+    for key, value in spec.env.items():
+        if _SECRET_LIKE.search(key):
+            raise ValueError(f"job env {key}: credentials must come from a Kubernetes Secret, not inline "
+                             f"(put it in Secret '{opts.s3_secret}' or your own and reference it)")
+        plain[key] = value
+    env = [V1EnvVar(name=k, value=v) for k, v in plain.items()]
+    env += [secret("AWS_ACCESS_KEY_ID", opts.s3_secret, "AWS_ACCESS_KEY_ID"),
+            secret("AWS_SECRET_ACCESS_KEY", opts.s3_secret, "AWS_SECRET_ACCESS_KEY")]
+    if opts.mlflow_secret:
+        env += [secret("MLFLOW_TRACKING_USERNAME", opts.mlflow_secret, "MLFLOW_TRACKING_USERNAME", True),
+                secret("MLFLOW_TRACKING_PASSWORD", opts.mlflow_secret, "MLFLOW_TRACKING_PASSWORD", True)]
+    return env
+
+
+def worker_command(spec: JobSpec) -> list[str]:
+    """The local launcher's worker command, without the torchrun flags the operator supplies as PET_* env."""
+    cluster_spec = dataclasses.replace(spec, params_file=Path(PARAMS_PATH))
+    return ["python", "-m", "torch.distributed.run", "-m", "motus.launch.worker", *cluster_spec.worker_args()]
+
+
+def build_pytorchjob(spec: JobSpec, params: Params, opts: ClusterOptions | None = None) -> Any:
+    """The PyTorchJob (kubeflow-training SDK model) that runs `spec` on its pool; raises ValueError naming
+    the bad key or option."""
+    from kubeflow.training import models as m
+    from kubernetes.client import (
+        V1ConfigMapVolumeSource,
+        V1Container,
+        V1EmptyDirVolumeSource,
+        V1ObjectMeta,
+        V1PersistentVolumeClaimVolumeSource,
+        V1PodSpec,
+        V1PodTemplateSpec,
+        V1ResourceRequirements,
+        V1Toleration,
+        V1Volume,
+        V1VolumeMount,
+    )
+
+    opts = opts or ClusterOptions()
+    if spec.stage not in params.stages and spec.stage != "latent-action":
+        raise ValueError(f"params.yaml: stages.{spec.stage}: unknown stage "
+                         f"(known: {', '.join(sorted(params.stages))})")
+    if not spec.image:
+        raise ValueError("no container image: pass --image or set MOTUS_IMAGE")
+    if spec.nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {spec.nodes}")
+    pool_name, pool = pool_of(params, spec.pool)
+    gpus = pool.gpus_per_node
+    nproc = spec.procs_per_node
+    if gpus and nproc > gpus:
+        raise ValueError(f"procs per node {nproc} exceeds pools.{pool_name}.gpus_per_node {gpus}")
+    elastic = None
+    if opts.elastic_min_nodes is not None or opts.elastic_max_nodes is not None:
+        lo = opts.elastic_min_nodes or spec.nodes
+        hi = opts.elastic_max_nodes or spec.nodes
+        if not 1 <= lo <= spec.nodes <= hi:
+            raise ValueError(f"elastic nodes need 1 <= min ({lo}) <= nodes ({spec.nodes}) <= max ({hi})")
+        elastic = m.KubeflowOrgV1ElasticPolicy(min_replicas=lo, max_replicas=hi, rdzv_backend="c10d",
+                                               max_restarts=opts.max_restarts)
+
+    name = opts.name or job_name(spec, params)
+    mounts = [V1VolumeMount(name="workspace", mount_path=WORKSPACE),
+              V1VolumeMount(name="params", mount_path=PARAMS_DIR, read_only=True),
+              V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+    volumes = [V1Volume(name="workspace", persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(
+                   claim_name=opts.workspace_pvc)),
+               V1Volume(name="params", config_map=V1ConfigMapVolumeSource(name=params_configmap_name(params))),
+               # NCCL and the data loader's workers share memory through /dev/shm; the runtime's 64 MB is too small
+               V1Volume(name="dshm", empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=opts.shm_size))]
+    amounts: dict[str, str] = {}
+    if gpus:
+        amounts["nvidia.com/gpu"] = str(gpus)
+    if opts.cpu:
+        amounts["cpu"] = opts.cpu
+    if opts.memory:
+        amounts["memory"] = opts.memory
+    resources = V1ResourceRequirements(requests=dict(amounts) or None, limits=dict(amounts) or None)
+    env = _env(spec, opts)
+    remote = checkpoint_remote(spec, opts)
+
+    def pod(role: str) -> Any:
+        main = V1Container(name=CONTAINER, image=spec.image, image_pull_policy="IfNotPresent",
+                           command=worker_command(spec), env=env, resources=resources,
+                           volume_mounts=mounts, working_dir=WORKSPACE)
+        init = None
+        if role == "Master" and remote:
+            store = ["python", "-m", "motus.launch.checkpoint_store"]
+            where = ["--run-dir", str(spec.run_dir), "--remote", remote]
+            small = V1ResourceRequirements(requests={"cpu": "250m", "memory": "512Mi"})
+            init = [V1Container(name="restore", image=spec.image, command=[*store, "restore", *where], env=env,
+                                volume_mounts=mounts[:1], working_dir=WORKSPACE, resources=small),
+                    # restartPolicy Always = a native sidecar: runs beside training, stopped (SIGTERM) after it
+                    V1Container(name="mirror", image=spec.image, restart_policy="Always",
+                                command=[*store, "mirror", *where, "--interval", str(opts.mirror_interval_s)],
+                                env=env, volume_mounts=mounts[:1], working_dir=WORKSPACE, resources=small)]
+        tolerations = [V1Toleration(**{_snake(k): v for k, v in t.items()}) for t in pool.tolerations] or None
+        return V1PodTemplateSpec(
+            metadata=V1ObjectMeta(labels={"app.kubernetes.io/name": "motus", "motus/stage": spec.stage,
+                                          "motus/pool": pool_name}),
+            spec=V1PodSpec(containers=[main], init_containers=init, volumes=volumes,
+                           node_selector=dict(pool.node_selector) or None, tolerations=tolerations,
+                           service_account_name=opts.service_account,
+                           priority_class_name=opts.priority_class))
+
+    # ExitCode: signals and OOM kills (exit > 127) restart the pod and resume; a config error (exit 1) fails fast
+    replicas = {"Master": m.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="ExitCode", template=pod("Master"))}
+    if spec.nodes > 1:
+        replicas["Worker"] = m.KubeflowOrgV1ReplicaSpec(replicas=spec.nodes - 1, restart_policy="ExitCode",
+                                                        template=pod("Worker"))
+    labels = {"app.kubernetes.io/name": "motus", "app.kubernetes.io/component": "training",
+              "motus/stage": spec.stage, "motus/pool": pool_name}
+    if pool.queue:
+        labels[QUEUE_LABEL] = pool.queue
+    run_policy = m.KubeflowOrgV1RunPolicy(
+        backoff_limit=opts.backoff_limit, ttl_seconds_after_finished=opts.ttl_seconds_after_finished,
+        clean_pod_policy=opts.clean_pod_policy, active_deadline_seconds=opts.active_deadline_seconds,
+        # gang scheduling: all nodes or none (honoured by gang schedulers; Kueue admits the job as a whole)
+        scheduling_policy=m.KubeflowOrgV1SchedulingPolicy(min_available=elastic.min_replicas if elastic
+                                                          else spec.nodes, priority_class=opts.priority_class))
+    return m.KubeflowOrgV1PyTorchJob(
+        api_version="kubeflow.org/v1", kind="PyTorchJob",
+        metadata=V1ObjectMeta(name=name, namespace=opts.namespace, labels=labels, annotations={
+            "motus/config-hash": config_hash(params), "motus/nodes": str(spec.nodes),
+            "motus/gpus-per-node": str(gpus), "motus/gpu": pool.gpu, "motus/run-dir": str(spec.run_dir),
+            **({"motus/checkpoint-remote": remote} if remote else {})}),
+        spec=m.KubeflowOrgV1PyTorchJobSpec(pytorch_replica_specs=replicas, nproc_per_node=str(nproc),
+                                          run_policy=run_policy, elastic_policy=elastic))
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def params_configmap(params_file: Path, params: Params, namespace: str) -> dict[str, Any]:
+    """The ConfigMap the job mounts: the params file's bytes, immutable, named after its config hash."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "immutable": True,
+            "metadata": {"name": params_configmap_name(params), "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "motus"},
+                         "annotations": {"motus/config-hash": config_hash(params)}},
+            "data": {"params.yaml": Path(params_file).read_text()}}
+
+
+def to_manifest(obj: Any) -> dict[str, Any]:
+    """A model object (SDK or kubernetes client) as the plain dict the API server receives."""
+    if isinstance(obj, dict):
+        return copy.deepcopy(obj)
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the params file in its ConfigMap) as readable `|` blocks."""
+
+
+_BlockDumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def dump_yaml(docs: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+# --------------------------------------------------------------------------------------------- accounting
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def job_gpu_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
+    """Nodes x GPUs per node x wall hours (start to completion, or to `now` while running); None before start."""
+    status = job.get("status") or {}
+    start = _parse_time(status.get("startTime"))
+    if start is None:
+        return None
+    end = _parse_time(status.get("completionTime")) or now or dt.datetime.now(dt.timezone.utc)
+    ann = (job.get("metadata") or {}).get("annotations") or {}
+    replicas = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+    nodes = sum(int(r.get("replicas", 1)) for r in replicas.values())
+    gpus = int(ann.get("motus/gpus-per-node", 0))
+    return device_hours(nodes, gpus, max(0.0, (end - start).total_seconds()))
+
+
+def job_state(job: dict[str, Any]) -> str:
+    """The latest true condition (Created, Running, Restarting, Succeeded, Failed, Suspended) or Pending."""
+    conds = [c for c in ((job.get("status") or {}).get("conditions") or []) if c.get("status") == "True"]
+    return conds[-1]["type"] if conds else "Pending"
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+
+def find_kubeconfig(path: str | Path | None = None) -> Path | None:
+    """Explicit path, else the first of $KUBECONFIG's files that exists, else ~/.kube/config; None if none."""
+    if path:
+        return Path(path) if Path(path).is_file() else None
+    for p in filter(None, os.environ.get("KUBECONFIG", "").split(os.pathsep)):
+        if Path(p).expanduser().is_file():
+            return Path(p).expanduser()
+    default = Path("~/.kube/config").expanduser()
+    return default if default.is_file() else None
+
+
+class KubernetesLauncher:
+    """Submit, watch, stream logs of and cancel PyTorchJobs through the kubeflow-training `TrainingClient`."""
+
+    def __init__(self, kubeconfig: str | Path | None = None, context: str | None = None,
+                 namespace: str = "motus", request_timeout: float = 10.0):
+        from kubeflow.training import TrainingClient
+        from kubernetes.config import ConfigException
+
+        self.namespace, self.timeout = namespace, request_timeout
+        found = find_kubeconfig(kubeconfig)
+        in_cluster = found is None and kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if found is None and not in_cluster:
+            where = str(kubeconfig) if kubeconfig else (os.environ.get("KUBECONFIG") or "~/.kube/config")
+            raise ClusterError(f"no kubeconfig: {where} does not exist and this is not a pod in a cluster; "
+                               "pass --kubeconfig or set KUBECONFIG (use --dry-run to print the job instead)")
+        try:
+            self.client = TrainingClient(config_file=str(found) if found else None, context=context,
+                                         namespace=namespace)
+        except (ConfigException, ValueError, TypeError, KeyError) as e:
+            raise ClusterError(f"kubeconfig {found}: unusable: {e}") from None
+        self.api_client = self.client.custom_api.api_client
+        self.host = self.api_client.configuration.host
+
+    # One cheap request first, so an unreachable API gives one plain sentence instead of the SDK's retries.
+    def ping(self) -> str:
+        from kubernetes.client import VersionApi
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            info = VersionApi(self.api_client).get_code(_request_timeout=self.timeout)
+        except ApiException as e:
+            raise ClusterError(f"Kubernetes API {self.host} refused the request: {e.status} {e.reason}") from None
+        except Exception as e:  # noqa: BLE001 - urllib3 connection errors: report the cause, not the stack
+            reason = getattr(e, "reason", None) or e
+            raise ClusterError(f"Kubernetes API {self.host} is unreachable: {reason}") from None
+        return info.git_version
+
+    def submit(self, job: Any, configmap: dict[str, Any] | None = None) -> str:
+        """Create the params ConfigMap (kept when one with that name exists: its name is its hash) and the job."""
+        from kubernetes.client.exceptions import ApiException
+
+        self.ping()
+        if configmap is not None:
+            try:
+                self.client.core_api.create_namespaced_config_map(self.namespace, configmap,
+                                                                  _request_timeout=self.timeout)
+            except ApiException as e:
+                if e.status != 409:
+                    raise ClusterError(f"creating ConfigMap {configmap['metadata']['name']}: "
+                                       f"{e.status} {e.reason}") from None
+        name = job.metadata.name
+        try:
+            self.client.create_job(job=job, namespace=self.namespace)
+        except RuntimeError as e:
+            cause = e.__cause__
+            if getattr(cause, "status", None) == 409:
+                raise ClusterError(f"PyTorchJob {self.namespace}/{name} already exists; `motus k8s cancel {name}` "
+                                   "first (the run folder keeps its checkpoints) or pass --name") from None
+            raise ClusterError(f"creating PyTorchJob {self.namespace}/{name}: "
+                               f"{getattr(cause, 'status', '')} {getattr(cause, 'reason', '') or e}") from None
+        return name
+
+    def get(self, name: str) -> dict[str, Any]:
+        self.ping()
+        try:
+            return to_manifest(self.client.get_job(name, namespace=self.namespace))
+        except RuntimeError as e:
+            raise ClusterError(f"PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+
+    def list(self) -> list[dict[str, Any]]:
+        self.ping()
+        try:
+            return [to_manifest(j) for j in self.client.list_jobs(namespace=self.namespace)]
+        except RuntimeError as e:
+            raise ClusterError(f"listing PyTorchJobs in {self.namespace}: {_why(e)}") from None
+
+    def logs(self, name: str, follow: bool = False, worker: int | None = None) -> dict[str, str]:
+        """Logs of the Master pod (or Worker `worker`); with `follow` the SDK streams them to stdout as they come."""
+        self.ping()
+        kw = dict(is_master=True) if worker is None else dict(is_master=False, replica_type="worker",
+                                                               replica_index=worker)
+        try:
+            logs, _ = self.client.get_job_logs(name, namespace=self.namespace, follow=follow, **kw)
+        except RuntimeError as e:
+            raise ClusterError(f"logs of PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+        return logs
+
+    def cancel(self, name: str) -> None:
+        self.ping()
+        try:
+            self.client.delete_job(name, namespace=self.namespace)
+        except RuntimeError as e:
+            raise ClusterError(f"cancelling PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+
+    def watch(self, name: str, poll_s: float = 10.0, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the job each time its state changes, until it succeeds or fails (or `timeout_s` passes)."""
+        import time
+
+        last, start = None, time.monotonic()
+        while True:
+            job = self.get(name)
+            state = job_state(job)
+            if state != last:
+                last = state
+                yield job
+            if state in ("Succeeded", "Failed") or (timeout_s and time.monotonic() - start > timeout_s):
+                return
+            time.sleep(poll_s)
+
+
+def _why(e: RuntimeError) -> str:
+    cause = e.__cause__
+    if getattr(cause, "status", None) == 404:
+        return "not found"
+    if cause is not None and getattr(cause, "status", None):
+        return f"{cause.status} {cause.reason}"
+    return str(e)
