@@ -1,0 +1,129 @@
+"""Real services for tests, each a context manager that starts it on 127.0.0.1 and stops what it started.
+
+- `fresh_postgres_database(prefix)`: a uniquely named database on the local PostgreSQL (127.0.0.1:5432, user
+  postgres, trust auth), yielded as a SQLAlchemy URI and dropped afterwards.
+- `mlflow_server(backend_uri, artifacts_dir)`: `mlflow server` on a free port, artifacts proxied into a folder.
+- `s3_server()`: moto's S3-compatible server on a free port.
+
+A server runs in its own session (process group) so stopping it reaches its workers too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin_connection():
+    import psycopg2
+
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5)
+    conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    return conn
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "motus_test") -> Iterator[str]:
+    """Create `<prefix>_<random>` on the local PostgreSQL; yield its `postgresql+psycopg2://` URI; drop it."""
+    name = f"{prefix}_{secrets.token_hex(4)}".lower()
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"database prefix {prefix!r} must be letters, digits and underscores")
+    conn = _admin_connection()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1:<free port> with `backend_uri` and artifacts proxied into `artifacts_dir`.
+
+    Yields `http://127.0.0.1:<port>` once `/health` answers; terminates the server and its workers after.
+    """
+    artifacts_dir = Path(artifacts_dir).resolve()
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = artifacts_dir.parent / f"mlflow-server-{port}.log"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+           "--artifacts-destination", artifacts_dir.as_uri(), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/health", proc, log, timeout)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def s3_server(timeout: float = 60.0) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1:<free port>; yields its endpoint URL (any access key works)."""
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(f"{url}/moto-api/", proc, log, timeout)
+        yield url
+    finally:
+        _stop(proc)
+        log.unlink(missing_ok=True)

@@ -1,0 +1,361 @@
+"""Registry, gates and lineage on a real tiny three-stage chain, on SQLite and on an MLflow server on PostgreSQL.
+
+The chain is trained for real once per store (each store holds the runs of its own jobs): Stage 1, the
+latent-action VAE and its features, Stage 2, and two Stage 3 fine-tunes (two learning rates). Tiers and flow
+features are store-independent and built once.
+"""
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from motus.config import Gate, load_params, validate_params
+from motus.config import Rule as RuleModel
+from motus.data.ingest import ingest_tier
+from motus.data.tier import Tier
+from motus.track import lineage
+from motus.track.gates import judge
+from motus.track.registry import LockTimeout, PromotionRefused, Registry, RegistryError
+
+from .servers import fresh_postgres_database, mlflow_server
+
+REPO = Path(__file__).resolve().parents[1]
+MOTUS = Path(sys.executable).parent / "motus"
+pytestmark = pytest.mark.slow
+
+STAGE3 = "motus-aloha"
+
+
+# ----------------------------------------------------------------------------------------------- the chain
+
+def _env(uri: str) -> dict:
+    env = dict(os.environ, MOTUS_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"):
+        env.pop(k, None)
+    return env
+
+
+def motus(proj: Path, uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(MOTUS), *args], cwd=proj, env=_env(uri), capture_output=True, text=True, timeout=900)
+    if check:
+        assert r.returncode == 0, f"motus {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """params.yaml with two small aloha tiers, 2-step stages, and the tiers + flow features built once."""
+    proj = tmp_path_factory.mktemp("registry-base")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    keep = {"task-agnostic-aloha": 3, "target-aloha-transfer": 3}
+    raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in keep}
+    for k, n in keep.items():
+        raw["tiers"][k]["source"]["options"]["n"] = n
+    raw["stages"]["stage1"]["tiers"] = {"task-agnostic-aloha": 1.0}
+    raw["stages"]["stage2"]["tiers"] = {"task-agnostic-aloha": 0.5, "target-aloha-transfer": 0.5}
+    raw["stages"]["stage3"]["tiers"] = {"target-aloha-transfer": 1.0}
+    for s in raw["stages"].values():
+        s.update(steps=2, batch_size=2, checkpoint_every=2, validate_every=2, warmup_steps=0)
+    raw["latent_action"].update(steps=2, batch_size=8, checkpoint_every=2, validate_every=2, warmup_steps=0)
+    # gates of the test: loose thresholds on what training logs, a regression rule on what evaluation logs
+    raw["gates"][STAGE3] = {"rules": [{"metric": "val/action_loss", "comparator": "<=", "threshold": 100.0},
+                                      {"metric": "eval/success_rate", "comparator": ">=", "max_regression": 0.05}],
+                            "required_tags": ["code.commit"]}
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    alt = json.loads(json.dumps(raw))
+    alt["stages"]["stage3"]["lr"] = 2e-3  # the second fine-tune: another recipe, another export
+    (proj / "params-b.yaml").write_text(yaml.safe_dump(alt, sort_keys=False))
+    params = validate_params(raw)
+    for name, tier in params.tiers.items():
+        ingest_tier(name, tier, proj / "data" / "tiers" / name)
+    motus(proj, f"sqlite:///{proj}/unused.db", "latent-action", "flow")
+    return proj
+
+
+def train_chain(base: Path, proj: Path, uri: str) -> dict[str, Path]:
+    """Every job of the chain against `uri`, in a copy of the base project; returns the run folders."""
+    shutil.copytree(base, proj, ignore=shutil.ignore_patterns("*.db", "mlartifacts"))
+    runs = {"s1": proj / "runs/s1", "lam": proj / "runs/lam", "s2": proj / "runs/s2",
+            "s3a": proj / "runs/s3a", "s3b": proj / "runs/s3b"}
+    motus(proj, uri, "train", "--stage", "1", "--run-dir", str(runs["s1"]))
+    motus(proj, uri, "latent-action", "train", "--run-dir", str(runs["lam"]))
+    motus(proj, uri, "latent-action", "export", "--model", str(runs["lam"] / "export"))
+    motus(proj, uri, "train", "--stage", "2", "--run-dir", str(runs["s2"]), "--init-from", str(runs["s1"] / "export"))
+    for key, params in (("s3a", "params.yaml"), ("s3b", "params-b.yaml")):
+        motus(proj, uri, "train", "--stage", "3", "--params", params, "--run-dir", str(runs[key]),
+              "--init-from", str(runs["s2"] / "export"))
+    return runs
+
+
+class Store:
+    def __init__(self, kind: str, uri: str, proj: Path, runs: dict[str, Path]):
+        self.kind, self.uri, self.proj, self.runs = kind, uri, proj, runs
+        self.params = load_params(proj / "params.yaml")
+        self.registry = Registry(uri, self.params)
+        self.client = mlflow.MlflowClient(uri)
+
+    def lineage_of(self, key: str) -> dict:
+        return json.loads((self.runs[key] / "export" / "lineage.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stores(base, tmp_path_factory):
+    """Both stores with the chain trained into each (in parallel) and every export registered."""
+    with contextlib.ExitStack() as stack:
+        root = tmp_path_factory.mktemp("stores")
+        db = stack.enter_context(fresh_postgres_database("motus_registry"))
+        url = stack.enter_context(mlflow_server(db, root / "pg-artifacts"))
+        plan = {"sqlite": (f"sqlite:///{root}/sqlite/mlflow.db", root / "sqlite"), "postgres": (url, root / "postgres")}
+        results, errors = {}, []
+
+        def build(kind, uri, proj):
+            try:
+                results[kind] = train_chain(base, proj, uri)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=build, args=(k, u, p)) for k, (u, p) in plan.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        out = {}
+        for kind, (uri, proj) in plan.items():
+            s = out[kind] = Store(kind, uri, proj, results[kind])
+            s.versions = {k: s.registry.register(run) for k, run in s.runs.items()}
+        yield out
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(request, stores) -> Store:
+    return stores[request.param]
+
+
+def eval_run(s: Store, success_rate: float) -> str:
+    """An evaluation run (what the evaluation room logs) holding eval/success_rate."""
+    exp = s.client.get_experiment_by_name("registry-test-eval")
+    exp_id = exp.experiment_id if exp else s.client.create_experiment("registry-test-eval")
+    run = s.client.create_run(exp_id)
+    s.client.log_metric(run.info.run_id, "eval/success_rate", success_rate)
+    s.client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def set_eval(s: Store, version: int, success_rate: float) -> None:
+    s.client.set_model_version_tag(STAGE3, str(version), "motus.evaluation_run", eval_run(s, success_rate))
+
+
+def _promote_at(uri: str, params_file: str, version: int, barrier, queue) -> None:
+    reg = Registry(uri, load_params(params_file))
+    barrier.wait()
+    try:
+        reg.promote(STAGE3, version, actor=f"racer-{version}")
+        queue.put((version, "won"))
+    except PromotionRefused as e:
+        queue.put((version, f"refused: {e}"))
+    except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
+        queue.put((version, f"error: {e!r}"))
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+def test_registration_tags_link_the_chain_by_content(store):
+    v = store.versions
+    assert {k: r.name for k, r in v.items()} == {"s1": "motus-vgm", "lam": "motus-lam", "s2": "motus-latent-action",
+                                                 "s3a": STAGE3, "s3b": STAGE3}
+    assert isinstance(v["s3a"].version, int) and v["s3b"].version == v["s3a"].version + 1
+    s2, s3 = v["s2"].tags, v["s3a"].tags
+    assert s2["motus.parent_version"] == f"motus-vgm/{v['s1'].version}"
+    assert s2["motus.lam_version"] == f"motus-lam/{v['lam'].version}"
+    assert s3["motus.parent_version"] == f"motus-latent-action/{v['s2'].version}"
+    assert "motus.parent_version" not in v["s1"].tags
+    # own and cumulative device hours are the jobs' own numbers, summed along the ancestry
+    hours = {k: store.lineage_of(k)["device_hours"] for k in store.runs}
+    assert float(s3["motus.device_hours"]) == pytest.approx(hours["s3a"], rel=1e-6)
+    assert float(s3["motus.device_hours_total"]) == pytest.approx(
+        hours["s3a"] + hours["s2"] + hours["s1"] + hours["lam"], rel=1e-6)
+    assert float(s3["motus.cost"]) == pytest.approx(hours["s3a"] * store.params.costs.device_hour["cpu"], rel=1e-3)
+    run = store.client.get_run(v["s3a"].run_id)
+    assert s3["motus.code_commit"] == run.data.tags["code.commit"]
+    assert store.registry.aliases(STAGE3)["candidate"] == v["s3b"].version
+    # the export is the version's source: artifacts `model/` of the version's own run
+    names = {a.path for a in store.client.list_artifacts(v["s3a"].run_id, "model")}
+    assert {"model/model.safetensors", "model/lineage.json", "model/motus_config.json"} <= names
+
+
+def test_register_is_idempotent_and_fetch_returns_the_export(store, tmp_path):
+    before = store.registry.versions(STAGE3)
+    again = store.registry.register(store.runs["s3a"] / "export")
+    assert again.version == store.versions["s3a"].version and store.registry.versions(STAGE3) == before
+    local = store.registry.fetch(f"models:/{STAGE3}/{again.version}", tmp_path / "fetched")
+    src = store.runs["s3a"] / "export"
+    assert lineage.export_hash(local) == lineage.export_hash(src) == again.tags["motus.export_hash"]
+    assert (local / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    with pytest.raises(RegistryError, match="no version 99"):
+        store.registry.version(STAGE3, 99)
+    with pytest.raises(RegistryError, match="no alias 'nope'"):
+        store.registry.resolve(f"models:/{STAGE3}@nope")
+
+
+def test_gated_promotion_race_comparison_rollback(store):
+    reg, a, b = store.registry, store.versions["s3a"].version, store.versions["s3b"].version
+    with pytest.raises(PromotionRefused, match="has no verdict"):
+        reg.promote(STAGE3, a)
+    verdict = reg.evaluate(STAGE3, a)  # no evaluation run yet
+    assert not verdict.passed and [r.metric for r in verdict.failed_rules] == ["eval/success_rate"]
+    with pytest.raises(PromotionRefused, match="eval/success_rate.*metric eval/success_rate was not logged"):
+        reg.promote(STAGE3, a)
+    tags = reg.version(STAGE3, a).tags  # recorded rule by rule, with the JSON artifact on the run
+    assert tags["motus.verdict"] == "fail" and tags["motus.verdict.rule.1.eval/success_rate"].startswith("fail")
+    assert tags["motus.verdict.rule.0.val/action_loss"].startswith("pass")
+    arts = [x.path for x in store.client.list_artifacts(store.versions["s3a"].run_id, "registry/verdicts")]
+    assert any(p.endswith(".json") for p in arts)
+
+    # two passing versions judged against the same (absent) champion, promoted at the same moment
+    set_eval(store, a, 0.50)
+    set_eval(store, b, 0.60)
+    assert reg.evaluate(STAGE3, a).passed and reg.evaluate(STAGE3, b).passed
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_promote_at, args=(store.uri, str(store.proj / "params.yaml"), v, barrier, queue))
+             for v in (a, b)]
+    for p in procs:
+        p.start()
+    outcomes = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(60)
+    winners = [v for v, o in outcomes.items() if o == "won"]
+    assert len(winners) == 1, outcomes
+    winner, loser = winners[0], ({a, b} - set(winners)).pop()
+    assert "champion moved" in outcomes[loser]
+    assert reg.champion(STAGE3).version == winner
+
+    # champion comparison: worse than the champion by more than max_regression is refused, with the reason
+    champion_rate = 0.50 if winner == a else 0.60
+    set_eval(store, loser, champion_rate - 0.20)
+    v = reg.evaluate(STAGE3, loser)
+    assert not v.passed and v.champion_version == winner
+    assert v.failed_rules[0].champion_value == pytest.approx(champion_rate)
+    with pytest.raises(PromotionRefused, match=rf"eval/success_rate.*worse than champion v{winner}"):
+        reg.promote(STAGE3, loser)
+    set_eval(store, loser, champion_rate + 0.10)
+    assert reg.evaluate(STAGE3, loser).passed
+    reg.promote(STAGE3, loser, actor="alice")
+    assert reg.champion(STAGE3).version == loser
+
+    restored = reg.rollback(STAGE3, actor="bob")
+    assert restored.version == winner and reg.champion(STAGE3).version == winner
+    with pytest.raises(RegistryError, match="no previous champion"):
+        reg.rollback(STAGE3)
+    moves = [(e["action"], e["alias"], e["from"], e["to"]) for e in reg.history(STAGE3)]
+    assert moves[-3:] == [("promote", "champion", None, winner), ("promote", "champion", winner, loser),
+                          ("rollback", "champion", loser, winner)]
+    assert [e["actor"] for e in reg.history(STAGE3)[-3:]] == [f"racer-{winner}", "alice", "bob"]
+
+
+def test_lineage_walks_back_to_the_bases_with_the_real_hashes(store, tmp_path):
+    v = store.versions
+    graph = lineage.show(store.registry, f"models:/{STAGE3}/{v['s3a'].version}")
+    nodes = {n["model"]: n for n in graph["versions"]}
+    assert set(nodes) == {STAGE3, "motus-latent-action", "motus-vgm", "motus-lam"}
+    for key, model in (("s1", "motus-vgm"), ("s2", "motus-latent-action"), ("s3a", STAGE3), ("lam", "motus-lam")):
+        lin, node = store.lineage_of(key), nodes[model]
+        ckpt = store.runs[key] / "checkpoints" / "step-000002" / "manifest.json"
+        assert node["checkpoint_hash"] == json.loads(ckpt.read_text())["content_hash"]
+        assert node["config_hash"] == lin["config_hash"] and node["run_id"] == lin["mlflow_run_id"]
+        for t in node["tiers"]:
+            assert t["content_hash"] == Tier(store.proj / "data" / "tiers" / t["name"]).content_hash
+    assert {(t["name"], t["level"]) for t in nodes["motus-latent-action"]["tiers"]} == {
+        ("task-agnostic-aloha", 4), ("target-aloha-transfer", 6)}
+    assert nodes["motus-vgm"]["pretrained_bases"] and nodes["motus-lam"]["pretrained_bases"]
+    assert not nodes[STAGE3]["pretrained_bases"]
+    assert graph["totals"]["device_hours"] == pytest.approx(
+        sum(store.lineage_of(k)["device_hours"] for k in ("s1", "lam", "s2", "s3a")), rel=1e-6)
+    path = lineage.attach_picture(store.registry, graph, tmp_path / "lineage.png")
+    assert (tmp_path / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path in {a.path for a in store.client.list_artifacts(v["s3a"].run_id, "lineage")}
+
+
+def test_lineage_uses_finds_everything_downstream_of_a_tier(store):
+    tier_hash = Tier(store.proj / "data" / "tiers" / "task-agnostic-aloha").content_hash
+    found = lineage.uses(store.registry, "task-agnostic-aloha", tier_hash[:10])
+    by_uri = {x["uri"]: x for x in found["versions"]}
+    v = store.versions
+    assert set(by_uri) == {r.uri for r in v.values()}
+    assert by_uri[v["s1"].uri]["direct"] and by_uri[v["lam"].uri]["direct"] and not by_uri[v["s3a"].uri]["direct"]
+    direct_runs = {r["run_id"] for r in found["runs"] if r["direct"]}
+    assert direct_runs == {v[k].run_id for k in ("s1", "lam", "s2")}
+    assert {c["hash"] for c in found["checkpoints"]} == {r.tags["motus.checkpoint_hash"] for r in v.values()}
+    other = lineage.uses(store.registry, "target-aloha-transfer")
+    assert {x["uri"] for x in other["versions"]} == {v[k].uri for k in ("lam", "s2", "s3a", "s3b")}
+    assert lineage.uses(store.registry, "task-agnostic-aloha", "0000dead")["versions"] == []
+
+
+def test_lock_is_exclusive_and_a_stale_one_is_broken(store):
+    impatient = Registry(store.uri, store.params, lock_wait=0.5)
+    with store.registry.lock(STAGE3):
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout, match=f"{STAGE3}.lock"):
+            with impatient.lock(STAGE3):
+                pass
+        assert time.monotonic() - t0 >= 0.5
+    # a holder that died: its lock is older than the TTL and the next contender breaks it
+    store.client.create_registered_model(f"{STAGE3}.lock", tags={"motus.lock.owner": "dead",
+                                                                  "motus.lock.acquired_at": f"{time.time() - 3600}"})
+    with Registry(store.uri, store.params, lock_wait=5).lock(STAGE3):
+        owner = store.client.get_registered_model(f"{STAGE3}.lock").tags["motus.lock.owner"]
+        assert owner != "dead"
+    assert STAGE3 + ".lock" not in {m.name for m in store.client.search_registered_models()}
+
+
+def test_cli(store):
+    proj, uri = store.proj, store.uri
+    r = motus(proj, uri, "registry", "promote", "motus-vgm", "1", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: motus-vgm v1 has no verdict") and "Traceback" not in r.stderr
+    r = motus(proj, uri, "registry", "evaluate", STAGE3, "7", check=False)
+    assert r.returncode == 1 and f"'{STAGE3}' has no version 7" in r.stderr
+    listed = json.loads(motus(proj, uri, "registry", "list", "--json").stdout)
+    assert {m["model"] for m in listed} == {"motus-vgm", "motus-lam", "motus-latent-action", STAGE3}
+    champion = store.registry.champion(STAGE3)
+    shown = json.loads(motus(proj, uri, "lineage", "show", f"models:/{STAGE3}@champion", "--json").stdout)
+    assert shown["root"] == f"{STAGE3}/{champion.version}" and len(shown["versions"]) == 4
+    history = json.loads(motus(proj, uri, "registry", "history", STAGE3, "--json").stdout)
+    assert history == store.registry.history(STAGE3)
+    r = motus(proj, uri, "registry", "register", str(proj), check=False)
+    assert r.returncode == 1 and "lineage.json is missing" in r.stderr
+    used = json.loads(motus(proj, uri, "lineage", "uses", "target-aloha-transfer", "--json").stdout)
+    assert len(used["versions"]) == 4
+
+
+# ----------------------------------------------------------------------------------------------- pure gates
+
+def test_judge_rules_without_a_store():
+    gate = Gate(rules=[RuleModel(metric="val/video_loss", comparator="<=", threshold=2.5, max_regression=0.1)])
+    ok = judge("m", 2, gate, {"val/video_loss": 1.0}, {"val/video_loss": 0.95}, 1)
+    assert ok.passed and ok.champion_version == 1
+    worse = judge("m", 2, gate, {"val/video_loss": 1.2}, {"val/video_loss": 1.0}, 1)
+    assert not worse.passed and "worse than champion v1" in worse.rules[0].reason
+    over = judge("m", 2, gate, {"val/video_loss": 3.0}, None, None)
+    assert not over.passed and "is not <= 2.5" in over.rules[0].reason
+    nan = judge("m", 2, gate, {"val/video_loss": float("nan")}, None, None)
+    assert not nan.passed and "NaN" in nan.rules[0].reason
+    higher = RuleModel(metric="acc", comparator=">=", threshold=0.5, max_regression=0.1)
+    gate2 = Gate(rules=[higher], required_tags=["owner"])
+    v = judge("m", 1, gate2, {"acc": 0.55}, {"acc": 0.7}, 3, {"owner": "x"})
+    assert not v.passed and v.failed_rules[0].metric == "acc"
+    assert judge("m", 1, gate2, {"acc": 0.65}, {"acc": 0.7}, 3, {}).failed_rules[0].reason == "required tag owner is missing"
+    assert type(v).from_json(v.to_json()) == v
