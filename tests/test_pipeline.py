@@ -76,11 +76,11 @@ def test_cli_names_bad_steps_and_missing_production_services(tmp_path):
 # ------------------------------------------------------------------------------------------ the spine
 
 
-def pipeline(proj: Path, *args: str, env: dict | None = None, timeout: int = 1200) -> tuple[dict, str]:
+def pipeline(proj: Path, *args: str, env: dict | None = None, timeout: int = 1200, expect: int = 0) -> tuple[dict, str]:
     r = subprocess.run([str(MOTUS), "pipeline", *args], cwd=proj, env=env or project_env(proj), capture_output=True,
                        text=True, timeout=timeout)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, f"motus pipeline {' '.join(args)} exited {r.returncode}:\n{out[-6000:]}"
+    assert r.returncode == expect, f"motus pipeline {' '.join(args)} exited {r.returncode}:\n{out[-6000:]}"
     report = json.loads((proj / "outputs" / "pipeline" / "last-run.json").read_text()) if args[0] == "run" else {}
     return report, out
 
@@ -128,10 +128,13 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     _, plan = pipeline(proj, "plan", "--eval-seeds", "2")
     assert "0 to run" in plan
 
-    # 3. one tier changes: the plan names the change and exactly its downstream steps
+    # 3. one tier changes (and the final gate becomes impossible): the plan names the change and exactly its
+    #    downstream steps
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     seed = raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"]
     raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"] = seed + 1
+    loose_rules = raw["gates"]["motus-aloha"]["rules"]
+    raw["gates"]["motus-aloha"]["rules"] = [{"metric": "val/action_loss", "comparator": "<=", "threshold": 0.0}]
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _, plan = pipeline(proj, "plan", "--eval-seeds", "2", "--json")
     rows = {r["step"]: r for r in json.loads(plan[plan.index("["):])}
@@ -141,7 +144,8 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
             in rows["tier:target-aloha-insertion"]["why"])
     assert rows["gate:motus-aloha"]["action"] in ("run", "check")
 
-    # 4. run it, kill everything once Stage 3 has a complete checkpoint, run again: Stage 3 resumes
+    # 4. run it, kill everything once Stage 3 has a complete checkpoint, run again: Stage 3 resumes, and the
+    #    pipeline stops at the gate naming the rule
     env = project_env(proj)
     proc = subprocess.Popen([str(MOTUS), "pipeline", "run", "--eval-seeds", "2"], cwd=proj, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -159,11 +163,77 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     os.killpg(proc.pid, signal.SIGKILL)
     kill_tree(str(ckpt))
     proc.wait(30)
-    report, out = pipeline(proj, "run", "--eval-seeds", "2")
+    report, out = pipeline(proj, "run", "--eval-seeds", "2", expect=3)
     st = statuses(report)
     ran = {k for k, v in st.items() if v == "ran" and not k.startswith("gate:")}
     assert ran == {"tier:target-aloha-insertion", "stage3", "evaluate:motus-aloha"}, st
     assert "stage3: resuming" in out
     steps_logged = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged.count(1) == 1 and steps_logged[-1] == raw["stages"]["stage3"]["steps"]
+    assert report["status"] == "stopped at a gate" and st["gate:motus-aloha"] == "failed"
+    assert "val/action_loss" in report["error"] and report["champions"] == champions
+
+    # 5. the gate policy is fixed: only the gate runs, and the new version becomes champion
+    raw["gates"]["motus-aloha"]["rules"] = loose_rules
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    report, _ = pipeline(proj, "run", "--eval-seeds", "2")
+    st = statuses(report)
+    assert {k for k, v in st.items() if v == "ran"} == {f"gate:{m}" for m in champions}, st
     assert report["champions"]["motus-aloha"] == champions["motus-aloha"] + 1
+
+
+@pytest.mark.slow
+def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
+    """Every service of the production profile, started here on 127.0.0.1: PostgreSQL databases for MLflow and
+    Prefect, an S3 server (DVC remote + MLflow artifacts), the MLflow and Prefect servers; the recipe deployed to
+    a process work pool and run by a real worker."""
+    import asyncio
+
+    import boto3
+    from mlflow import MlflowClient
+
+    from .pipeline_project import S3_CREDENTIALS, add_flows, mlflow_s3_server, prefect_server
+    from .servers import fresh_postgres_database, s3_server
+
+    proj = make_project(tmp_path / "proj")
+    add_flows(proj)
+    with (s3_server() as s3, fresh_postgres_database("motus_mlflow") as mlflow_db,
+          fresh_postgres_database("motus_prefect") as prefect_db):
+        bucket = boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
+                                                       if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+        bucket.create_bucket(Bucket="motus")
+        with (mlflow_s3_server(mlflow_db, "s3://motus/mlflow", s3, tmp_path / "logs") as tracking,
+              prefect_server(prefect_db, tmp_path / "prefect-home") as api):
+            env = project_env(proj, MOTUS_TRACKING_URI=tracking, MOTUS_DATA_REMOTE="s3://motus/dvc",
+                              MOTUS_S3_ENDPOINT_URL=s3, PREFECT_API_URL=api, MOTUS_PROFILE="production",
+                              **S3_CREDENTIALS)
+            r = subprocess.run([str(MOTUS), "pipeline", "deploy", "--pool", "motus-process", "--eval-seeds", "1"],
+                               cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "deployment motus-pipeline/recipe" in r.stdout
+            prefect = str(MOTUS.parent / "prefect")
+            r = subprocess.run([prefect, "deployment", "run", "motus-pipeline/recipe"], cwd=proj, env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            worker = subprocess.run([prefect, "worker", "start", "--pool", "motus-process", "--run-once"], cwd=proj,
+                                    env=env, capture_output=True, text=True, timeout=1500)
+            log = worker.stdout + worker.stderr
+
+            async def flow_runs():
+                from prefect.client.orchestration import get_client
+
+                async with get_client() as client:
+                    return await client.read_flow_runs()
+
+            os.environ["PREFECT_API_URL"] = api
+            try:
+                runs = asyncio.run(flow_runs())
+            finally:
+                os.environ.pop("PREFECT_API_URL", None)
+            assert [fr.state.type.value for fr in runs] == ["COMPLETED"], log[-6000:]
+            client = MlflowClient(tracking)
+            champion = client.get_model_version_by_alias("motus-aloha", "champion")
+            assert int(champion.version) == 1
+            keys = [o["Key"] for o in bucket.list_objects_v2(Bucket="motus").get("Contents", [])]
+            assert any(k.startswith("dvc/") for k in keys), "the tiers were not pushed to the S3 DVC remote"
+            assert any(k.startswith("mlflow/") for k in keys), "no MLflow artifact reached S3"

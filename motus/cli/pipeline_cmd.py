@@ -130,3 +130,31 @@ def steps(params: ParamsOption = None) -> None:
     pipe = _pipeline(params)
     for s in pipe.steps:
         typer.echo(f"{s.name:<34} {s.kind:<15} after: {', '.join(s.deps) or '-'}")
+
+
+@pipeline_app.command()
+def deploy(params: ParamsOption = None,
+           pool: Annotated[str, typer.Option(help="Prefect work pool the runs go to (created as a process pool if "
+                                                  "missing; on a cluster use a kubernetes pool, see infra/).")] = "motus-process",
+           name: Annotated[str, typer.Option(help="Deployment name.")] = "recipe",
+           cron: Annotated[str | None, typer.Option(help="Schedule, e.g. '0 3 * * *' (none: run on demand).")] = None,
+           nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
+           eval_seeds: SeedsOption = None) -> None:
+    """Register the pipeline with the Prefect server (PREFECT_API_URL) as a deployment on a work pool."""
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.echo("error: PREFECT_API_URL is not set: a deployment lives on a Prefect server "
+                   "(`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api)", err=True)
+        raise typer.Exit(2)
+    pipe = _pipeline(params)
+    from ..pipeline.deploy import deploy_pipeline
+
+    try:
+        dep_id = deploy_pipeline(pipe.root, pipe.params_file, pool=pool, name=name, cron=cron, nproc=nproc,
+                                 evaluation=_evaluation(eval_seeds))
+    except Exception as e:  # noqa: BLE001 - the server's answer, in one line
+        typer.echo(f"error: could not deploy to {os.environ['PREFECT_API_URL']}: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"deployment motus-pipeline/{name} ({dep_id}) on work pool '{pool}'"
+               + (f", schedule '{cron}'" if cron else ", on demand"))
+    typer.echo(f"start a worker: prefect worker start --pool {pool}\n"
+               f"run it now:     prefect deployment run motus-pipeline/{name}")

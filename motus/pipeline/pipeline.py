@@ -16,7 +16,6 @@ No ML here: each executor calls the room that owns the work (data, train, track,
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -139,7 +138,8 @@ class Pipeline:
         self.by_name = {s.name: s for s in self.steps}
         self.nproc = nproc
         self.echo = echo
-        self.evaluation = dict(evaluation or {})
+        # the evaluate step's settings: params.yaml `evaluation:`, with command-line overrides
+        self.evaluation = {**self.resolved.get("evaluation", {}), **(evaluation or {})}
         self.tracking_uri = self.settings.tracking_uri
         self.ledger = Ledger(self.tracking_uri, self.params.project.name)
         self.out_dir = self.root / "outputs" / "pipeline"
@@ -466,10 +466,10 @@ class Pipeline:
             stop.set()
             watcher.join(timeout=2)
         if code != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            cause = root_cause(log.read_text(errors="replace"))
             if code < 0 or code in (137, 143):  # killed from outside (OOM killer, preemption): retryable
-                raise InfrastructureError(f"{stage} was killed (exit {code}); rerunning resumes it. Log tail:\n{tail}")
-            raise PipelineError(f"{stage} failed (exit {code}); log {log}:\n{tail}")
+                raise InfrastructureError(f"{stage} was killed (exit {code}); rerunning resumes it ({log})")
+            raise PipelineError(f"{stage} failed (exit {code}): {cause} (log: {log})")
         return run_dir
 
     def _watch(self, stage: str, run_dir: Path, stop: threading.Event) -> None:
@@ -520,8 +520,12 @@ class Pipeline:
 
         stage = self.by_name[step.deps[0]]
         out = self.outputs[stage.name]
+        ev = self.evaluation
+        seeds = list(range(int(ev["first_seed"]), int(ev["first_seed"]) + int(ev["seeds"])))
         report = evaluate_model(self.params, self._model_export(out), model_name=out["model"],
-                                version=int(out["version"]), tracking_uri=self.tracking_uri, **self.evaluation)
+                                version=int(out["version"]), tracking_uri=self.tracking_uri, seeds=seeds,
+                                tasks=list(ev["tasks"]), max_steps=int(ev["max_steps"]),
+                                video_episodes=int(ev["video_episodes"]), progress=False, echo=self.echo)
         keep = {k: v for k, v in report.metrics.items() if k.count("/") == 1}
         return {"run_id": report.run_id, "model": out["model"], "version": int(out["version"]), "metrics": keep}
 
@@ -544,7 +548,7 @@ class Pipeline:
     # -- report ---------------------------------------------------------------------------------------------
     def champions(self) -> dict[str, int | None]:
         out = {}
-        for key, s in sorted(self.params.stages.items(), key=lambda kv: kv[1].stage):
+        for _key, s in sorted(self.params.stages.items(), key=lambda kv: kv[1].stage):
             try:
                 c = self.registry.champion(s.registered_model)
             except Exception:  # noqa: BLE001
@@ -553,21 +557,17 @@ class Pipeline:
         return out
 
 
+def root_cause(log: str) -> str:
+    """The exception a job died of, from its log (not torchrun's summary of it)."""
+    import re
+
+    found = [m.group(1) for m in re.finditer(r"^(?:\[rank\d+\]: )?([\w.]*(?:Error|Exception)\b: .+)$", log, re.M)
+             if "ChildFailedError" not in m.group(1)]
+    return found[-1] if found else (log.strip().splitlines() or ["no output"])[-1]
+
+
 def verdict_reasons(verdict: Any) -> str:
-    """The failing rules of a verdict, in words."""
-    rules = getattr(verdict, "rules", None) or []
-    failing = []
-    for r in rules:
-        passed = r.get("passed") if isinstance(r, dict) else getattr(r, "passed", None)
-        if passed:
-            continue
-        reason = r.get("reason") if isinstance(r, dict) else getattr(r, "reason", None)
-        failing.append(str(reason or r))
-    extra = getattr(verdict, "reasons", None)
-    if not failing and extra:
-        failing = [str(x) for x in extra]
-    return "; ".join(failing) or str(verdict)
+    """The failing rules of a verdict, each with its label (metric and bound) and reason."""
+    failing = [f"{r.label}: {r.reason}" for r in verdict.rules if not r.passed]
+    return "; ".join(failing) or verdict.summary()
 
-
-def env_summary() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(("MOTUS_", "PREFECT_API_URL"))}

@@ -58,7 +58,8 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     for s in report["steps"]:
         style = {"cached": "dim", "failed": "red"}.get(s["status"])
         dh = f"{s['device_hours']:.4f}" if s.get("device_hours") else ""
-        t.add_row(s["step"], s["status"], f"{s['seconds']:.1f}", dh, s["error"] or s["detail"], style=style)
+        msg = (s["error"] or s["detail"] or "").strip().splitlines()
+        t.add_row(s["step"], s["status"], f"{s['seconds']:.1f}", dh, msg[0][:200] if msg else "", style=style)
     console.print(t)
     champs = ", ".join(f"{m}: {'v' + str(v) if v else 'none'}" for m, v in report["champions"].items())
     console.print(f"champions: {champs}")
