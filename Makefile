@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/motus demo
+	MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/motus pipeline run
 
 test: setup
 	$(BIN)/python -m pytest

@@ -6,6 +6,7 @@ import typer
 
 from .config_cmd import config_app
 from .data_cmd import data_app
+from .evaluate_cmd import evaluate
 from .k8s_cmd import k8s_app
 from .latent_cmd import latent_app
 from .model_cmd import model_app
@@ -20,10 +21,11 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.command()(train)
 app.add_typer(latent_app, name="latent-action")
-app.add_typer(k8s_app, name="k8s")
-app.add_typer(pipeline_app, name="pipeline")
+app.command()(evaluate)
 app.add_typer(registry_app, name="registry")
 app.add_typer(lineage_app, name="lineage")
+app.add_typer(k8s_app, name="k8s")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 @app.command()

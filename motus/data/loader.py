@@ -56,7 +56,7 @@ _EPS = 1e-6
 _STAT_KEYS = {"mean_std": ("mean", "std"), "min_max": ("q01", "q99"), "none": ()}
 
 __all__ = ["WindowSpec", "TierWindows", "MixedWindows", "collate_windows", "split_episodes",
-           "heldout_score", "normalize", "denormalize", "denormalize_actions"]
+           "heldout_score", "normalize", "denormalize", "denormalize_actions", "frames_to_video"]
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -198,6 +198,16 @@ def denormalize_actions(x: Any, normalization: Mapping[str, Any]) -> Any:
     if x.shape[-1] < dim:
         raise ValueError(f"actions have {x.shape[-1]} dims, the tier has {dim}")
     return denormalize(x[..., :dim], normalization["method"], normalization.get("actions"))
+
+
+def frames_to_video(frames: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 frames [F, h, w, 3] -> float32 [3, F, H, W] in [-1, 1] at `image_size` (bilinear, antialiased):
+    what a window's ``video`` holds, and what a closed-loop evaluator feeds the model from a rendered frame."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [F, 3, h, w]
+    if tuple(x.shape[-2:]) != tuple(image_size):
+        x = F.interpolate(x, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True)
+    x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+    return x.permute(1, 0, 2, 3).contiguous()  # [3, F, H, W]
 
 
 # ------------------------------------------------------------------------------------------ one tier
@@ -372,11 +382,7 @@ class TierWindows(Dataset):
         return out
 
     def _video(self, frames: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [F, 3, h, w]
-        if tuple(x.shape[-2:]) != self.spec.image_size:
-            x = F.interpolate(x, size=self.spec.image_size, mode="bilinear", align_corners=False, antialias=True)
-        x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
-        return x.permute(1, 0, 2, 3).contiguous()  # [3, F, H, W]
+        return frames_to_video(frames, self.spec.image_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec, start = self._locate(int(index))

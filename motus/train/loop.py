@@ -28,6 +28,7 @@ from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
 from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .inputs import window_inputs
 from .parent import load_parent
 from .recipe import StageRecipe, check_ready, lr_lambda, model_config_for, recipe_from_params
 from .tracking import NullTracker, Tracker
@@ -219,24 +220,8 @@ class StageJob:
         return not self.recipe.uses_actions or self.cfg.action.encoder_mode == "pretrain"
 
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        dev = self.ctx.device
-        video = batch["video"].to(dev)
-        out = {"video_latents": self.vae.encode(video), "text_embeds": self.text(list(batch["instruction"]))}
-        if self.recipe.uses_actions:
-            out["actions"] = batch["actions"].to(dev)
-            if self.cfg.action.encoder_mode == "finetune":
-                out["state"] = self._state(batch["state"]).to(dev)
-        if self.vlm is not None:
-            first = (video[:, :, 0].float().clamp(-1, 1) + 1) / 2
-            out["understanding"] = self.vlm.encode(self.vlm.prepare(first.cpu(), list(batch["instruction"]),
-                                                                    self.cfg.vlm_image_size))
-        return out
-
-    def _state(self, state: torch.Tensor) -> torch.Tensor:
-        want = self.cfg.action.state_dim
-        if state.shape[1] < want:
-            state = torch.nn.functional.pad(state, (0, want - state.shape[1]))
-        return state[:, :want]
+        return window_inputs(batch, cfg=self.cfg, vae=self.vae, text=self.text, vlm=self.vlm,
+                             with_actions=self.recipe.uses_actions, device=self.ctx.device)
 
     def _noise(self, step: int, salt: int = 0) -> torch.Generator:
         return torch.Generator(device=self.ctx.device).manual_seed(

@@ -1,0 +1,124 @@
+"""The evaluation report, and how it is recorded: one MLflow evaluation run linked to the model version.
+
+The run sits in the training experiment, tagged `motus.run_kind=evaluation`, `motus.evaluation.model`,
+`motus.evaluation.version`; the version gets the tag `motus.evaluation_run=<run id>`, which is where the
+registry's gates read metrics first. Artifacts: `evaluation/report.json` (every number, every rollout, the
+settings and the floors/ceilings beside the model), `evaluation/rollouts/*.mp4`, `evaluation/wm_frames.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EVALUATION_RUN_TAG = "motus.evaluation_run"
+RUN_KIND_TAG = "motus.run_kind"
+
+
+@dataclass
+class EvaluationReport:
+    metrics: dict[str, float]
+    export_dir: str
+    model_name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    rollouts: list[dict[str, Any]] = field(default_factory=list)
+    offline: dict[str, Any] = field(default_factory=dict)
+    not_reported: dict[str, str] = field(default_factory=dict)  # metric -> why it is absent
+    lineage: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    videos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # file name -> frames [T, H, W, 3]
+    wm_frames: np.ndarray | None = field(default=None, repr=False)  # [2, F-1, H, W, 3] real / predicted
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("videos"), d.pop("wm_frames")
+        d["videos"] = sorted(self.videos)
+        d["metrics"] = {k: _json_number(v) for k, v in self.metrics.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+    def summary(self) -> str:
+        """A few lines for a terminal: the model beside its floors and ceiling."""
+        m, lines = self.metrics, []
+        for task in self.settings.get("tasks", []):
+            row = [f"{task}: model {_pct(m.get(f'eval/{task}/success_rate'))}"]
+            if f"eval/{task}/joint_success_rate" in m:
+                row.append(f"joint {_pct(m[f'eval/{task}/joint_success_rate'])}")
+            row.append(f"zero {_pct(m.get(f'eval/{task}/floor_zero_success_rate'))}")
+            row.append(f"random {_pct(m.get(f'eval/{task}/floor_random_success_rate'))}")
+            row.append(f"scripted {_pct(m.get(f'eval/{task}/ceiling_success_rate'))}")
+            lines.append(", ".join(row))
+        for key, floor in (("eval/vla_action_mse", "eval/floor_zero_action_mse"),
+                           ("eval/idm_action_mse", "eval/floor_zero_action_mse"),
+                           ("eval/joint_action_mse", "eval/floor_zero_action_mse")):
+            if key in m:
+                lines.append(f"{key.split('/')[1]}: {m[key]:.4f} (zero actions {m.get(floor, math.nan):.4f})")
+        if "eval/wm_psnr" in m:
+            lines.append(f"world model: PSNR {m['eval/wm_psnr']:.2f} dB, SSIM {m['eval/wm_ssim']:.3f} (copy first frame "
+                         f"{m['eval/wm_floor_copy_psnr']:.2f} dB; VAE reconstruction {m['eval/wm_ceiling_vae_psnr']:.2f} dB)")
+        for name, why in self.not_reported.items():
+            lines.append(f"{name}: not reported ({why})")
+        return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+def _json_number(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)  # JSON has no inf/nan
+
+
+def record(report: EvaluationReport, tracker: Any, *, training_run: str | None = None) -> None:
+    """Log a finished report to a tracker (the `motus.train.tracking.Tracker` protocol)."""
+    from ..data.video import encode_mp4
+
+    tags = {RUN_KIND_TAG: "evaluation", "motus.evaluation.export": report.export_dir}
+    if report.model_name:
+        tags["motus.evaluation.model"] = report.model_name
+    if report.version is not None:
+        tags["motus.evaluation.version"] = str(report.version)
+    if training_run:
+        tags["motus.evaluation.training_run"] = training_run
+    tracker.set_tags(tags)
+    tracker.log_params({"evaluation": {k: v for k, v in report.settings.items() if k != "seeds"},
+                        "evaluation.seeds": ",".join(map(str, report.settings.get("seeds", [])))})
+    tracker.log_metrics({**report.metrics, **{f"perf/{k}": v for k, v in report.timing.items()}}, 0)
+    report.run_id = tracker.run_id
+    with tempfile.TemporaryDirectory(prefix="motus-eval-") as tmp:
+        folder = Path(tmp)
+        rollouts = folder / "rollouts"
+        rollouts.mkdir()
+        for name, frames in sorted(report.videos.items()):
+            (rollouts / name).write_bytes(encode_mp4(frames, fps=report.settings.get("fps", 50)))
+        if report.videos:
+            tracker.log_artifact(rollouts, "evaluation")
+        (folder / "report.json").write_text(report.to_json())
+        tracker.log_artifact(folder / "report.json", "evaluation")
+    if report.wm_frames is not None:
+        real, pred = report.wm_frames
+        grid = np.concatenate([np.concatenate(list(real), axis=1), np.concatenate(list(pred), axis=1)], axis=0)
+        tracker.log_image(grid, "evaluation/wm_frames.png")
+
+
+def link_version(tracking_uri: str, name: str, version: str, run_id: str) -> None:
+    """Tag the registered model version with its evaluation run (the gates read metrics there first)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.set_model_version_tag(name, str(version), EVALUATION_RUN_TAG, run_id)
+    except MlflowException as e:
+        raise ValueError(f"cannot tag model version {name}/{version} in {tracking_uri} with its evaluation run "
+                         f"{run_id}: {e.message}") from None
