@@ -67,7 +67,7 @@ def test_tiny_overfits_small_batch():
     with torch.no_grad():
         before = m(x)["recon_loss"].item()
     m.train()
-    for _ in range(200):
+    for _ in range(300):
         loss = m(x, generator=gen)["loss"]
         opt.zero_grad()
         loss.backward()

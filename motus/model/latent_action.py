@@ -257,7 +257,8 @@ class LatentActionVAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Losses and outputs. `actions` [B, latent_dim] are real robot actions; `action_mask` [B] bool marks the
-        labelled rows (default: all rows labelled when actions are given). Unlabelled rows' actions are ignored
+        labelled rows (default: all rows labelled when actions are given), or [B, latent_dim] bool the labelled dims
+        of each row (an embodiment with fewer native action dims labels only those). Unlabelled rows' actions are ignored
         (they may hold anything, NaN included). loss = recon + lambda_action * action_loss + beta_kl * kl; the
         returned action_loss / kl are the unweighted terms."""
         b = self._check_flow(flow_rgb)
@@ -274,17 +275,21 @@ class LatentActionVAE(nn.Module):
         action_loss = mu.new_zeros(())
         if actions is not None:
             self._check_latent(actions, "actions", b)
+            d = self.config.latent_dim
             if action_mask is None:
-                mask = torch.ones(b, dtype=torch.bool, device=mu.device)
+                mask = torch.ones(b, d, dtype=torch.bool, device=mu.device)
             else:
-                if action_mask.shape != (b,) or action_mask.dtype != torch.bool:
-                    raise ValueError(f"action_mask must be a bool tensor [B={b}], got "
-                                     f"{action_mask.dtype} {tuple(action_mask.shape)}")
+                if action_mask.dtype != torch.bool or action_mask.shape not in ((b,), (b, d)):
+                    raise ValueError(f"action_mask must be a bool tensor [B={b}] (labelled rows) or [B={b}, {d}] "
+                                     f"(labelled dims), got {action_mask.dtype} {tuple(action_mask.shape)}")
                 mask = action_mask.to(mu.device)
-            m = mask[:, None]
-            target = torch.where(m, actions.to(mu), torch.zeros_like(mu))
-            sq = torch.where(m, (mu - target).pow(2), torch.zeros_like(mu)).sum(dim=-1)  # [B]
-            action_loss = sq.sum() / mask.sum().clamp(min=1).to(sq.dtype)
+                if mask.ndim == 1:
+                    mask = mask[:, None].expand(b, d)
+            # a row is labelled if any of its dims is; narrower embodiments label only their native dims
+            target = torch.where(mask, actions.to(mu), torch.zeros_like(mu))
+            sq = torch.where(mask, (mu - target).pow(2), torch.zeros_like(mu)).sum(dim=-1)  # [B]
+            rows = mask.any(dim=-1).sum().clamp(min=1)
+            action_loss = sq.sum() / rows.to(sq.dtype)
         elif action_mask is not None:
             raise ValueError("action_mask was given without actions")
 

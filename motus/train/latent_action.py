@@ -2,7 +2,8 @@
 
 Three steps, each a CLI command and a DVC stage:
   flow     every frame pair of a tier -> an RGB flow image (features/flow/<tier>)
-  train    the VAE on 90 % unlabelled flow + 10 % labelled flow with the 14-d robot action of that frame
+  train    the VAE on unlabelled flow + labelled flow (labelled_fraction) aligned with the real action of that
+           step on its embodiment's native dims (ALOHA 14, Meta-World 4 of the 14)
   export   every Stage 2 tier -> `latent_actions` [T-1, 14] per episode (features/latent_actions/<tier>)
 Batches are a pure function of (seed, step, rank), like the stage jobs, so resume is exact.
 """
@@ -71,82 +72,138 @@ def build_flow_feature(params: Any, tier_name: str, progress=None) -> dict[str, 
 
 # ----------------------------------------------------------------------------------------------- data
 
+def actions_are_positions(actions: np.ndarray, state: np.ndarray | None) -> bool:
+    """True when actions are position targets (ALOHA's joint targets: a[t] ~ state[t+1]), False when they are
+    already per-step motion commands (Meta-World's end-effector xyz delta). Decided from the data: a position
+    target lands within half a state standard deviation of the next state on most dims; a motion command does not."""
+    d = actions.shape[1]
+    if state is None or state.shape[1] < d or len(actions) < 3:
+        return False
+    s = state[:, :d]
+    err = np.abs(actions[:-1] - s[1:]).mean(0)
+    spread = s.std(0) + 1e-6
+    return bool(np.median(err / spread) < 0.5)
+
+
 class FlowPairs:
-    """All (tier, episode, t) flow images of the chosen tiers and split; labelled where the tier has 14-d actions."""
+    """All (tier, episode, t) flow images of the chosen tiers and split. An episode is labelled when its tier has
+    actions of at most `latent_dim` native dims: the target is its normalised action on those dims (a mask marks
+    them), so Meta-World's 4-d xyz delta + gripper labels latent dims 0-3 and ALOHA's 14-d joints label all 14.
+
+    target "delta": what the flow between frames t and t+1 shows, i.e. the step's motion: the change of a position
+    target (ALOHA joints), or the action itself when it already is a motion command (Meta-World). "absolute":
+    the raw action. Targets are normalised per (tier, embodiment) with that group's statistics over the tier."""
 
     def __init__(self, params: Any, tiers: list[str], split: str, latent_dim: int, target: str = "delta"):
-        self.params, self.split, self.target = params, split, target
+        self.params, self.split, self.target, self.latent_dim = params, split, target, latent_dim
         root = Path(params.data.root)
         self.flows = {t: Feature(feature_dir(features_root(params), FLOW, t)) for t in tiers}
         self.tiers = {t: Tier(root / t) for t in tiers}
         self.items: list[tuple[str, str, int]] = []  # (tier, episode, count)
         self.labelled: list[tuple[str, str, int]] = []
-        self.stats = {}
+        self.groups: dict[tuple[str, str], dict[str, Any]] = {}  # (tier, embodiment) -> dims, kind, mean, std
+        self._group_of: dict[tuple[str, str], tuple[str, str]] = {}
+        self.by_embodiment: dict[str, list[tuple[str, str, int]]] = {}
         for t, tier in self.tiers.items():
             train_ids, held = split_episodes(t, [r["id"] for r in tier.index], params.data.heldout_fraction)
             chosen = set(train_ids if split == "train" else held)
-            dim = tier.manifest.get("action_dim")
-            if dim == latent_dim and tier.manifest.get("action_stats"):
-                self.stats[t] = self._target_stats(tier)
+            if tier.manifest.get("action_dim"):
+                self._fit_groups(t, tier)
             for rec in tier.index:
                 if rec["id"] not in chosen or rec["frames"] < 2:
                     continue
                 entry = (t, rec["id"], rec["frames"] - 1)
                 self.items.append(entry)
-                if t in self.stats and rec.get("native_action_dim") in (None, latent_dim):
+                g = self._group_of.get((t, rec["id"]))
+                if g is not None:
                     self.labelled.append(entry)
+                    self.by_embodiment.setdefault(g[1], []).append(entry)
         if not self.items:
             raise ValueError(f"no flow pairs in the {split} split of tiers {tiers}")
         self._cum = np.cumsum([0] + [n for _, _, n in self.items])
         self._lcum = np.cumsum([0] + [n for _, _, n in self.labelled])
-        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._ecum = {e: np.cumsum([0] + [n for _, _, n in v]) for e, v in self.by_embodiment.items()}
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
 
-    def _target_stats(self, tier: Tier) -> tuple[np.ndarray, np.ndarray]:
-        """Normalisation of the alignment target over the whole tier (both splits: it is a unit, not a label)."""
-        if self.target == "absolute":
-            s = tier.manifest["action_stats"]
-            return np.asarray(s["mean"], np.float32), np.maximum(np.asarray(s["std"], np.float32), 1e-6)
-        rows = [np.diff(a, axis=0) for a in (tier.read_arrays(r["id"])[0] for r in tier.index) if a is not None and len(a) > 1]
-        d = np.concatenate(rows)
-        return d.mean(0).astype(np.float32), np.maximum(d.std(0), 1e-6).astype(np.float32)
+    def _raw_target(self, actions: np.ndarray, positions: bool) -> np.ndarray:
+        """[T-1, d]: flow t sees the motion from frame t to t+1."""
+        if self.target == "delta" and positions:
+            return np.diff(actions, axis=0)
+        return actions[:-1]
 
-    def _episode(self, tier: str, eid: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def _fit_groups(self, t: str, tier: Tier) -> None:
+        """Statistics per (tier, embodiment) over the whole tier (both splits: a unit, not a label)."""
+        by: dict[str, list[tuple[str, np.ndarray, np.ndarray | None, int]]] = {}
+        for rec in tier.index:
+            native = rec.get("native_action_dim") or tier.manifest.get("action_dim")
+            if not native or native > self.latent_dim or rec["frames"] < 2:
+                continue
+            actions, state = tier.read_arrays(rec["id"])
+            if actions is None:
+                continue
+            by.setdefault(rec.get("embodiment", "unknown"), []).append((rec["id"], actions[:, :native], state, native))
+        for emb, eps in by.items():
+            dims = eps[0][3]
+            if any(n != dims for *_, n in eps):
+                raise ValueError(f"tier '{t}': embodiment '{emb}' has episodes of different native action dims")
+            positions = actions_are_positions(np.concatenate([a for _, a, _, _ in eps]),
+                                              None if any(s is None for _, _, s, _ in eps)
+                                              else np.concatenate([s for _, _, s, _ in eps]))
+            d = np.concatenate([self._raw_target(a, positions) for _, a, _, _ in eps])
+            self.groups[(t, emb)] = {"dims": dims, "positions": positions, "mean": d.mean(0).astype(np.float32),
+                                     "std": np.maximum(d.std(0), 1e-6).astype(np.float32)}
+            for eid, *_ in eps:
+                self._group_of[(t, eid)] = (t, emb)
+
+    def _episode(self, tier: str, eid: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         key = (tier, eid)
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.pop(next(iter(self._cache)))
             flow = self.flows[tier].get(eid, FLOW)
-            actions = None
-            if tier in self.stats:
+            target = mask = None
+            g = self._group_of.get(key)
+            if g is not None:
+                info = self.groups[g]
+                n = info["dims"]
                 raw, _ = self.tiers[tier].read_arrays(eid)
-                if raw is not None:
-                    mean, std = self.stats[tier]
-                    # flow t sees the motion from frame t to t+1: align with that step's joint displacement
-                    target = np.diff(raw, axis=0) if self.target == "delta" else raw[:-1]
-                    actions = ((target - mean) / std).astype(np.float32)
-            self._cache[key] = (flow, actions)
+                norm = (self._raw_target(raw[:, :n], info["positions"]) - info["mean"]) / info["std"]
+                target = np.zeros((len(norm), self.latent_dim), np.float32)
+                target[:, :n] = norm
+                mask = np.zeros(self.latent_dim, bool)
+                mask[:n] = True
+            self._cache[key] = (flow, target, mask)
         return self._cache[key]
 
-    def pick(self, rng: np.random.Generator, labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        pool, cum = (self.labelled, self._lcum) if labelled and self.labelled else (self.items, self._cum)
+    def pick(self, rng: np.random.Generator, labelled: bool, embodiment: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(flow image, normalised target [latent_dim] or None, labelled-dims mask [latent_dim] or None)."""
+        if labelled and embodiment is not None:
+            pool, cum = self.by_embodiment[embodiment], self._ecum[embodiment]
+        elif labelled and self.labelled:
+            pool, cum = self.labelled, self._lcum
+        else:
+            pool, cum = self.items, self._cum
         k = int(rng.integers(0, cum[-1]))
         i = int(np.searchsorted(cum, k, side="right") - 1)
         tier, eid, _ = pool[i]
         t = k - int(cum[i])
-        flow, actions = self._episode(tier, eid)
-        return flow[t], (actions[t] if (labelled and actions is not None) else None)
+        flow, target, mask = self._episode(tier, eid)
+        if labelled and target is not None:
+            return flow[t], target[t], mask
+        return flow[t], None, None
 
     def batch(self, seed: int, positions: list[int], fraction: float, latent_dim: int) -> dict[str, torch.Tensor]:
-        imgs, acts, mask = [], [], []
+        imgs, acts, masks = [], [], []
         for pos in positions:
             rng = np.random.default_rng([seed, pos])
             labelled = bool(self.labelled) and rng.random() < fraction
-            img, a = self.pick(rng, labelled)
+            img, a, m = self.pick(rng, labelled)
             imgs.append(img)
             acts.append(a if a is not None else np.zeros(latent_dim, np.float32))
-            mask.append(a is not None)
+            masks.append(m if m is not None else np.zeros(latent_dim, bool))
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return {"flow": x, "actions": torch.from_numpy(np.stack(acts)), "mask": torch.tensor(mask)}
+        return {"flow": x, "actions": torch.from_numpy(np.stack(acts)), "mask": torch.from_numpy(np.stack(masks))}
 
 
 # -------------------------------------------------------------------------------------------- quality
@@ -170,34 +227,37 @@ def linear_probe_r2(z_train: np.ndarray, a_train: np.ndarray, z_test: np.ndarray
     return r2_score(np.concatenate([zs, np.ones((len(zs), 1))], 1) @ w, a_test)
 
 
+def _to_input(imgs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 @torch.no_grad()
 def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 256, seed: int = 0) -> dict[str, float]:
-    """Probe R^2 (latent -> real action, fitted on train labelled, scored on held-out labelled) and recon PSNR."""
+    """Per embodiment with labels in both splits: probe R^2 of a linear map latent -> real action target on that
+    embodiment's native dims, fitted on train pairs, scored on held-out episodes (`lam/probe_r2/<embodiment>`);
+    `lam/probe_r2` is their mean. Plus flow reconstruction PSNR on held-out pairs."""
     vae.eval()
     out: dict[str, float] = {}
 
-    def labelled(pairs: FlowPairs, count: int, salt: int):
-        acts, imgs = [], []
+    def labelled(pairs: FlowPairs, emb: str, count: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([seed, salt])
+        imgs, acts = [], []
         for _ in range(count):
-            img, a = pairs.pick(rng, True)
-            if a is None:
-                continue
+            img, a, m = pairs.pick(rng, True, emb)
             imgs.append(img)
-            acts.append(a)
-        if not imgs:
-            return None, None, None
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return vae.latent(x).cpu().numpy(), np.stack(acts), x
+            acts.append(a[m])
+        return vae.latent(_to_input(imgs)).cpu().numpy(), np.stack(acts)
 
-    if train.labelled and held.labelled:
-        zt, at, _ = labelled(train, 2 * n, 1)
-        zh, ah, _ = labelled(held, n, 2)
-        if zt is not None and zh is not None:
-            out["lam/probe_r2"] = linear_probe_r2(zt, at, zh, ah)
+    scores = []
+    for emb in sorted(set(train.by_embodiment) & set(held.by_embodiment)):
+        zt, at = labelled(train, emb, 4 * n, 1)
+        zh, ah = labelled(held, emb, 2 * n, 2)
+        out[f"lam/probe_r2/{emb}"] = linear_probe_r2(zt, at, zh, ah)
+        scores.append(out[f"lam/probe_r2/{emb}"])
+    if scores:
+        out["lam/probe_r2"] = float(np.mean(scores))
     rng = np.random.default_rng([seed, 3])
-    imgs = [held.pick(rng, False)[0] for _ in range(min(n, 64))]
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = _to_input([held.pick(rng, False)[0] for _ in range(min(n, 64))])
     recon = vae.decode(vae.latent(x)).clamp(-1, 1)
     mse = float(((recon - x) / 2).pow(2).mean())  # in [0, 1] pixel units
     out["lam/recon_psnr"] = 10 * math.log10(1.0 / max(mse, 1e-10))
