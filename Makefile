@@ -38,6 +38,9 @@ bench: setup
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/lineage.py
+	$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -351,6 +351,7 @@ class EvaluationConfig(_Section):
         default_factory=lambda: ["transfer_cube", "insertion"], description="gym-aloha tasks to roll out.")
     max_steps: int = Field(400, ge=1, description="Episode length cap (gym-aloha's own limit is 400).")
     video_episodes: int = Field(1, ge=0, description="Rollouts per mode and task kept as MLflow videos.")
+    workers: int | None = Field(None, ge=1, description="Rollout processes; null = min(cores, rollouts).")
 
 
 class Params(_Section):

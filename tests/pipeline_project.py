@@ -40,7 +40,8 @@ def small_params(steps: int = 6) -> dict:
         for rule in gate["rules"]:
             if rule.get("threshold") is not None and rule["metric"].endswith("_loss"):
                 rule["threshold"] = 50.0
-    raw["evaluation"] = {"seeds": 1, "tasks": ["transfer_cube"], "max_steps": 400, "video_episodes": 1}
+    raw["evaluation"] = {"seeds": 1, "tasks": ["transfer_cube"], "max_steps": 400, "video_episodes": 1,
+                         "workers": 1}
     return raw
 
 

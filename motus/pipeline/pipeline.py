@@ -525,7 +525,8 @@ class Pipeline:
         report = evaluate_model(self.params, self._model_export(out), model_name=out["model"],
                                 version=int(out["version"]), tracking_uri=self.tracking_uri, seeds=seeds,
                                 tasks=list(ev["tasks"]), max_steps=int(ev["max_steps"]),
-                                video_episodes=int(ev["video_episodes"]), progress=False, echo=self.echo)
+                                video_episodes=int(ev["video_episodes"]), workers=ev.get("workers"),
+                                progress=False, echo=self.echo)
         keep = {k: v for k, v in report.metrics.items() if k.count("/") == 1}
         return {"run_id": report.run_id, "model": out["model"], "version": int(out["version"]), "metrics": keep}
 
