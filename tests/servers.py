@@ -4,6 +4,7 @@
   postgres, trust auth), yielded as a SQLAlchemy URI and dropped afterwards.
 - `mlflow_server(backend_uri, artifacts_dir)`: `mlflow server` on a free port, artifacts proxied into a folder.
 - `s3_server()`: moto's S3-compatible server on a free port.
+- `prefect_server(database_uri, home)`: `prefect server start` with its database on PostgreSQL.
 
 A server runs in its own session (process group) so stopping it reaches its workers too.
 """
@@ -13,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
@@ -88,42 +91,65 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1:<free port> with `backend_uri` and artifacts proxied into `artifacts_dir`.
-
-    Yields `http://127.0.0.1:<port>` once `/health` answers; terminates the server and its workers after.
-    """
-    artifacts_dir = Path(artifacts_dir).resolve()
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
+def serve(command: Callable[[int], list[str]], health: str, log: Path, env: dict[str, str] | None = None,
+          timeout: float = 180.0) -> Iterator[str]:
+    """Start `command(port)` on a free 127.0.0.1 port in its own session, wait until `health` (a path) answers
+    200, yield `http://127.0.0.1:<port>`; stop the whole process group after."""
     port = free_port()
-    log = artifacts_dir.parent / f"mlflow-server-{port}.log"
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", artifacts_dir.as_uri(), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **(env or {})))
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/health", proc, log, timeout)
+        _wait_http(url + health, proc, log, timeout)
         yield url
     finally:
         _stop(proc)
 
 
 @contextlib.contextmanager
+def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0, *,
+                  artifacts_destination: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1:<free port> with `backend_uri`; artifacts proxied into `artifacts_dir` (or
+    `artifacts_destination`, e.g. s3://bucket/prefix, with the S3 settings in `env`); its log beside them.
+
+    Yields `http://127.0.0.1:<port>` once `/health` answers; terminates the server and its workers after.
+    """
+    artifacts_dir = Path(artifacts_dir).resolve()
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    destination = artifacts_destination or artifacts_dir.as_uri()
+    with serve(lambda port: [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
+                             "--artifacts-destination", destination, "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+               "/health", artifacts_dir.parent / f"mlflow-server-{artifacts_dir.name}.log",
+               {"DO_NOT_TRACK": "1", **(env or {})}, timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
 def s3_server(timeout: float = 60.0) -> Iterator[str]:
     """moto's S3 server on 127.0.0.1:<free port>; yields its endpoint URL (any access key works)."""
-    port = free_port()
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    log = Path(tempfile.mkdtemp(prefix="moto-")) / "moto.log"
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/moto-api/", proc, log, timeout)
-        yield url
+        with serve(lambda port: [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], "/moto-api/", log,
+                   timeout=timeout) as url:
+            yield url
     finally:
-        _stop(proc)
-        log.unlink(missing_ok=True)
+        shutil.rmtree(log.parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prefect_server(database_uri: str, home: Path, timeout: float = 180.0) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1:<free port> with its database on PostgreSQL; yields the API URL."""
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": database_uri.replace("postgresql+psycopg2://",
+                                                                       "postgresql+asyncpg://")}
+    saved = os.environ.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
+    try:
+        with serve(lambda port: [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   "/api/health", Path(home) / "prefect-server.log", env, timeout) as url:
+            yield url + "/api"
+    finally:
+        if saved is not None:
+            os.environ["PREFECT_API_URL"] = saved

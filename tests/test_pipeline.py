@@ -193,8 +193,8 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
     import boto3
     from mlflow import MlflowClient
 
-    from .pipeline_project import S3_CREDENTIALS, add_flows, mlflow_s3_server, prefect_server
-    from .servers import fresh_postgres_database, s3_server
+    from .pipeline_project import S3_CREDENTIALS, add_flows
+    from .servers import fresh_postgres_database, mlflow_server, prefect_server, s3_server
 
     proj = make_project(tmp_path / "proj")
     add_flows(proj)
@@ -203,7 +203,8 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
         bucket = boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
                                                        if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
         bucket.create_bucket(Bucket="motus")
-        with (mlflow_s3_server(mlflow_db, "s3://motus/mlflow", s3, tmp_path / "logs") as tracking,
+        with (mlflow_server(mlflow_db, tmp_path / "mlflow", artifacts_destination="s3://motus/mlflow",
+                            env={"MLFLOW_S3_ENDPOINT_URL": s3, **S3_CREDENTIALS}) as tracking,
               prefect_server(prefect_db, tmp_path / "prefect-home") as api):
             env = project_env(proj, MOTUS_TRACKING_URI=tracking, MOTUS_DATA_REMOTE="s3://motus/dvc",
                               MOTUS_S3_ENDPOINT_URL=s3, PREFECT_API_URL=api, MOTUS_PROFILE="production",
