@@ -133,6 +133,8 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     raw = yaml.safe_load((proj / "params.yaml").read_text())
     seed = raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"]
     raw["tiers"]["target-aloha-insertion"]["source"]["options"]["seed"] = seed + 1
+    # a longer Stage 3, so that step 4 can kill it between its first checkpoint and its end
+    raw["stages"]["stage3"].update(steps=40, validate_every=40)
     loose_rules = raw["gates"]["motus-aloha"]["rules"]
     raw["gates"]["motus-aloha"]["rules"] = [{"metric": "val/action_loss", "comparator": "<=", "threshold": 0.0}]
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -153,7 +155,7 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     deadline = time.time() + 600
     ckpt = None
     while time.time() < deadline and ckpt is None:
-        time.sleep(1)
+        time.sleep(0.2)
         for d in runs.glob("stage3-*"):
             done = [c for c in (d / "checkpoints").glob("*") if (c / "manifest.json").exists()]
             if done and not (d / "export").exists():
