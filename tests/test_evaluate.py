@@ -256,3 +256,34 @@ def test_cli_evaluates_an_export_and_fails_cleanly(stage3, tmp_path):
     bad = subprocess.run([str(MOTUS), "evaluate", "runs/s3", "--no-track", "--first-seed", "5"], cwd=proj, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "seeds must be >= 1000" in bad.stderr and "Traceback" not in bad.stderr
+
+
+class _WildPolicy:
+    """A policy gone wrong: joint targets far outside the arm's range, then NaN."""
+
+    needs_frame = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def plan(self, frame, qpos, sim):
+        self.calls += 1
+        return [np.full(14, 1e6)] * 10 if self.calls < 3 else [np.full(14, np.nan)]
+
+
+def test_a_wild_policy_fails_its_episode_and_never_the_evaluation():
+    from motus.evaluate.closed_loop import _Scenes, run_rollout
+
+    class Scenes(_Scenes):
+        def policy(self, job, sim):
+            return _WildPolicy()
+
+    setup = {"transfer_cube": TaskSetup("transfer_cube", "none", "top", (64, 64), "transfer the cube")}
+    scenes = Scenes(RolloutSettings(None, None, setup, max_steps=100, hold=3))
+    try:
+        result = run_rollout(Rollout("zero", "transfer_cube", 1000), scenes)
+    finally:
+        scenes.close()
+    # the clamped targets keep the physics stable; the NaN action ends the episode as a failure with its reason
+    assert not result.success and result.steps == 20
+    assert result.diverged == "non-finite action at step 20"

@@ -76,10 +76,11 @@ class RolloutResult:
     policy_seconds: float  # time spent planning (model inference for the model policies)
     seconds: float
     frames: np.ndarray | None = field(default=None, repr=False)  # [T, H, W, 3] when recorded
+    diverged: str | None = None  # why the simulation stopped early (non-finite action, unstable physics)
 
     def summary(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("policy", "task", "seed", "success", "max_reward", "steps", "plans",
-                                              "policy_seconds", "seconds")}
+                                              "policy_seconds", "seconds", "diverged")}
 
 
 # ------------------------------------------------------------------------------------------------ policies
@@ -227,8 +228,14 @@ class _Scenes:
         self._renderers.clear()
 
 
+# action layout [left arm 6, left gripper, right arm 6, right gripper]: the 12 arm joints, in joint_limits order
+ARM_ACTION_DIMS = np.array([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12])
+
+
 def run_rollout(job: Rollout, scenes: _Scenes) -> RolloutResult:
-    from ..data.sources.aloha_sim import initial_object_poses
+    from dm_control.rl.control import PhysicsError
+
+    from ..data.sources.aloha_sim import initial_object_poses, joint_limits
 
     t_start = time.perf_counter()
     setup = scenes.settings.tasks[job.task]
@@ -238,6 +245,8 @@ def run_rollout(job: Rollout, scenes: _Scenes) -> RolloutResult:
     queue: list[np.ndarray] = []
     frames: list[np.ndarray] = []
     best, steps, plans, planning = 0.0, 0, 0, 0.0
+    diverged = None
+    arm_limits = joint_limits(sim.model, margin=0.0)
     for t in range(scenes.settings.max_steps):
         frame = None
         if job.record or (not queue and policy.needs_frame):
@@ -249,12 +258,22 @@ def run_rollout(job: Rollout, scenes: _Scenes) -> RolloutResult:
             queue = list(policy.plan(frame, qpos, sim))
             planning += time.perf_counter() - t0
             plans += 1
-        qpos, reward = sim.step(queue.pop(0))
+        action = np.asarray(queue.pop(0), dtype=np.float64)
+        if not np.all(np.isfinite(action)):
+            diverged = f"non-finite action at step {t}"
+            break
+        # the arm's controller clamps targets to the joint limits, as a real robot's would
+        action[ARM_ACTION_DIMS] = np.clip(action[ARM_ACTION_DIMS], *arm_limits)
+        try:
+            qpos, reward = sim.step(action)
+        except PhysicsError as e:  # an unstable episode is a failed episode, not a failed evaluation
+            diverged = f"physics diverged at step {t}: {e}"
+            break
         best, steps = max(best, reward), t + 1
         if best >= sim.max_reward:  # success is reaching the max once; the rest of the episode cannot undo it
             break
     return RolloutResult(job.policy, job.task, job.seed, bool(best >= sim.max_reward), float(best), steps, plans,
-                         planning, time.perf_counter() - t_start, np.stack(frames) if frames else None)
+                         planning, time.perf_counter() - t_start, np.stack(frames) if frames else None, diverged)
 
 
 _WORKER: dict[str, Any] = {}
