@@ -194,9 +194,6 @@ class Pipeline:
             sub = {}
         return flatten(sub)
 
-    def _code_kind(self, step: Step) -> str:
-        return step.kind
-
     def inputs(self, step: Step) -> StepInputs | None:
         """The step's inputs from its dependencies' outputs; None while one of them is not known yet."""
         inputs: dict[str, str] = {}
@@ -216,7 +213,7 @@ class Pipeline:
                 parent = f"{dep.target}/{out['champion']}"
             elif dep.kind == "evaluate":
                 inputs[d] = out["run_id"]
-        return StepInputs(code_files(self._code_kind(step)), self._config(step), inputs, parent)
+        return StepInputs(code_files(step.kind), self._config(step), inputs, parent)
 
     # -- cache validity ----------------------------------------------------------------------------------
     def _still_there(self, step: Step, out: dict[str, Any], repair: bool) -> bool:
@@ -312,10 +309,8 @@ class Pipeline:
             f" (champion now v{champ.version})" if champ else " (no champion yet)")], None)
 
     def _gated_version(self, step: Step) -> int:
-        dep = self.by_name[step.deps[0]]
-        if dep.kind == "evaluate":
-            return int(self.outputs[dep.name]["version"])
-        return int(self.outputs[dep.name]["version"])
+        """The version a gate decides on: its stage's (or that stage's evaluation's) output."""
+        return int(self.outputs[step.deps[0]]["version"])
 
     def _describe(self, step: Step, out: dict[str, Any]) -> str:
         if "version" in out and "model" in out:
