@@ -120,8 +120,14 @@ class ModelConfig(_Section):
     )
     action_dim: int = Field(14, gt=0, description="Width of the unified action space; tiers pad into it.")
     state_dim: int = Field(14, gt=0, description="Width of the proprioceptive state.")
+    geometry: Literal["robotwin", "ac-one", "tiny"] | None = Field(
+        None,
+        description="Named sample geometry (frames, image size, action chunk, downsample): robotwin = the official "
+        "RoboTwin config (1 + 8 frames at 384x320, chunk 16, ratio 2, downsample 3); ac-one = the AC-One / Agilex "
+        "config (chunk 48, ratio 6, downsample 1); None = the preset's own (full: robotwin, tiny: tiny).",
+    )
     action_chunk: int | None = Field(
-        None, gt=0, description="Actions predicted per step; None = preset default."
+        None, gt=0, description="Actions predicted per step; None = the geometry's."
     )
     num_video_frames: int | None = Field(
         None, gt=0, description="Video frames per window; None = preset default."
@@ -160,7 +166,9 @@ class Tier(_Section):
 class WindowConfig(_Section):
     """How training windows are cut: action-dense, video-sparse."""
 
-    downsample: int = Field(3, ge=1, description="Stored frames between consecutive actions (official: 3).")
+    downsample: int | None = Field(
+        None, ge=1, description="Stored frames between consecutive actions; None = the model geometry's (RoboTwin: 3)."
+    )
     video_action_ratio: int | None = Field(
         None, ge=1,
         description="Actions per future video frame; None = action_chunk / (num_video_frames - 1) of the model.",
@@ -184,6 +192,8 @@ class DataConfig(_Section):
 # ---------------------------------------------------------------------------------------------- stages
 
 Expert = Literal["video", "action", "understanding"]
+# auto = bf16 mixed precision on CUDA, fp32 on CPU; bf16 = fp32 master weights + bf16 autocast (motus/train/precision.py)
+Precision = Literal["auto", "bf16", "fp32"]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -224,6 +234,7 @@ class Stage(_Section):
     validate_every: int = Field(50, ge=1, description="Steps between held-out validations (and one at the end).")
     log_every: int = Field(1, ge=1, description="Steps between metric logs.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    precision: Precision | None = Field(None, description="auto | bf16 | fp32 for this stage; None = the global `precision`.")
 
     @model_validator(mode="after")
     def _actions_need_a_source(self) -> Stage:
@@ -323,6 +334,7 @@ class LatentActionSection(_Section):
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Precision | None = Field(None, description="auto | bf16 | fp32 for the VAE job; None = the global `precision`.")
     checkpoint_every: int = Field(100, ge=1)
     validate_every: int = Field(100, ge=1)
     registered_model: str = Field("motus-lam", min_length=1)
@@ -358,6 +370,8 @@ class Params(_Section):
     """All of `params.yaml`. Every section has a default, so an empty file is a valid (tiny, local) config."""
 
     project: ProjectConfig = Field(default_factory=ProjectConfig)
+    precision: Precision = Field(
+        "auto", description="Training precision of every job: auto (bf16 on CUDA, fp32 on CPU), bf16, fp32.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tiers: dict[str, Tier] = Field(default_factory=dict)

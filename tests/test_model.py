@@ -226,7 +226,10 @@ def test_full_preset_parameter_counts_on_meta():
     assert c["video"] == pytest.approx(5.000e9, rel=1e-4)
     assert c["vae"] == pytest.approx(704.7e6, rel=1e-4)
     assert c["vlm"] == pytest.approx(2.128e9, rel=1e-3)
-    assert m.config.latent_shape == (48, 2, 24, 20)
+    # the official RoboTwin geometry: 1 + 8 frames at 384x320 -> 3 latent frames, 16 actions, 2 per future frame
+    assert m.config.latent_shape == (48, 3, 24, 20)
+    assert (m.config.num_frames, m.config.action.chunk, m.config.video_action_ratio, m.config.downsample) == (9, 16, 2, 3)
+    assert m.config.text_len == 512
     assert len(m.action.blocks) == len(m.understanding.blocks) == len(m.video.blocks) == 30
 
 

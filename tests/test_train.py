@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -92,10 +93,13 @@ def artifacts(client, rid, path=None) -> list[str]:
 
 
 def test_stage1_then_stage3_two_processes(project):
-    r1 = train(project, "--stage", "1", "--nproc", "2", "--run-dir", "runs/s1")
+    """bf16 mixed precision on this CPU: the very code path a GPU's `auto` selects."""
+    r1 = train(project, "--stage", "1", "--nproc", "2", "--run-dir", "runs/s1", "--precision", "bf16")
     run1 = project / "runs" / "s1"
     l1 = losses(run1)
     assert sorted(l1) == list(range(1, 9))
+    assert all(math.isfinite(v) for v in l1.values()), l1
+    assert "precision bf16" in r1.stdout
     assert sum(l1[s] for s in (6, 7, 8)) < sum(l1[s] for s in (1, 2, 3)), l1  # losses fall
     assert (run1 / "checkpoints" / "step-000008" / "manifest.json").exists()
     assert (run1 / "checkpoints" / "latest").read_text().strip() == "step-000008"
@@ -103,16 +107,22 @@ def test_stage1_then_stage3_two_processes(project):
     assert {"model.safetensors", "motus_config.json", "lineage.json"} <= {p.name for p in export.iterdir()}
     assert "stage1: done" in r1.stdout
 
-    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/s3", "--init-from", str(export))
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/s3", "--init-from", str(export),
+          "--precision", "bf16")
     run3 = project / "runs" / "s3"
     l3 = losses(run3)
+    assert all(math.isfinite(v) for v in l3.values()), l3
     assert sum(l3[s] for s in (6, 7, 8)) < sum(l3[s] for s in (1, 2, 3)), l3
     lineage = json.loads((run3 / "export" / "lineage.json").read_text())
     assert lineage["parent"] == str(export) and set(lineage["tiers"]) == {"target-aloha-transfer", "target-aloha-insertion"}
+    assert lineage["precision"] == "bf16"
+    manifest = json.loads((run3 / "checkpoints" / "step-000008" / "manifest.json").read_text())
+    assert manifest["extra"]["precision"] == "bf16"
 
     client, run = mlflow_run(project, run3)
     assert run.info.status == "FINISHED"
     assert run.data.params["params.stages.stage3.lr"] == "0.002"
+    assert run.data.params["job.precision"] == "bf16" and run.data.tags["precision"] == "bf16"
     assert run.data.tags["code.commit"] and run.data.tags["code.dirty"] in ("true", "false")
     assert run.data.params["code.commit"] == run.data.tags["code.commit"] and "code.dirty" in run.data.params
     for key in ("train/loss", "train/video_loss", "train/action_loss", "train/grad_norm", "lr/video", "lr/experts",
@@ -132,11 +142,13 @@ def test_stage1_then_stage3_two_processes(project):
 
 
 def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(project):
-    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/straight", "--no-track")
+    bf16 = ("--precision", "bf16")
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/straight", "--no-track", *bf16)
     straight = losses(project / "runs" / "straight")
 
     run_dir = project / "runs" / "killed"
-    proc = subprocess.Popen([str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track"],
+    proc = subprocess.Popen([str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track",
+                             *bf16],
                             cwd=project, env=env_for(project), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -148,13 +160,24 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(project):
     proc.wait()
     assert not (run_dir / "checkpoints" / "step-000008").exists()
     # a half-written checkpoint from the kill, if any, is a .tmp-* folder that resume ignores
-    train(project, "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track")
+    train(project, "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track", *bf16)
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
     manifest = json.loads((run_dir / "checkpoints" / "step-000008" / "manifest.json").read_text())
     assert manifest["data_position"] == 8 * 4
+
+    # the same job resumed under another precision: refused, naming both
+    r = train(project, "--stage", "3", "--nproc", "1", "--run-dir", str(run_dir), "--no-track", "--precision", "fp32",
+              check=False)
+    assert r.returncode != 0
+    assert "written with precision bf16; this job runs fp32" in r.stdout + r.stderr
+
+
+def test_bad_precision_fails_at_the_command_line(project):
+    r = train(project, "--stage", "3", "--no-track", "--precision", "fp16", check=False)
+    assert r.returncode == 2 and "fp16" in r.stderr and "bf16" in r.stderr
 
 
 def test_stage2_refuses_without_latent_actions(project):

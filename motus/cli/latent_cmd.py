@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .train_cmd import Precision
+
 latent_app = typer.Typer(no_args_is_help=True, help="Latent actions from optical flow: flow -> train -> export.")
 
 ParamsOption = Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml to read.")]
@@ -48,19 +50,27 @@ def train(nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
           run_dir: Annotated[Path, typer.Option(help="Job folder; rerun to resume.")] = Path("outputs/runs/latent-action"),
           max_steps: Annotated[int | None, typer.Option()] = None,
           track: Annotated[bool, typer.Option(help="Log to MLflow.")] = True,
+          precision: Annotated[Precision | None, typer.Option(
+              help="auto | bf16 | fp32; overrides latent_action.precision / precision.", case_sensitive=False)] = None,
           params: ParamsOption = None) -> None:
     """Train the latent-action VAE (DeepSpeed, checkpoints, MLflow) on the flow features."""
     from ..launch.local import run_local
     from ..launch.spec import JobSpec
     from ..train.latent_action import FLOW, features_root, lam_tiers
+    from ..train.precision import PrecisionError, preflight
 
     p, path = _load(params)
+    try:
+        preflight(p, p.latent_action, precision.value if precision else None, "latent_action")
+    except PrecisionError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     missing = [t for t in lam_tiers(p) if not (features_root(p) / FLOW / t / "manifest.json").exists()]
     if missing:
         typer.echo(f"error: no flow features for {missing}; run `motus latent-action flow` first", err=True)
         raise typer.Exit(1)
     spec = JobSpec(stage="latent-action", run_dir=run_dir, params_file=Path(path), procs_per_node=nproc,
-                   max_steps=max_steps, track=track)
+                   max_steps=max_steps, track=track, precision=precision.value if precision else None)
     code = run_local(spec)
     if code:
         typer.echo(f"error: the latent-action job failed (exit {code}); rerun to resume from {run_dir}/checkpoints", err=True)

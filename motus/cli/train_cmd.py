@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
 
 
 def train(
@@ -16,12 +23,16 @@ def train(
     init_from: Annotated[str | None, typer.Option(help="Parent model export to start from (Stage 2/3).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (the schedule keeps the full length).")] = None,
     track: Annotated[bool, typer.Option(help="Log to MLflow (MOTUS_TRACKING_URI).")] = True,
+    precision: Annotated[Precision | None, typer.Option(
+        help="auto (bf16 on CUDA, fp32 on CPU) | bf16 (fp32 master weights, bf16 autocast) | fp32; "
+             "overrides params.yaml's precision.", case_sensitive=False)] = None,
     params: Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml to read.")] = None,
 ) -> None:
     """Train one stage with DeepSpeed; resumable, tracked in MLflow, exported for the registry."""
     from ..config import ConfigError, get_settings, load_params
     from ..launch.local import run_local
     from ..launch.spec import JobSpec
+    from ..train.precision import PrecisionError, preflight
     from ..train.recipe import StageNotReady, check_ready, recipe_from_params
 
     try:
@@ -30,15 +41,18 @@ def train(
         p = load_params(params_file)
         recipe = recipe_from_params(p, stage)
         check_ready(p, recipe, Path(p.data.root))
-    except (ConfigError, ValueError, StageNotReady) as e:
+        resolved = preflight(p, recipe.settings, precision.value if precision else None, f"stages.{recipe.name}")
+    except (ConfigError, ValueError, StageNotReady, PrecisionError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if recipe.parent and not init_from:
         typer.echo(f"note: {recipe.name} names parent '{recipe.parent}'; without --init-from it starts from the "
                    f"pretrained bases (the registry will resolve the parent's champion)", err=True)
     spec = JobSpec(stage=recipe.name, run_dir=run_dir or Path("outputs/runs") / recipe.name, params_file=Path(params_file),
-                   procs_per_node=nproc, init_from=init_from, max_steps=max_steps, track=track)
-    typer.echo(f"{recipe.name}: {nproc} process(es), {recipe.settings.steps} steps, run dir {spec.run_dir}")
+                   procs_per_node=nproc, init_from=init_from, max_steps=max_steps, track=track,
+                   precision=precision.value if precision else None)
+    typer.echo(f"{recipe.name}: {nproc} process(es), {recipe.settings.steps} steps, precision {resolved}, "
+               f"run dir {spec.run_dir}")
     code = run_local(spec)
     if code != 0:
         typer.echo(f"error: {recipe.name} failed (exit {code}); rerun the same command to resume from the latest "

@@ -614,6 +614,7 @@ def window_spec_from_params(window: Any, model: Any, action_dim: int | None = No
     elif k % ratio or k // ratio != future:
         raise ValueError(f"data.window.video_action_ratio={ratio}: action_chunk {k} / {ratio} future frames != "
                          f"the model's {future} (num_video_frames - 1)")
-    return WindowSpec(chunk=k, video_action_ratio=ratio, downsample=window.downsample,
+    downsample = window.downsample if window.downsample is not None else getattr(model, "downsample", 3)
+    return WindowSpec(chunk=k, video_action_ratio=ratio, downsample=downsample,
                       image_size=(model.height, model.width), view=window.view,
                       normalization=window.normalization, action_dim=action_dim, state_dim=state_dim)

@@ -86,7 +86,7 @@ def load_export(path: str | Path, params: Any, device: str | torch.device = "cpu
     if not w.get("vlm") and not (p / "vlm.safetensors").exists():
         model.vlm = None  # trained without the understanding expert's inputs
     seed = int(getattr(getattr(params, "project", None), "seed", 0))
-    text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), seed=seed + 2)
+    text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), max_len=cfg.text_len, seed=seed + 2)
     if not w.get("text"):
         f = p / "text.safetensors"
         if not f.exists():

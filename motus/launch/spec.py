@@ -18,6 +18,7 @@ class JobSpec:
     image: str | None = None  # container image (kubernetes)
     init_from: str | None = None  # parent model export (Stage 2/3)
     max_steps: int | None = None
+    precision: str | None = None  # auto | bf16 | fp32; None = what params.yaml says for this job
     track: bool = True
     env: dict[str, str] = field(default_factory=dict)
 
@@ -27,6 +28,8 @@ class JobSpec:
             args += ["--init-from", str(self.init_from)]
         if self.max_steps:
             args += ["--max-steps", str(self.max_steps)]
+        if self.precision:
+            args += ["--precision", self.precision]
         if not self.track:
             args.append("--no-track")
         return args

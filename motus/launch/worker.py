@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=None)
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                    help="Overrides params.yaml's precision for this job.")
     ap.add_argument("--no-track", action="store_true")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -54,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "latent-action":
             from ..train.latent_action import run_latent_action
 
-            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps)
+            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps, precision=args.precision)
             status = "FINISHED"
             if rank == 0:
                 print(json.dumps(out))
             return 0
-        result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps)
+        result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps,
+                           precision=args.precision)
         status = "FINISHED"
         if rank == 0:
             print(json.dumps({"stage": result.stage, "steps": result.steps, "export": str(result.export_dir),

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import FeedForward, JointProjection, layer_norm, silu_mlp, sincos_positions, timestep_sinusoid
+from .layers import (
+    FeedForward,
+    JointProjection,
+    full_precision,
+    layer_norm,
+    silu_mlp,
+    sincos_positions,
+    timestep_sinusoid,
+)
 from .presets import ActionExpertConfig
 
 
@@ -33,7 +41,8 @@ class ActionEncoder(nn.Module):
         self.register_buffer("positions", sincos_positions(n, cfg.dim)[None], persistent=False)
 
     def forward(self, actions: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        tokens = self.action_in(actions)
+        tokens = self.action_in(actions).to(self.registers.dtype if self.registers is not None
+                                            else self.action_in[0].weight.dtype)  # residual in the weights' dtype
         if self.mode == "finetune":
             if state is None:
                 raise ValueError("the action expert is in finetune mode and needs `state` [B, state_dim]")
@@ -112,5 +121,6 @@ class ActionExpert(nn.Module):
     def embed_time(self, t_action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t_action [B] in [0, 1] -> (temb [B, dim], tproj [B, 6, dim])."""
         dtype = self.time_embedding[0].weight.dtype
-        temb = self.time_embedding(timestep_sinusoid(t_action * 1000.0, self.cfg.freq_dim).to(dtype))
-        return temb, self.time_projection(temb).unflatten(1, (6, self.cfg.dim))
+        with full_precision(t_action.device):
+            temb = self.time_embedding(timestep_sinusoid(t_action.float() * 1000.0, self.cfg.freq_dim).to(dtype))
+            return temb, self.time_projection(temb).unflatten(1, (6, self.cfg.dim))

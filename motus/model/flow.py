@@ -17,13 +17,27 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_timesteps(cfg: FlowConfig, n: int, generator: torch.Generator | None = None,
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def draw(kind: str, shape: tuple[int, ...], generator: Generators, device: torch.device | str = "cpu",
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.rand / torch.randn of `shape`. A list of generators (one per sample, diffusers' convention) draws
+    each sample's row from its own generator, so a sample's noise does not depend on its batch-mates."""
+    fn = torch.rand if kind == "rand" else torch.randn
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: pass one per sample")
+        return torch.cat([fn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return fn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def sample_timesteps(cfg: FlowConfig, n: int, generator: Generators = None,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     if cfg.timestep_sampler == "uniform_shift":
-        u = torch.rand(n, generator=generator, device=device)
-        return shift_time(u, cfg.shift)
+        return shift_time(draw("rand", (n,), generator, device), cfg.shift)
     if cfg.timestep_sampler == "logit_normal":
-        z = torch.randn(n, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean
+        z = draw("randn", (n,), generator, device) * cfg.logit_std + cfg.logit_mean
         return torch.sigmoid(z)
     raise ValueError(f"unknown timestep sampler '{cfg.timestep_sampler}'; expected 'uniform_shift' or 'logit_normal'")
 

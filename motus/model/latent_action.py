@@ -269,10 +269,12 @@ class LatentActionVAE(nn.Module):
         else:
             z = mu
         recon = self.decode(z)
-        recon_loss = F.mse_loss(recon, flow_rgb)
-        kl = kl_standard_normal(mu, logvar)
+        # losses reduced in fp32 whatever the forward's precision (bf16 autocast leaves mu/recon in bf16)
+        recon_loss = F.mse_loss(recon.float(), flow_rgb.float())
+        kl = kl_standard_normal(mu.float(), logvar.float())
+        mu32 = mu.float()
 
-        action_loss = mu.new_zeros(())
+        action_loss = mu32.new_zeros(())
         if actions is not None:
             self._check_latent(actions, "actions", b)
             d = self.config.latent_dim
@@ -286,8 +288,8 @@ class LatentActionVAE(nn.Module):
                 if mask.ndim == 1:
                     mask = mask[:, None].expand(b, d)
             # a row is labelled if any of its dims is; narrower embodiments label only their native dims
-            target = torch.where(mask, actions.to(mu), torch.zeros_like(mu))
-            sq = torch.where(mask, (mu - target).pow(2), torch.zeros_like(mu)).sum(dim=-1)  # [B]
+            target = torch.where(mask, actions.to(mu32), torch.zeros_like(mu32))
+            sq = torch.where(mask, (mu32 - target).pow(2), torch.zeros_like(mu32)).sum(dim=-1)  # [B]
             rows = mask.any(dim=-1).sum().clamp(min=1)
             action_loss = sq.sum() / rows.to(sq.dtype)
         elif action_mask is not None:

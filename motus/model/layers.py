@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,6 +16,14 @@ def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off: timestep sinusoids and time MLPs stay fp32 under bf16 mixed precision, as the
+    official code keeps them (t * 1000 in bf16 would quantise t by ~0.5 %)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def sincos_positions(n: int, dim: int) -> torch.Tensor:
@@ -67,6 +76,6 @@ class JointProjection(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = self.norm_q(q), self.norm_k(k)
+        q, k = self.norm_q(q.float()), self.norm_k(k.float())  # QK-norm in fp32 under bf16 autocast too
         shape = (*x.shape[:2], self.heads, self.head_dim)
         return q.view(shape), k.view(shape), v.view(shape)

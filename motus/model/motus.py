@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .action_expert import ActionExpert
-from .flow import add_noise, inference_schedule, sample_timesteps
+from .flow import Generators, add_noise, draw, inference_schedule, sample_timesteps
 from .joint_attention import joint_attention
 from .modes import get_mode
 from .presets import MotusConfig
@@ -120,8 +120,7 @@ class MotusModel(nn.Module):
         if t_video.shape != (b, video_latents.shape[2]):
             raise ValueError(f"t_video must be [B, F] = {(b, video_latents.shape[2])}, got {tuple(t_video.shape)}")
         if text_context is None:
-            self._check_text(text_embeds, b)
-            text_context = self.video.embed_text(text_embeds)
+            text_context = self.video.embed_text(self._check_text(text_embeds, b))
         _, _, f, h, w = video_latents.shape
         t_tokens = t_video.repeat_interleave(self.video.tokens_per_frame(h, w), dim=1)
         xv, rotary, temb_v, tproj_v = self.video.embed(video_latents, t_tokens)
@@ -139,7 +138,7 @@ class MotusModel(nn.Module):
             if understanding.features.shape[0] != b or understanding.features.shape[-1] != cfg.understanding.vlm_hidden:
                 raise ValueError(f"understanding features must be [B={b}, L, {cfg.understanding.vlm_hidden}], "
                                  f"got {tuple(understanding.features.shape)}")
-            xu = self.understanding.adapter(understanding.features.to(xv.dtype))
+            xu = self.understanding.adapter(understanding.features.to(xv.dtype)).to(xv.dtype)
             if not bool(understanding.mask.all()):
                 ones = torch.ones(b, xv.shape[1] + (0 if xa is None else xa.shape[1]), dtype=torch.bool, device=xv.device)
                 mask = torch.cat([ones, understanding.mask.to(xv.device)], dim=1)
@@ -186,35 +185,44 @@ class MotusModel(nn.Module):
         actions: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
         understanding: UnderstandingContext | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
+        reduction: str = "mean",
     ) -> dict[str, torch.Tensor]:
-        """w_v * MSE(video velocity on FUTURE frames) + w_a * MSE(action velocity).
+        """w_v * MSE(video velocity on FUTURE frames) + w_a * MSE(action velocity), reduced in fp32.
 
         The conditioning frame stays clean and is excluded from the video loss's numerator AND denominator.
+        reduction "none" returns each sample's losses [B] (a list of generators, one per sample, then makes a
+        sample's timesteps and noise independent of its batch-mates too).
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got '{reduction}'")
         fc = self.config.flow
         self._check_video(video_latents, "video_latents")
         b, _, f, _, _ = video_latents.shape
         dev = video_latents.device
         t_v = sample_timesteps(fc, b, generator, dev)
         t_a = sample_timesteps(fc, b, generator, dev)
-        eps_v = torch.randn(video_latents.shape, generator=generator, device=dev, dtype=video_latents.dtype)
+        eps_v = draw("randn", video_latents.shape, generator, dev, video_latents.dtype)
         x0_future = video_latents[:, :, 1:]
         noisy = torch.cat([video_latents[:, :, :1], add_noise(x0_future, eps_v[:, :, 1:], t_v)], dim=2)
         t_frames = torch.cat([torch.zeros(b, 1, device=dev), t_v[:, None].expand(b, f - 1)], dim=1)
 
         noisy_a = eps_a = None
         if actions is not None:
-            eps_a = torch.randn(actions.shape, generator=generator, device=dev, dtype=actions.dtype)
+            eps_a = draw("randn", actions.shape, generator, dev, actions.dtype)
             noisy_a = add_noise(actions, eps_a, t_a)
 
         vel = self.forward(noisy, t_frames, text_embeds, noisy_a, t_a if actions is not None else None,
                            state, understanding)
-        video_loss = ((vel.video[:, :, 1:].float() - (eps_v[:, :, 1:] - x0_future).float()) ** 2).mean()
+        def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            sq = (pred.float() - target.float()) ** 2
+            return sq.mean() if reduction == "mean" else sq.flatten(1).mean(1)
+
+        video_loss = mse(vel.video[:, :, 1:], eps_v[:, :, 1:] - x0_future)
         out = {"video_loss": video_loss, "t_video": t_v}
         loss = fc.video_loss_weight * video_loss
         if actions is not None:
-            action_loss = ((vel.action.float() - (eps_a - actions).float()) ** 2).mean()
+            action_loss = mse(vel.action, eps_a - actions)
             loss = loss + fc.action_loss_weight * action_loss
             out.update(action_loss=action_loss, t_action=t_a)
         out["loss"] = loss
@@ -231,7 +239,7 @@ class MotusModel(nn.Module):
         state: torch.Tensor | None = None,
         understanding: UnderstandingContext | None = None,
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         action_stream: bool = True,
     ) -> SampleResult:
         """video_latents: [B, C, F, h, w]; frame 0 is the observation. Its future frames are read only when
@@ -255,12 +263,12 @@ class MotusModel(nn.Module):
             future = video_latents[:, :, 1:]
         else:
             shape = (b, video_latents.shape[1], f - 1, *video_latents.shape[3:])
-            future = torch.randn(shape, generator=generator, device=dev, dtype=video_latents.dtype)
+            future = draw("randn", shape, generator, dev, video_latents.dtype)
         a_shape = (b, cfg.action.chunk, cfg.action.action_dim)
         if m.action == "clean":
             act = actions
         else:
-            act = torch.randn(a_shape, generator=generator, device=dev, dtype=video_latents.dtype)
+            act = draw("randn", a_shape, generator, dev, video_latents.dtype)
         if not action_stream:
             if m.action != "noise":
                 raise ValueError(f"mode '{mode}' uses actions; action_stream=False only suits modes that ignore them (vgm)")
@@ -312,10 +320,14 @@ class MotusModel(nn.Module):
             raise ValueError("the action expert is in pretrain mode (latent actions, no state): pass state=None")
 
     def _check_text(self, text: torch.Tensor, b: int) -> torch.Tensor:
-        d = self.config.video["text_dim"]
+        """T5 features, zero-padded to exactly `text_len` tokens as Wan pads them: the cross-attention has no
+        mask, so a fixed length is what keeps a sample's output independent of its batch-mates' instructions."""
+        d, n = self.config.video["text_dim"], self.config.text_len
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != d:
             raise ValueError(f"text_embeds must be [B={b}, L, text_dim={d}] (T5 features), got {tuple(text.shape)}")
-        return text
+        if text.shape[1] > n:
+            raise ValueError(f"text_embeds has {text.shape[1]} tokens, more than the model's text_len={n}")
+        return torch.nn.functional.pad(text, (0, 0, 0, n - text.shape[1])) if text.shape[1] < n else text
 
     # --- persistence --------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -53,6 +53,41 @@ class FlowConfig:
     inference_shift: float = 5.0
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What one training sample spans, as the official configs set it (one name per setting).
+
+    num_frames pixel frames (1 condition + future, 1 + 4k for the Wan VAE's temporal stride 4) at height x width;
+    `chunk` actions at the control rate, `downsample` stored frames apart; so `chunk / (num_frames - 1)` actions
+    fall between two future frames (the video/action ratio: action-dense, video-sparse).
+    """
+
+    name: str
+    num_frames: int
+    height: int
+    width: int
+    chunk: int
+    downsample: int
+
+    @property
+    def ratio(self) -> int:
+        return self.chunk // (self.num_frames - 1)
+
+
+GEOMETRIES: dict[str, Geometry] = {
+    # official RoboTwin config: 1 + 8 frames (3 latent frames), 16 actions, ratio 2, every 3rd stored frame
+    "robotwin": Geometry("robotwin", num_frames=9, height=384, width=320, chunk=16, downsample=3),
+    # official AC-One / Agilex / LeRobot configs: the same frames, 48 actions at every stored frame, ratio 6
+    "ac-one": Geometry("ac-one", num_frames=9, height=384, width=320, chunk=48, downsample=1),
+    # the CPU preset: 1 + 4 frames (2 latent frames) at 64x64, 8 actions, ratio 2
+    "tiny": Geometry("tiny", num_frames=5, height=64, width=64, chunk=8, downsample=3),
+}
+
+
+def geometry_names() -> list[str]:
+    return sorted(GEOMETRIES)
+
+
 @dataclass
 class MotusConfig:
     preset: str
@@ -69,6 +104,13 @@ class MotusConfig:
     height: int = 64
     width: int = 64
     vlm_image_size: int = 64  # the VLM sees the conditioning frame resized to this square
+    # The geometry these sizes came from (a GEOMETRIES name, or "custom" once a size is overridden) and the
+    # stored frames between consecutive actions it trains with: the window loader and the closed loop read it.
+    geometry: str = "custom"
+    downsample: int = 3
+    # T5 context length: every instruction is zero-padded (or cut) to exactly this many tokens, as Wan 2.2 was
+    # trained (512). A fixed length keeps a sample's prediction independent of what it is batched with.
+    text_len: int = 512
     # Local pretrained weights (never downloaded). None = random init (fine for tiny, refused for full).
     weights: dict[str, str | None] = field(
         default_factory=lambda: {"video": None, "vae": None, "vlm": None, "text": None})
@@ -81,6 +123,19 @@ class MotusConfig:
     @property
     def latent_frames(self) -> int:
         return 1 + (self.num_frames - 1) // int(self.vae["scale_factor_temporal"])
+
+    @property
+    def video_action_ratio(self) -> int:
+        return self.action.chunk // (self.num_frames - 1)
+
+    def apply_geometry(self, name: str) -> MotusConfig:
+        """Set frames, image size, chunk and downsample from a named geometry (in place; returns self)."""
+        if name not in GEOMETRIES:
+            raise ValueError(f"unknown geometry '{name}'; expected one of {geometry_names()}")
+        g = GEOMETRIES[name]
+        self.num_frames, self.height, self.width = g.num_frames, g.height, g.width
+        self.action.chunk, self.downsample, self.geometry = g.chunk, g.downsample, g.name
+        return self
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -124,6 +179,13 @@ class MotusConfig:
             errors.append(f"understanding.vlm_hidden={self.understanding.vlm_hidden} must equal the VLM hidden size {text_hidden}")
         if self.action.chunk < 1:
             errors.append(f"action.chunk={self.action.chunk} must be >= 1")
+        elif self.num_frames > 1 and self.action.chunk % (self.num_frames - 1):
+            errors.append(f"action.chunk={self.action.chunk} must be a multiple of the {self.num_frames - 1} future "
+                          f"frames (num_frames - 1), so each future frame has the same number of actions")
+        if self.text_len < 1:
+            errors.append(f"text_len={self.text_len} must be >= 1")
+        if self.downsample < 1:
+            errors.append(f"downsample={self.downsample} must be >= 1")
         if errors:
             raise ValueError("invalid Motus model config:\n  " + "\n  ".join(errors))
 
@@ -185,8 +247,8 @@ def tiny() -> MotusConfig:
         action=ActionExpertConfig(dim=32, ffn_dim=64, num_layers=layers, chunk=8, num_registers=4),
         understanding=UnderstandingExpertConfig(dim=16, ffn_dim=32, num_layers=layers, vlm_hidden=32),
         flow=FlowConfig(inference_steps=4),
-        num_frames=5, height=64, width=64, vlm_image_size=64,  # 1 observation + K/2 future frames
-    )
+        vlm_image_size=64, text_len=96,  # byte-level stand-in: 96 bytes hold every shipped instruction
+    ).apply_geometry("tiny")
 
 
 def full() -> MotusConfig:
@@ -217,8 +279,8 @@ def full() -> MotusConfig:
         action=ActionExpertConfig(dim=1024, ffn_dim=4096, num_layers=30, chunk=16, num_registers=4),
         understanding=UnderstandingExpertConfig(dim=512, ffn_dim=2048, num_layers=30, vlm_hidden=2048),
         flow=FlowConfig(inference_steps=10),
-        num_frames=5, height=384, width=320, vlm_image_size=384,  # 1 observation + K/4 future frames (official)
-    )
+        vlm_image_size=384, text_len=512,
+    ).apply_geometry("robotwin")
 
 
 def small() -> MotusConfig:
@@ -229,6 +291,7 @@ def small() -> MotusConfig:
     cfg.action = ActionExpertConfig(dim=128, ffn_dim=512, num_layers=4, chunk=16, num_registers=4)
     cfg.understanding = UnderstandingExpertConfig(dim=64, ffn_dim=256, num_layers=4, vlm_hidden=32)
     cfg.height = cfg.width = 128
+    cfg.geometry = "custom"
     return cfg
 
 
@@ -267,15 +330,18 @@ def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) 
 def config_from_params(section: Any) -> MotusConfig:
     """The `model:` section of params.yaml (a `motus.config.ModelConfig`) -> a validated MotusConfig.
 
-    Named fields (action_dim, chunk, frames, weights, flow) are applied first, then free-form `overrides`.
+    The named geometry first, then named fields (action_dim, chunk, frames, weights, flow), then free-form
+    `overrides`. A chunk or frame count that differs from the geometry's makes the geometry "custom".
     """
     cfg = PRESETS[section.preset]() if section.preset in PRESETS else build_config(section.preset)
     cfg.action.action_dim = section.action_dim
     cfg.action.state_dim = section.state_dim
-    if section.action_chunk is not None:
-        cfg.action.chunk = section.action_chunk
-    if section.num_video_frames is not None:
-        cfg.num_frames = section.num_video_frames
+    if section.geometry is not None:
+        cfg.apply_geometry(section.geometry)
+    if section.action_chunk is not None and section.action_chunk != cfg.action.chunk:
+        cfg.action.chunk, cfg.geometry = section.action_chunk, "custom"
+    if section.num_video_frames is not None and section.num_video_frames != cfg.num_frames:
+        cfg.num_frames, cfg.geometry = section.num_video_frames, "custom"
     cfg.weights = {k: (str(v) if v is not None else None) for k, v in section.weights.model_dump().items()}
     for k, v in section.flow.model_dump().items():
         setattr(cfg.flow, k, v)

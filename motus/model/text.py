@@ -7,10 +7,14 @@ Either way the output is [B, L, text_dim] with positions past each instruction z
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 from .vlm import _Frozen, _require_dir
+
+log = logging.getLogger(__name__)
 
 
 class FrozenTextEncoder(_Frozen):
@@ -18,6 +22,7 @@ class FrozenTextEncoder(_Frozen):
         super().__init__()
         self.text_dim, self.max_len, self.weights = text_dim, max_len, weights
         self.tokenizer = None
+        self._warned: set[str] = set()
         if weights:
             from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -35,16 +40,27 @@ class FrozenTextEncoder(_Frozen):
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> torch.Tensor:
+        """[B, max_len, text_dim]: every instruction padded to the same fixed length (zeros past its end), so an
+        instruction's context never depends on the longest instruction in its batch."""
         device = next(self.model.parameters()).device
         if self.tokenizer is not None:
-            tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+            self._warn_cut(texts, [len(i) for i in self.tokenizer(texts)["input_ids"]])
+            tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len,
+                                 return_tensors="pt")
             out = self.model(input_ids=tok.input_ids.to(device), attention_mask=tok.attention_mask.to(device))
             return (out.last_hidden_state * tok.attention_mask.to(device)[..., None]).float()
-        ids = [list(t.encode("utf-8"))[: self.max_len] or [256] for t in texts]
-        width = max(len(i) for i in ids)
-        batch = torch.zeros(len(ids), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(ids), width, 1, device=device)
+        ids = [list(t.encode("utf-8")) or [256] for t in texts]
+        self._warn_cut(texts, [len(i) for i in ids])
+        batch = torch.zeros(len(ids), self.max_len, dtype=torch.long, device=device)
+        mask = torch.zeros(len(ids), self.max_len, 1, device=device)
         for row, seq in enumerate(ids):
+            seq = seq[: self.max_len]
             batch[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         return self.model(batch) * mask
+
+    def _warn_cut(self, texts: list[str], lengths: list[int]) -> None:
+        for text, n in zip(texts, lengths, strict=True):
+            if n > self.max_len and text not in self._warned:
+                self._warned.add(text)
+                log.warning("instruction of %d tokens cut to the model's text_len=%d: %r", n, self.max_len, text)

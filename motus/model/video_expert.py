@@ -15,6 +15,7 @@ import torch.nn as nn
 from diffusers import WanTransformer3DModel
 
 from .joint_attention import apply_rotary
+from .layers import full_precision
 
 
 class VideoExpert(nn.Module):
@@ -38,13 +39,15 @@ class VideoExpert(nn.Module):
         """latents [B, C, F, h, w], t_tokens [B, L] in [0, 1] -> tokens, rotary, temb, tproj."""
         tr = self.transformer
         rotary = tr.rope(latents)
-        x = tr.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        # the residual stream keeps the weights' dtype (fp32 master weights under bf16 autocast, as Wan does)
+        wdtype = tr.patch_embedding.weight.dtype
+        x = tr.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous().to(wdtype)
         ce = tr.condition_embedder
         b, n = t_tokens.shape
-        tfeat = ce.timesteps_proj((t_tokens * 1000.0).flatten()).unflatten(0, (b, n))
-        tfeat = tfeat.to(next(ce.time_embedder.parameters()).dtype)
-        temb = ce.time_embedder(tfeat).type_as(x)
-        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, L, 6, dim]
+        with full_precision(latents.device):
+            tfeat = ce.timesteps_proj((t_tokens.float() * 1000.0).flatten()).unflatten(0, (b, n))
+            temb = ce.time_embedder(tfeat.to(next(ce.time_embedder.parameters()).dtype))
+            tproj = ce.time_proj(ce.act_fn(temb)).unflatten(2, (6, -1))  # [B, L, 6, dim]
         return x, rotary, temb, tproj
 
     def tokens_per_frame(self, h: int, w: int) -> int:
@@ -59,8 +62,8 @@ class VideoExpert(nn.Module):
         blk = self.blocks[i]
         h = (blk.norm1(x.float()) * (1 + mod[1]) + mod[0]).type_as(x)
         attn = blk.attn1
-        q = attn.norm_q(attn.to_q(h)).unflatten(2, (self.heads, -1))
-        k = attn.norm_k(attn.to_k(h)).unflatten(2, (self.heads, -1))
+        q = attn.norm_q(attn.to_q(h).float()).unflatten(2, (self.heads, -1))  # QK-norm in fp32 (autocast: bf16 in)
+        k = attn.norm_k(attn.to_k(h).float()).unflatten(2, (self.heads, -1))
         v = attn.to_v(h).unflatten(2, (self.heads, -1))
         cos, sin = rotary
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v

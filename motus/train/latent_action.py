@@ -27,8 +27,11 @@ from ..data.flow import episode_flow_images, make_flow_model
 from ..data.loader import split_episodes
 from ..data.tier import Tier
 from ..model.latent_action import LatentActionVAE, build_latent_action_config
-from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
 from .loop import JobContext, _mean_across_ranks
+from .precision import autocast, check_resume
+from .precision import resolve as resolve_precision
+from .precision import setting_for as precision_setting
 from .tracking import NullTracker, Tracker
 
 log = logging.getLogger("motus.latent_action")
@@ -268,8 +271,11 @@ def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 25
 
 class LatentActionJob:
     def __init__(self, params: Any, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, precision: str | None = None):
         self.params, self.la, self.ctx = params, params.latent_action, ctx
+        setting, source = precision_setting(params, self.la, precision)
+        source = "latent_action.precision" if source.startswith("precision (job") else source
+        self.precision = resolve_precision(setting, ctx.device, source=source)
         self.run_dir = Path(run_dir)
         self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()
         self.max_steps, self.seed = max_steps, params.project.seed
@@ -291,16 +297,17 @@ class LatentActionJob:
         opt = torch.optim.AdamW(self.model.parameters(), lr=la.lr, betas=(0.9, 0.95), weight_decay=la.weight_decay)
         warm = la.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        # no DeepSpeed "bf16" section: bf16 is autocast over fp32 master weights (see motus/train/precision.py)
         ds = {"train_batch_size": la.batch_size, "train_micro_batch_size_per_gpu": la.batch_size // self.ctx.world,
               "gradient_accumulation_steps": 1, "gradient_clipping": la.grad_clip,
               "zero_optimization": {"stage": la.zero_stage}, "steps_per_print": 10**9}
-        if self.ctx.device.type == "cuda":
-            ds["bf16"] = {"enabled": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
         self.resumed_from = find_latest_complete(self.run_dir / "checkpoints")
         self.start_step, self.wall_before = 0, 0.0
         if self.resumed_from is not None:
+            check_resume(CheckpointManifest.read(self.resumed_from).extra.get("precision"), self.precision,
+                         self.resumed_from)
             m = load_checkpoint(self.engine, self.resumed_from)
             if m.config_hash != self.config_hash:
                 raise ValueError(f"{self.resumed_from} was written with another config; use a new --run-dir")
@@ -312,6 +319,7 @@ class LatentActionJob:
         if ctx.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tr.set_tags({"job": "latent-action", "config_hash": self.config_hash, "device": ctx.device_type,
+                         "precision": self.precision,
                          "registered_model": la.registered_model})
             if self.resumed_from is None:
                 tr.log_params({"latent_action": la.model_dump(mode="json"), "tiers": self.tiers})
@@ -329,8 +337,9 @@ class LatentActionJob:
             b = self.train_pairs.batch(self.seed, list(range(first, first + micro)), la.labelled_fraction,
                                        self.model.config.latent_dim)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + ctx.rank)
-            out = self.engine(b["flow"].to(ctx.device), b["actions"].to(ctx.device), b["mask"].to(ctx.device),
-                              generator=g)
+            with autocast(self.precision, ctx.device):
+                out = self.engine(b["flow"].to(ctx.device), b["actions"].to(ctx.device), b["mask"].to(ctx.device),
+                                  generator=g)
             self.engine.backward(out["loss"])
             self.engine.step()
             vals = _mean_across_ranks({k: float(out[k].detach()) for k in ("loss", "recon_loss", "action_loss", "kl")},
@@ -350,7 +359,7 @@ class LatentActionJob:
                 last = save_checkpoint(self.engine, self.run_dir / "checkpoints", done, stage="latent-action",
                                        data_position=done * la.batch_size, config_hash=self.config_hash,
                                        parent=None, wall_seconds=self.wall_before + time.perf_counter() - t_start,
-                                       extra={"mlflow_run_id": tr.run_id})
+                                       extra={"mlflow_run_id": tr.run_id, "precision": self.precision})
         wall = self.wall_before + time.perf_counter() - t_start
         result = {"steps": end, "export": None, "wall_seconds": wall}
         if ctx.rank == 0:
@@ -384,6 +393,7 @@ class LatentActionJob:
         self.engine.module.save_pretrained(out)
         lineage = {"job": "latent-action", "registered_model": self.la.registered_model, "config_hash": self.config_hash,
                    "checkpoint": str(checkpoint) if checkpoint else None, "device_hours": hours,
+                   "precision": self.precision,
                    "flow_features": {t: self.train_pairs.flows[t].manifest["content_hash"] for t in self.tiers},
                    "tiers": {t: self.train_pairs.tiers[t].content_hash for t in self.tiers},
                    "mlflow_run_id": self.tracker.run_id}
@@ -392,12 +402,13 @@ class LatentActionJob:
         return out
 
 
-def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None, max_steps: int | None = None):
+def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None, max_steps: int | None = None,
+                      precision: str | None = None):
     from .loop import init_distributed
 
     ctx = init_distributed()
     try:
-        return LatentActionJob(params, run_dir, ctx, tracker, max_steps).run()
+        return LatentActionJob(params, run_dir, ctx, tracker, max_steps, precision).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

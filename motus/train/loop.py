@@ -27,9 +27,12 @@ from ..data.tier import Tier
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
-from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
 from .inputs import window_inputs
 from .parent import load_parent
+from .precision import autocast, check_resume
+from .precision import resolve as resolve_precision
+from .precision import setting_for as precision_setting
 from .recipe import StageRecipe, check_ready, lr_lambda, model_config_for, recipe_from_params
 from .tracking import NullTracker, Tracker
 
@@ -108,10 +111,14 @@ def _mean_across_ranks(values: dict[str, float], ctx: JobContext) -> dict[str, f
 
 class StageJob:
     def __init__(self, params: Any, stage: str | int, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
-                 init_from: str | None = None, max_steps: int | None = None):
+                 init_from: str | None = None, max_steps: int | None = None, precision: str | None = None):
         self.params, self.ctx = params, ctx
         self.recipe: StageRecipe = recipe_from_params(params, stage)
         self.s = self.recipe.settings
+        setting, source = precision_setting(params, self.s, precision)
+        if source.startswith("precision (job"):
+            source = f"stages.{self.recipe.name}.precision"
+        self.precision = resolve_precision(setting, ctx.device, source=source)
         self.run_dir = Path(run_dir)
         self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()
         self.init_from = init_from
@@ -133,7 +140,8 @@ class StageJob:
             torch.manual_seed(self.seed + 1)
             w = cfg.weights
             self.vae = FrozenVAE(cfg.vae, w.get("vae")).to(self.ctx.device)
-            self.text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), seed=self.seed + 2).to(self.ctx.device)
+            self.text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), max_len=cfg.text_len,
+                                          seed=self.seed + 2).to(self.ctx.device)
             self.vlm = FrozenVLM(cfg.vlm, w.get("vlm")).to(self.ctx.device) if self.recipe.uses_understanding else None
         self.cfg = cfg
         self._build_data()
@@ -184,8 +192,9 @@ class StageJob:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        if self.ctx.device.type == "cuda":
-            cfg["bf16"] = {"enabled": True}
+        # No DeepSpeed "bf16" section, whatever the precision: it would cast the module to bf16. bf16 here is
+        # autocast over fp32 master weights (motus/train/precision.py), so the engine, its gradients and the
+        # optimizer states stay fp32 and a checkpoint restores on either precision's code path.
         return cfg
 
     def initialize(self) -> None:
@@ -201,6 +210,8 @@ class StageJob:
             model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config())
         self.start_step, self.wall_before = 0, 0.0
         if self.resumed_from is not None:
+            check_resume(CheckpointManifest.read(self.resumed_from).extra.get("precision"), self.precision,
+                         self.resumed_from)
             m = load_checkpoint(self.engine, self.resumed_from)
             if m.config_hash != self.config_hash:
                 raise ValueError(f"{self.resumed_from} was written with config {m.config_hash[:12]}, this job's is "
@@ -245,7 +256,8 @@ class StageJob:
             inputs = self._inputs(self._batch(step))
             if flops_per_step is None:
                 flops_per_step = self._count_flops(inputs, step)
-            out = self.engine.module.training_loss(**inputs, generator=self._noise(step))
+            with autocast(self.precision, ctx.device):
+                out = self.engine.module.training_loss(**inputs, generator=self._noise(step))
             self.engine.backward(out["loss"])
             self.engine.step()
             dt = time.perf_counter() - t0
@@ -265,7 +277,8 @@ class StageJob:
                     self.engine, self.run_dir / "checkpoints", done, stage=self.recipe.name,
                     data_position=done * s.batch_size, config_hash=self.config_hash, parent=self.init_from,
                     wall_seconds=wall, keep_last=s.keep_checkpoints,
-                    extra={"mlflow_run_id": tr.run_id, "normalization": self.normalization})
+                    extra={"mlflow_run_id": tr.run_id, "normalization": self.normalization,
+                           "precision": self.precision})
         wall = self.wall_before + time.perf_counter() - t_start
         hours = ctx.nodes * (ctx.world // ctx.nodes) * wall / 3600
         export = None
@@ -287,11 +300,13 @@ class StageJob:
         resolved = resolved_dict(self.params)
         (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
         tr.set_tags({"stage": self.recipe.name, "stage.number": str(self.recipe.stage), "config_hash": self.config_hash,
+                     "precision": self.precision,
                      "device": self.ctx.device_type, "world_size": str(self.ctx.world), "nodes": str(self.ctx.nodes),
                      "parent": str(self.init_from or ""), "registered_model": s.registered_model})
         if self.resumed_from is None:
             tr.log_params({"params": resolved, "job": {"stage": self.recipe.name, "world_size": self.ctx.world,
-                                                       "device": self.ctx.device_type, "init_from": self.init_from}})
+                                                       "device": self.ctx.device_type, "init_from": self.init_from,
+                                                       "precision": self.precision}})
             tr.log_artifact(self.run_dir / "config.json", "config")
             for name, tier in self.tiers.items():
                 digest = self._tier_digest(name, tier)
@@ -320,7 +335,7 @@ class StageJob:
         from torch.utils.flop_counter import FlopCounterMode
 
         try:
-            with FlopCounterMode(display=False) as fc, torch.no_grad():
+            with FlopCounterMode(display=False) as fc, torch.no_grad(), autocast(self.precision, self.ctx.device):
                 self.engine.module.training_loss(**inputs, generator=self._noise(step, salt=1))
             return 3.0 * fc.get_total_flops()  # forward + backward ~ 3x forward
         except Exception:  # noqa: BLE001 - MFU is an estimate; never fail a job over it
@@ -407,11 +422,12 @@ class StageJob:
             if a is not None:
                 eps_a = torch.randn(a.shape, generator=g, device=a.device)
                 noisy_a = (1 - t) * a + t * eps_a
-            vel = model(noisy, t_frames, inputs["text_embeds"], noisy_a, tv if a is not None else None,
-                        inputs.get("state"), inputs.get("understanding"))
-            out[f"val/video_loss_t{t}"] = float(((vel.video[:, :, 1:] - (eps - x0)[:, :, 1:]) ** 2).mean())
+            with autocast(self.precision, self.ctx.device):  # the model as it trains: same precision
+                vel = model(noisy, t_frames, inputs["text_embeds"], noisy_a, tv if a is not None else None,
+                            inputs.get("state"), inputs.get("understanding"))
+            out[f"val/video_loss_t{t}"] = float(((vel.video[:, :, 1:].float() - (eps - x0)[:, :, 1:]) ** 2).mean())
             if a is not None:
-                out[f"val/action_loss_t{t}"] = float(((vel.action - (eps_a - a)) ** 2).mean())
+                out[f"val/action_loss_t{t}"] = float(((vel.action.float() - (eps_a - a)) ** 2).mean())
         out["val/video_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/video_loss_t")]))
         if a is not None:
             out["val/action_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/action_loss_t")]))
@@ -421,13 +437,15 @@ class StageJob:
         out: dict[str, float] = {}
         common = dict(video_latents=inputs["video_latents"], text_embeds=inputs["text_embeds"],
                       state=inputs.get("state"), understanding=inputs.get("understanding"))
-        if self.recipe.uses_actions:
-            vla = model.sample("vla", **common, generator=self._noise(0, salt=7))
-            out["val/vla_action_mse"] = float(((vla.actions - inputs["actions"]) ** 2).mean())
-            wm = model.sample("wm", **common, actions=inputs["actions"], generator=self._noise(0, salt=8))
-        else:
-            wm = model.sample("vgm", **dict(common, state=None), generator=self._noise(0, salt=8), action_stream=False)
-        pred = (self.vae.decode(wm.video_latents) + 1) / 2
+        with autocast(self.precision, self.ctx.device):
+            if self.recipe.uses_actions:
+                vla = model.sample("vla", **common, generator=self._noise(0, salt=7))
+                out["val/vla_action_mse"] = float(((vla.actions.float() - inputs["actions"]) ** 2).mean())
+                wm = model.sample("wm", **common, actions=inputs["actions"], generator=self._noise(0, salt=8))
+            else:
+                wm = model.sample("vgm", **dict(common, state=None), generator=self._noise(0, salt=8),
+                                  action_stream=False)
+        pred = (self.vae.decode(wm.video_latents.float()) + 1) / 2
         real = (self.vae.decode(inputs["video_latents"]) + 1) / 2
         mse = float(((pred[:, :, 1:] - real[:, :, 1:]) ** 2).mean())
         out["val/wm_video_mse"] = mse
@@ -467,6 +485,7 @@ class StageJob:
             "tiers": {n: {"level": t.manifest["level"], "digest": self._tier_digest(n, t),
                           "content_hash": t.content_hash, "weight": self.recipe.tiers[n]} for n, t in self.tiers.items()},
             "normalization": self.normalization, "device_hours": hours, "wall_seconds": wall,
+            "precision": self.precision,
             "device_type": self.ctx.device_type, "mlflow_run_id": self.tracker.run_id,
         }
         (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
@@ -477,10 +496,10 @@ class StageJob:
 
 
 def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | None = None,
-              init_from: str | None = None, max_steps: int | None = None) -> StageResult:
+              init_from: str | None = None, max_steps: int | None = None, precision: str | None = None) -> StageResult:
     ctx = init_distributed()
     try:
-        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps).run()
+        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps, precision).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
