@@ -1,7 +1,10 @@
 """Latent actions end to end: flow features -> the VAE job (DeepSpeed, 2 processes) -> export -> Stage 2."""
 
 import json
+import os
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -31,11 +34,13 @@ def test_flow_train_export_then_stage2(project):  # noqa: F811 - the fixture imp
     tiers = list(params.stages["stage2"].tiers)
 
     run(project, "latent-action", "flow")
-    run(project, "latent-action", "train", "--nproc", "2", "--run-dir", "runs/lam")
+    run(project, "latent-action", "train", "--nproc", "2", "--run-dir", "runs/lam", "--precision", "bf16")
     lam = project / "runs" / "lam"
     recon = [json.loads(x)["lam/train/recon_loss"] for x in (lam / "metrics.jsonl").read_text().splitlines()
              if "lam/train/recon_loss" in x]
+    assert np.isfinite(recon).all() and len(recon) == 12
     assert np.mean(recon[-3:]) < np.mean(recon[:3])  # reconstruction loss falls
+    assert json.loads((lam / "checkpoints" / "step-000012" / "manifest.json").read_text())["extra"]["precision"] == "bf16"
     metrics = [json.loads(x) for x in (lam / "metrics.jsonl").read_text().splitlines()]
     assert any("lam/recon_psnr" in m for m in metrics)
     assert (lam / "checkpoints" / "step-000012" / "manifest.json").exists()
@@ -52,6 +57,41 @@ def test_flow_train_export_then_stage2(project):  # noqa: F811 - the fixture imp
     run(project, "train", "--stage", "2", "--nproc", "2", "--run-dir", "runs/s2", "--no-track")
     assert sorted(losses(project / "runs" / "s2")) == list(range(1, 9))
     assert (project / "runs" / "s2" / "export" / "model.safetensors").exists()
+
+
+def lam_losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "lam/train/loss" in rec:
+            out[rec["step"]] = rec["lam/train/loss"]
+    return out
+
+
+def test_latent_action_job_killed_then_resumed_matches_and_refuses_another_precision(project):  # noqa: F811
+    """Runs after the test above (same module project: flow features and the uninterrupted bf16 run exist)."""
+    straight = lam_losses(project / "runs" / "lam")
+    run_dir = project / "runs" / "lam-killed"
+    cmd = [str(MOTUS), "latent-action", "train", "--nproc", "2", "--run-dir", str(run_dir), "--precision", "bf16"]
+    proc = subprocess.Popen(cmd, cwd=project, env=env_for(project), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step-000006").exists():
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "step-000012").exists(), "finished before the kill landed"
+    run(project, "latent-action", "train", "--nproc", "2", "--run-dir", str(run_dir), "--precision", "bf16")
+    resumed = lam_losses(run_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(7, 13):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+    r = subprocess.run([*cmd[:-1], "fp32"], cwd=project, env=env_for(project), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "written with precision bf16; this job runs fp32" in r.stdout + r.stderr
 
 
 def test_r2_and_probe_on_known_data():

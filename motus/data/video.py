@@ -38,8 +38,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
+
+try:
+    import av
+except ModuleNotFoundError:  # a bare GPU node runs npz tiers without PyAV; mp4 then fails naming what is missing
+    class _NoPyAV:
+        def __getattr__(self, name: str):
+            raise ModuleNotFoundError("mp4 video needs PyAV (`pip install av`); npz tiers (data.codec: npz) do not")
+
+    av = _NoPyAV()
 
 __all__ = [
     "VideoDecodeError", "DecodedVideo", "encode_mp4", "decode_mp4", "read_video", "encode_frames",
