@@ -59,14 +59,53 @@ class FrozenVLM(_Frozen):
     def tokenize(self, text: str) -> list[int]:
         """The real tokenizer when weights are local; a byte-level stand-in for the random tiny VLM."""
         if self.weights:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.weights, local_files_only=True)
-            return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self._load_tokenizer()(text, add_special_tokens=False)["input_ids"]
         vocab = self.config.text_config.vocab_size
         reserved = min(self.config.image_token_id, self.config.vision_start_token_id)
         return [1 + (b % (min(vocab, reserved) - 1)) for b in text.encode("utf-8")]
+
+    def prompt_ids(self, text: str, image_tokens: int) -> list[int]:
+        """The VLM's token ids for one image + instruction.
+
+        Real weights: the Qwen3-VL chat template (the weights folder's `chat_template.jinja` /
+        `chat_template.json`, else the tokenizer's) renders a user turn holding the image and the instruction,
+        and the image placeholder is expanded to the image's merged patch count, as Qwen3-VL's processor does
+        (its fast image processor needs torchvision, which GPU nodes often lack; the PIL one feeds the pixels).
+        The random tiny VLM: vision markers, image tokens, then the byte-level instruction."""
+        if not self.weights:
+            c = self.config
+            return [c.vision_start_token_id, *[c.image_token_id] * image_tokens, c.vision_end_token_id,
+                    *self.tokenize(text)]
+        tok = self._load_tokenizer()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = tok.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
+                                         add_generation_prompt=False)
+        pad = tok.convert_ids_to_tokens(self.config.image_token_id)
+        if prompt.count(pad) != 1:
+            raise ValueError(f"weights.vlm: the chat template rendered {prompt.count(pad)} image placeholders "
+                             f"('{pad}') for one image; expected exactly one")
+        return tok(prompt.replace(pad, pad * image_tokens), add_special_tokens=False)["input_ids"]
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.weights, local_files_only=True)
+        return self._tokenizer
+
+    def _chat_template(self) -> str:
+        root = Path(self.weights)
+        if (root / "chat_template.jinja").exists():
+            return (root / "chat_template.jinja").read_text()
+        if (root / "chat_template.json").exists():
+            import json
+
+            return json.loads((root / "chat_template.json").read_text())["chat_template"]
+        template = getattr(self._load_tokenizer(), "chat_template", None)
+        if not template:
+            raise FileNotFoundError(f"weights.vlm: '{root}' has no chat template (chat_template.jinja, "
+                                    f"chat_template.json or the tokenizer's); a Qwen3-VL release ships one")
+        return template
 
     def prepare(self, images: torch.Tensor, instructions: list[str], image_size: int) -> dict[str, torch.Tensor]:
         """images [B, 3, H, W] (uint8 or float in [0, 1]) + one instruction each -> right-padded VLM inputs."""
@@ -85,11 +124,8 @@ class FrozenVLM(_Frozen):
             arr = (arr.clamp(0, 1) * 255).round().to(torch.uint8)
         batch = proc(images=[np.ascontiguousarray(a.permute(1, 2, 0).numpy()) for a in arr], return_tensors="pt")
         merge = vc.spatial_merge_size**2
-        seqs = []
-        for grid, text in zip(batch["image_grid_thw"], instructions, strict=True):
-            n_img = int(grid.prod()) // merge
-            ids = [self.config.vision_start_token_id] + [self.config.image_token_id] * n_img
-            seqs.append(ids + [self.config.vision_end_token_id] + self.tokenize(text))
+        seqs = [self.prompt_ids(text, int(grid.prod()) // merge)
+                for grid, text in zip(batch["image_grid_thw"], instructions, strict=True)]
         width = max(len(s) for s in seqs)
         input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
