@@ -308,6 +308,7 @@ def test_window_spec_from_params_follows_the_model():
     assert (spec.chunk, spec.video_action_ratio, spec.downsample) == (8, 2, 3)
     assert spec.future_frames == tiny.num_frames - 1 and spec.image_size == (64, 64)
     full = build_config("full")
-    assert window_spec_from_params(WindowConfig(), full).video_action_ratio == 4  # the official 16 actions : 4 frames
+    spec = window_spec_from_params(WindowConfig(), full)  # the official RoboTwin geometry: 16 actions : 8 frames
+    assert (spec.chunk, spec.video_action_ratio, spec.downsample, spec.future_frames) == (16, 2, 3, 8)
     with pytest.raises(ValueError, match="data.window.video_action_ratio=4"):
         window_spec_from_params(WindowConfig(video_action_ratio=4), tiny)
