@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is pinned to the CPU build where no CUDA is present; GPU machines keep the pyproject range.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean gpu-wheelhouse gpu-check
 
 setup: $(STAMP)
 
@@ -41,6 +41,24 @@ bench: setup
 	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/pipeline.py
+
+# The offline bundle for air-gapped GPU nodes (CPython 3.12): $(GPU_CHECK)/{wheels,run.sh,gpu_check.py,...}.
+# Downloads once into .cache/gpu-check/; later builds are offline and take seconds.
+GPU_CHECK ?= build/gpu-check
+gpu-wheelhouse: setup
+	$(BIN)/python infra/gpu-check/build_wheelhouse.py --out $(GPU_CHECK)
+
+# `make gpu-check`: prepares the bundle; on a machine with CUDA it runs the check, without CUDA its dry mode
+# (small preset, bf16 autocast on the CPU, 3 steps) so CI proves the script. On a bare GPU node run the
+# bundle instead: copy $(GPU_CHECK)/ there, then `bash run.sh --out gpu-check.json` (README: GPU node).
+gpu-check: gpu-wheelhouse
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK)/result.json; \
+	else \
+		echo ">> no CUDA here: dry mode of the GPU check"; \
+		$(BIN)/python benchmarks/gpu_check.py --dry --out $(GPU_CHECK)/result.json; \
+	fi
+	@echo ">> result: $(GPU_CHECK)/result.json; on a GPU node: copy $(GPU_CHECK)/ there and run bash run.sh"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -38,7 +38,7 @@ from .tracking import NullTracker, Tracker
 
 log = logging.getLogger("motus.train")
 
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12}  # dense bf16, per device
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}  # dense bf16, per device
 
 
 @dataclass
@@ -89,7 +89,7 @@ def init_distributed() -> JobContext:
     if cuda:
         torch.cuda.set_device(local_rank)
         name = torch.cuda.get_device_name(local_rank)
-        device_type = "H100" if "H100" in name else "A100" if "A100" in name else name
+        device_type = next((k for k in PEAK_FLOPS if k in name), name)
         device = torch.device("cuda", local_rank)
     else:
         device_type, device = "cpu", torch.device("cpu")
