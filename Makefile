@@ -45,6 +45,7 @@ bench: setup
 # The offline bundle for air-gapped GPU nodes (CPython 3.12): $(GPU_CHECK)/{wheels,run.sh,gpu_check.py,...}.
 # Downloads once into .cache/gpu-check/; later builds are offline and take seconds.
 GPU_CHECK ?= build/gpu-check
+CHECK_PYTHON ?= $(BIN)/python
 gpu-wheelhouse: setup
 	$(BIN)/python infra/gpu-check/build_wheelhouse.py --out $(GPU_CHECK)
 
@@ -53,10 +54,10 @@ gpu-wheelhouse: setup
 # bundle instead: copy $(GPU_CHECK)/ there, then `bash run.sh --out gpu-check.json` (README: GPU node).
 gpu-check: gpu-wheelhouse
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK)/result.json; \
+		$(CHECK_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK)/result.json; \
 	else \
 		echo ">> no CUDA here: dry mode of the GPU check"; \
-		$(BIN)/python benchmarks/gpu_check.py --dry --out $(GPU_CHECK)/result.json; \
+		$(CHECK_PYTHON) benchmarks/gpu_check.py --dry --out $(GPU_CHECK)/result.json; \
 	fi
 	@echo ">> result: $(GPU_CHECK)/result.json; on a GPU node: copy $(GPU_CHECK)/ there and run bash run.sh"
 

@@ -222,6 +222,9 @@ class Stage(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(
+        False, description="Keep the fp32 optimizer partition (AdamW states) in host memory (ZeRO 1-3); what lets "
+        "full Stage 3 fit one 80 GB GPU (`motus model memory`).")
     registered_model: str = Field(
         min_length=1, description="MLflow registered model the result is logged to."
     )
@@ -243,6 +246,9 @@ class Stage(_Section):
                 "stage_actions",
                 "trains the action expert but action_source is 'none'; use 'latent' or 'real'",
             )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise PydanticCustomError(
+                "stage_offload", "offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO partitions what it offloads)")
         if self.warmup_steps > self.steps:
             raise PydanticCustomError(
                 "stage_warmup",

@@ -192,6 +192,11 @@ class StageJob:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if self.s.offload_optimizer:
+            # the optimizer partition and its step run on the host; torch's AdamW does that step (DeepSpeed's
+            # CPUAdam would need a compiled op), which DeepSpeed allows only with this flag
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": self.ctx.device.type == "cuda"}
+            cfg["zero_force_ds_cpu_optimizer"] = False
         # No DeepSpeed "bf16" section, whatever the precision: it would cast the module to bf16. bf16 here is
         # autocast over fp32 master weights (motus/train/precision.py), so the engine, its gradients and the
         # optimizer states stay fp32 and a checkpoint restores on either precision's code path.
