@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/mot_flops.py --preset full
 
 # The offline bundle for air-gapped GPU nodes (CPython 3.12): $(GPU_CHECK)/{wheels,run.sh,gpu_check.py,...}.
 # Downloads once into .cache/gpu-check/; later builds are offline and take seconds.
