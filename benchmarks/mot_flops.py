@@ -21,8 +21,8 @@ its input and of its weight); with activation checkpointing the forward is recom
 frozen VLM's forward is counted separately (`vlm_forward_flops`) and is not part of the MoT total; the T5
 encoder is assumed pre-encoded and the VAE is not counted.
 
-This module imports only the standard library, so it can be copied next to a GPU check script; the config it
-reads is a `motus.model.presets.MotusConfig` (or anything with the same fields).
+The token rules are `motus.model.tokens`, the ones `motus model memory` uses; this file has no other dependency
+on the project, so it travels next to the GPU check script (`make gpu-check`), where `motus` is installed.
 """
 
 from __future__ import annotations
@@ -30,91 +30,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
-if TYPE_CHECKING:
-    from motus.model.presets import MotusConfig
+from motus.model.presets import MotusConfig
+from motus.model.tokens import (  # the token rules the memory estimate uses too  # noqa: F401 - re-exported
+    DEFAULT_INSTRUCTION_TOKENS,
+    STAGES,
+    Tokens,
+    action_tokens,
+    check_stage,
+    encoder_mode_for,
+    stage_tokens,
+    understanding_tokens,
+    video_tokens,
+    vlm_image_side,
+    vlm_image_tokens,
+)
 
-STAGES = (1, 2, 3)
 EXPERTS = ("video", "action", "understanding")
-DEFAULT_INSTRUCTION_TOKENS = 32
-VISION_SPECIAL_TOKENS = 2  # <vision_start> and <vision_end> around the image tokens
-
-
-@dataclass(frozen=True)
-class TokenSet:
-    """Tokens per sample that one forward sees (0 = that expert is absent)."""
-
-    video: int
-    action: int
-    understanding: int
-    text: int
-
-    @property
-    def joint(self) -> int:
-        """Length of the joint attention sequence: every present expert's tokens, concatenated."""
-        return self.video + self.action + self.understanding
-
-
-def check_stage(stage: int) -> int:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-    return int(stage)
-
-
-def encoder_mode_for(stage: int) -> str | None:
-    """The action encoder's mode each stage trains with (None: Stage 1 feeds no action tokens)."""
-    return {1: None, 2: "pretrain", 3: "finetune"}[check_stage(stage)]
-
-
-def vlm_image_side(cfg: MotusConfig) -> int:
-    """Side of the square the Qwen-VL processor resizes the conditioning frame to (its smart_resize with
-    min_pixels = max_pixels = vlm_image_size^2): the nearest multiple of patch * merge that keeps the area."""
-    vc = cfg.vlm["vision_config"]
-    f = int(vc["patch_size"]) * int(vc["spatial_merge_size"])
-    s = int(cfg.vlm_image_size)
-    side = max(f, round(s / f) * f)
-    if side > s:
-        side = max(f, (s // f) * f)
-    elif side < s:
-        side = math.ceil(s / f) * f
-    return side
-
-
-def vlm_image_tokens(cfg: MotusConfig) -> int:
-    """Image tokens the VLM's language model sees: (side / (patch * merge))^2 after the 2x2 patch merger."""
-    vc = cfg.vlm["vision_config"]
-    per_side = vlm_image_side(cfg) // (int(vc["patch_size"]) * int(vc["spatial_merge_size"]))
-    return per_side * per_side
-
-
-def understanding_tokens(cfg: MotusConfig, instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS) -> int:
-    return vlm_image_tokens(cfg) + VISION_SPECIAL_TOKENS + int(instruction_tokens)
-
-
-def video_tokens(cfg: MotusConfig) -> int:
-    pt, ph, pw = (int(p) for p in cfg.video["patch_size"])
-    h, w = cfg.latent_hw
-    return (cfg.latent_frames // pt) * (h // ph) * (w // pw)
-
-
-def action_tokens(cfg: MotusConfig, mode: str) -> int:
-    a = cfg.action
-    if mode == "finetune":
-        return 1 + a.chunk + a.num_registers
-    if mode == "pretrain":
-        return a.chunk
-    raise ValueError(f"unknown action encoder mode '{mode}'; expected 'finetune' or 'pretrain'")
-
-
-def token_set(cfg: MotusConfig, stage: int, instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS) -> TokenSet:
-    """The tokens per sample a stage's training forward runs on."""
-    mode = encoder_mode_for(stage)
-    if mode is None:
-        return TokenSet(video_tokens(cfg), 0, 0, int(cfg.text_len))
-    return TokenSet(video_tokens(cfg), action_tokens(cfg, mode),
-                    understanding_tokens(cfg, instruction_tokens), int(cfg.text_len))
 
 
 def _mm(m: int, k: int, n: int) -> int:
@@ -123,12 +56,12 @@ def _mm(m: int, k: int, n: int) -> int:
 
 def mot_forward_breakdown(cfg: MotusConfig, batch_size: int, stage: int,
                           instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS,
-                          tokens: TokenSet | None = None) -> dict[str, int]:
+                          tokens: Tokens | None = None) -> dict[str, int]:
     """FLOPs of one MoT forward, keyed 'expert.part'. Joint-attention products are charged to the expert whose
     tokens are the queries (so the per-expert sums add up to the total). `tokens` overrides the stage's set
     (e.g. a different instruction length measured from a real batch)."""
     check_stage(stage)
-    t = tokens or token_set(cfg, stage, instruction_tokens)
+    t = tokens or stage_tokens(cfg, stage, instruction_tokens)
     b = int(batch_size)
     v = cfg.video
     d = int(v["num_attention_heads"]) * int(v["attention_head_dim"])  # Wan: model width = heads x head_dim
@@ -183,14 +116,14 @@ def _per_expert(breakdown: dict[str, int]) -> dict[str, int]:
 
 def mot_forward_flops(cfg: MotusConfig, batch_size: int, stage: int,
                       instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS,
-                      tokens: TokenSet | None = None) -> dict[str, int]:
+                      tokens: Tokens | None = None) -> dict[str, int]:
     """{'video', 'action', 'understanding', 'total'}: FLOPs of one MoT forward for `batch_size` samples."""
     return _per_expert(mot_forward_breakdown(cfg, batch_size, stage, instruction_tokens, tokens))
 
 
 def training_step_flops(cfg: MotusConfig, batch_size: int, stage: int, activation_checkpointing: bool = False,
                         instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS,
-                        tokens: TokenSet | None = None) -> dict[str, int]:
+                        tokens: Tokens | None = None) -> dict[str, int]:
     """Forward + backward (3x the forward; 4x with activation checkpointing, which reruns the forward).
 
     The convention slightly over-counts: the first matmul of each input path has no input gradient to compute,
@@ -207,11 +140,11 @@ _PER_LAYER = ("joint_qkvo", "joint_attention", "cross_qkvo", "cross_attention", 
 def exact_training_step_flops(cfg: MotusConfig, batch_size: int, stage: int,
                               activation_checkpointing: bool = False,
                               instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS,
-                              tokens: TokenSet | None = None) -> dict[str, int]:
+                              tokens: Tokens | None = None) -> dict[str, int]:
     """The training step as FlopCounterMode counts it on this code: 2x backward for every matmul and attention
     except the input layers' (1x: no input gradient), plus the per-layer forward again when checkpointing."""
     check_stage(stage)
-    t = tokens or token_set(cfg, stage, instruction_tokens)
+    t = tokens or stage_tokens(cfg, stage, instruction_tokens)
     fwd = mot_forward_breakdown(cfg, batch_size, stage, tokens=t)
     b = int(batch_size)
     v, a, u = cfg.video, cfg.action, cfg.understanding
@@ -283,7 +216,7 @@ def per_sample_report(cfg: MotusConfig, instruction_tokens: int = DEFAULT_INSTRU
     rep: dict[str, dict] = {}
     for stage in STAGES:
         rep[f"stage{stage}"] = {
-            "tokens": asdict(token_set(cfg, stage, instruction_tokens)),
+            "tokens": asdict(stage_tokens(cfg, stage, instruction_tokens)),
             "forward": mot_forward_flops(cfg, batch_size, stage, instruction_tokens),
             "train_step": training_step_flops(cfg, batch_size, stage, False, instruction_tokens),
             "train_step_checkpointed": training_step_flops(cfg, batch_size, stage, True, instruction_tokens),

@@ -19,7 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from motus.model import MotusModel, build_config
 from motus.model.vlm import UnderstandingContext
-from motus.train.memory import stage_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "mot_flops.py"
@@ -47,7 +46,7 @@ def _stage_model(preset, stage):
 def _inputs(cfg, stage, b, instruction_tokens=32):
     """The stage's token set: Stage 1 feeds video only; the understanding length is the analytic estimate."""
     g = torch.Generator().manual_seed(b)
-    t = mf.token_set(cfg, stage, instruction_tokens)
+    t = mf.stage_tokens(cfg, stage, instruction_tokens)
     out = dict(video_latents=torch.randn(b, *cfg.latent_shape, generator=g),
                text_embeds=torch.randn(b, cfg.text_len, cfg.video["text_dim"], generator=g),
                actions=None, state=None, understanding=None)
@@ -135,23 +134,13 @@ def test_vlm_forward_flops_equal_flop_counter():
         assert mf.vlm_forward_flops(cfg, b, 20)["total"] == measured
 
 
-def test_token_rules_agree_with_the_memory_estimator():
-    for preset in ("tiny", "small", "full"):
-        cfg = build_config(preset)
-        for stage in (1, 2, 3):
-            a, b = mf.token_set(cfg, stage, 17), stage_tokens(cfg, stage, 17)
-            assert (a.video, a.action, a.understanding, a.text) == (b.video, b.action, b.understanding,
-                                                                    b.text)
-    full = mf.token_set(build_config("full"), 3)
-    assert (full.video, full.action, full.understanding, full.text) == (360, 21, 178, 512)
+def test_full_preset_tokens_per_stage():
+    full = build_config("full")
+    assert [tuple(vars(mf.stage_tokens(full, s)).values()) for s in (1, 2, 3)] == [
+        (360, 0, 0, 512), (360, 16, 178, 512), (360, 21, 178, 512)]
 
 
-def test_script_needs_no_torch_and_prints_every_stage():
-    probe = (f"import sys, importlib.util; s = importlib.util.spec_from_file_location('m', {str(SCRIPT)!r}); "
-             "m = importlib.util.module_from_spec(s); sys.modules['m'] = m; s.loader.exec_module(m); "
-             "assert 'torch' not in sys.modules and 'motus' not in sys.modules, sorted(sys.modules)")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+def test_script_prints_every_stage():
     r = subprocess.run([sys.executable, str(SCRIPT), "--preset", "full"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr

@@ -32,7 +32,7 @@ def _config(preset: str, geometry: str | None):
 
 
 def _geometry(cfg) -> dict:
-    from ..train.memory import DEFAULT_INSTRUCTION_TOKENS, STAGES, stage_tokens
+    from ..model.tokens import DEFAULT_INSTRUCTION_TOKENS, STAGES, stage_tokens
 
     return {
         "name": cfg.geometry, "frames": cfg.num_frames, "latent_frames": cfg.latent_frames,
@@ -55,7 +55,8 @@ def info(preset: str = typer.Option("tiny", help="Model preset: tiny, small or f
                                       help="One JSON object: geometry and parameter counts.")) -> None:
     """Parameter counts per component and the sample geometry, built on the meta device (no weights)."""
     from ..model import MODES
-    from ..train.memory import STAGES, parameter_counts, trained_experts
+    from ..model.tokens import STAGES
+    from ..train.memory import parameter_counts, trained_experts
 
     cfg = _config(preset, geometry)
     counts = parameter_counts(cfg)
@@ -104,7 +105,8 @@ def memory(
     as_json: bool = typer.Option(False, "--json", help="One JSON object with the breakdown and the verdict."),
 ) -> None:
     """Estimate per-device GPU memory of one training step; exit 1 when it does not fit --device-memory."""
-    from ..train.memory import PRECISIONS, STAGES, ZERO_STAGES, GiB, check_fits, estimate_training_memory
+    from ..model.tokens import STAGES
+    from ..train.memory import PRECISIONS, ZERO_STAGES, GiB, check_fits, estimate_training_memory
 
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage}; expected one of {list(STAGES)}",

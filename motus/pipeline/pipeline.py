@@ -180,12 +180,13 @@ class Pipeline:
             sub = {"latent_action": {"flow": r["latent_action"]["flow"]}}
         elif step.kind == "latent-action":
             sub = {"latent_action": r["latent_action"], "project": {"seed": r["project"]["seed"]},
-                   "data": {"heldout_fraction": r["data"]["heldout_fraction"]}}
+                   "data": {"heldout_fraction": r["data"]["heldout_fraction"]}, "precision": r["precision"]}
         elif step.kind == "latent-actions":
             sub = {}
         elif step.kind == "stage":
             s = r["stages"][step.target]
             sub = {"stages": {step.target: s}, "model": r["model"], "project": {"seed": r["project"]["seed"]},
+                   "precision": r["precision"],  # the global one; a stage's own is inside its section
                    "data": {k: r["data"][k] for k in ("window", "heldout_fraction")},
                    "tiers": {t: {"level": r["tiers"][t]["level"]} for t in s["tiers"]}}
         elif step.kind == "evaluate":

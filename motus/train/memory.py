@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.presets import MotusConfig
+from ..model.tokens import DEFAULT_INSTRUCTION_TOKENS, Tokens, stage_tokens
+from ..model.tokens import check_stage as _check_stage
 
 GiB = 1024**3
-STAGES = (1, 2, 3)
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("bf16", "fp32")
-DEFAULT_INSTRUCTION_TOKENS = 32
-VISION_SPECIAL_TOKENS = 2
 
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py) the loop does not override.
 DS_REDUCE_BUCKET = 500_000_000  # elements: the gradient bucket ZeRO 2/3 reduce through (fp32 here)
@@ -49,53 +48,6 @@ def trained_experts(stage: int) -> tuple[str, ...]:
     """Stage 1 trains the video expert alone; Stages 2 and 3 all three (the VLM, VAE and T5 stay frozen)."""
     return ("video",) if _check_stage(stage) == 1 else ("video", "action", "understanding")
 
-
-def _check_stage(stage: int) -> int:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-    return int(stage)
-
-
-# --- tokens per sample (the same rules as benchmarks/mot_flops.py; a test keeps the two in step) -----------
-def vlm_image_tokens(cfg: MotusConfig) -> int:
-    """Image tokens after the VLM's 2x2 merger; the processor resizes to a multiple of patch * merge."""
-    vc = cfg.vlm["vision_config"]
-    f = int(vc["patch_size"]) * int(vc["spatial_merge_size"])
-    s = int(cfg.vlm_image_size)
-    side = max(f, round(s / f) * f)
-    if side > s:
-        side = max(f, (s // f) * f)
-    elif side < s:
-        side = math.ceil(s / f) * f
-    return (side // f) ** 2
-
-
-@dataclass(frozen=True)
-class Tokens:
-    video: int
-    action: int
-    understanding: int
-    text: int
-
-    @property
-    def joint(self) -> int:
-        return self.video + self.action + self.understanding
-
-
-def stage_tokens(cfg: MotusConfig, stage: int,
-                 instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS) -> Tokens:
-    """Stage 1: video only; Stage 2: + chunk latent actions (pretrain encoder) and the VLM's tokens; Stage 3:
-    + [state, chunk actions, registers] (finetune encoder) and the VLM's tokens."""
-    _check_stage(stage)
-    pt, ph, pw = (int(p) for p in cfg.video["patch_size"])
-    h, w = cfg.latent_hw
-    video = (cfg.latent_frames // pt) * (h // ph) * (w // pw)
-    if stage == 1:
-        return Tokens(video, 0, 0, int(cfg.text_len))
-    a = cfg.action
-    action = a.chunk if stage == 2 else 1 + a.chunk + a.num_registers
-    und = vlm_image_tokens(cfg) + VISION_SPECIAL_TOKENS + int(instruction_tokens)
-    return Tokens(video, action, und, int(cfg.text_len))
 
 
 # --- parameters ------------------------------------------------------------------------------------------
