@@ -153,3 +153,13 @@ def test_named_geometries_set_frames_chunk_ratio_and_downsample():
         validate_params({"model": {"geometry": "robotwin2"}})
     with pytest.raises(ValueError, match=r"num_frames=8 must be 1 \+ 4\*k"):
         build_config("tiny", {"num_frames": 8})
+
+
+def test_the_command_line_wins_then_the_job_section_then_the_global_key():
+    from motus.train.precision import setting_for
+
+    params = validate_params({"precision": "fp32", "latent_action": {"precision": "bf16"}})
+    assert setting_for(params, params.latent_action, None, "latent_action") == ("bf16", "latent_action.precision")
+    assert setting_for(params, params.latent_action, "fp32", "latent_action") == ("fp32", "--precision")
+    params = validate_params({"precision": "bf16"})
+    assert setting_for(params, params.latent_action, None, "latent_action") == ("bf16", "precision")

@@ -273,8 +273,7 @@ class LatentActionJob:
     def __init__(self, params: Any, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
                  max_steps: int | None = None, precision: str | None = None):
         self.params, self.la, self.ctx = params, params.latent_action, ctx
-        setting, source = precision_setting(params, self.la, precision)
-        source = "latent_action.precision" if source.startswith("precision (job") else source
+        setting, source = precision_setting(params, self.la, precision, "latent_action")
         self.precision = resolve_precision(setting, ctx.device, source=source)
         self.run_dir = Path(run_dir)
         self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()

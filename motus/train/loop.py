@@ -115,9 +115,7 @@ class StageJob:
         self.params, self.ctx = params, ctx
         self.recipe: StageRecipe = recipe_from_params(params, stage)
         self.s = self.recipe.settings
-        setting, source = precision_setting(params, self.s, precision)
-        if source.startswith("precision (job"):
-            source = f"stages.{self.recipe.name}.precision"
+        setting, source = precision_setting(params, self.s, precision, f"stages.{self.recipe.name}")
         self.precision = resolve_precision(setting, ctx.device, source=source)
         self.run_dir = Path(run_dir)
         self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()

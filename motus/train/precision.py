@@ -56,22 +56,21 @@ def resolve(setting: str | None, device: torch.device, *, source: str = "precisi
     return setting
 
 
-def setting_for(params: Any, section: Any, override: str | None) -> tuple[str, str]:
-    """(setting, where it came from): the command line, else the job's own section, else the global key."""
+def setting_for(params: Any, section: Any, override: str | None, section_key: str) -> tuple[str, str]:
+    """(setting, where it came from): the command line, else the job's own section (`section_key`, e.g.
+    `stages.stage3`), else the global `precision` key."""
     if override is not None:
         return override, "--precision"
     own = getattr(section, "precision", None)
     if own is not None:
-        return own, "precision (job section)"
+        return own, f"{section_key}.precision"
     return getattr(params, "precision", "auto"), "precision"
 
 
 def preflight(params: Any, section: Any, override: str | None, section_key: str) -> str:
     """Resolve a job's precision on this machine before any process starts, so a bad value or bf16 on a
     device without it fails at the command line, named, instead of inside every worker."""
-    setting, source = setting_for(params, section, override)
-    if source.startswith("precision (job"):
-        source = f"{section_key}.precision"
+    setting, source = setting_for(params, section, override, section_key)
     return resolve(setting, torch.device("cuda" if torch.cuda.is_available() else "cpu"), source=source)
 
 
