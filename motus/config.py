@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -130,7 +130,8 @@ class ModelConfig(_Section):
         None, gt=0, description="Actions predicted per step; None = the geometry's."
     )
     num_video_frames: int | None = Field(
-        None, gt=0, description="Video frames per window; None = preset default."
+        None, gt=0, description="Pixel frames per window, 1 + 4k (the Wan VAE's temporal stride is 4); None = the "
+        "geometry's."
     )
     weights: ModelWeights = Field(default_factory=ModelWeights)
     flow: FlowConfig = Field(default_factory=FlowConfig)
@@ -138,6 +139,14 @@ class ModelConfig(_Section):
         default_factory=dict,
         description="Free-form overrides of preset fields; validated by the model room, not here.",
     )
+
+    @field_validator("num_video_frames")
+    @classmethod
+    def _one_plus_four_k(cls, n: int | None) -> int | None:
+        # 1 condition frame + groups of 4 future frames: each group is one latent frame of the Wan 2.2 VAE
+        if n is not None and (n < 5 or (n - 1) % 4):
+            raise ValueError(f"{n} is not 1 + 4k frames (k >= 1): allowed 5, 9, 13, ... (Wan VAE temporal stride 4)")
+        return n
 
 
 # ----------------------------------------------------------------------------------------------- tiers

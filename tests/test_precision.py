@@ -151,6 +151,8 @@ def test_named_geometries_set_frames_chunk_ratio_and_downsample():
     assert spec.downsample == 2
     with pytest.raises(ConfigError, match=r"model.geometry"):
         validate_params({"model": {"geometry": "robotwin2"}})
+    with pytest.raises(ConfigError, match=r"model.num_video_frames.*8 is not 1 \+ 4k frames"):
+        validate_params({"model": {"num_video_frames": 8}})
     with pytest.raises(ValueError, match=r"num_frames=8 must be 1 \+ 4\*k"):
         build_config("tiny", {"num_frames": 8})
 
