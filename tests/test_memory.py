@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from motus.model import MotusModel, build_config
-from motus.model.vlm import UnderstandingContext
 from motus.train.memory import (
     GiB,
     activation_bytes,
@@ -15,6 +14,8 @@ from motus.train.memory import (
     parameter_counts,
     stage_tokens,
 )
+
+from .test_mot_flops import _inputs
 
 FULL = build_config("full")
 
@@ -46,16 +47,7 @@ def _saved_bytes(cfg, stage, b, precision):
     """Distinct storages autograd saves in one training forward (parameters and their bf16 casts excluded)."""
     torch.manual_seed(0)
     model = MotusModel(cfg, with_vlm=False, with_vae=False).train()
-    t = stage_tokens(cfg, stage)
-    g = torch.Generator().manual_seed(0)
-    kw = dict(video_latents=torch.randn(b, *cfg.latent_shape, generator=g),
-              text_embeds=torch.randn(b, cfg.text_len, cfg.video["text_dim"], generator=g))
-    if stage > 1:
-        kw["actions"] = torch.randn(b, cfg.action.chunk, cfg.action.action_dim, generator=g)
-        feats = torch.randn(b, t.understanding, cfg.understanding.vlm_hidden, generator=g)
-        kw["understanding"] = UnderstandingContext(feats, torch.ones(b, t.understanding, dtype=torch.bool))
-    if stage == 3:
-        kw["state"] = torch.randn(b, cfg.action.state_dim, generator=g)
+    kw = _inputs(cfg, stage, b)  # the stage's token set, as the FLOP test feeds it
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
