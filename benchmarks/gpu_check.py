@@ -95,9 +95,9 @@ def smoke_stages(steps: int, precision: str | None) -> dict:
     import yaml
 
     from motus.config import validate_params
+    from motus.contracts import JobSpec, LineageRecord
     from motus.data.ingest import ingest_tier
     from motus.launch.local import run_local
-    from motus.launch.spec import JobSpec
 
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="motus-gpu-check-") as tmp:
@@ -113,15 +113,14 @@ def smoke_stages(steps: int, precision: str | None) -> dict:
             t0 = time.perf_counter()
             spec = JobSpec(stage=stage, run_dir=run_dir, params_file=root / "params.yaml", init_from=parent,
                            track=False, precision=precision)
-            with open(root / f"{stage}.log", "w") as log:
-                code = run_local(spec, stdout=log)
+            code = run_local(spec, log=root / f"{stage}.log")
             losses = [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                       if "train/loss" in line] if (run_dir / "metrics.jsonl").exists() else []
             finite = bool(losses) and all(math.isfinite(v) for v in losses)
             falls = len(losses) < 10 or float(np.mean(losses[-3:])) < float(np.mean(losses[:3]))
             export = run_dir / "export"
-            lineage = json.loads((export / "lineage.json").read_text()) if (export / "lineage.json").exists() else {}
-            out[stage] = {"exit": code, "steps": len(losses), "precision": lineage.get("precision"),
+            lineage = LineageRecord.read(export) if LineageRecord.exists(export) else None
+            out[stage] = {"exit": code, "steps": len(losses), "precision": lineage and lineage.precision,
                           "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                           "finite": finite, "falls": falls, "checked_falls": len(losses) >= 10,
                           "seconds": round(time.perf_counter() - t0, 2),

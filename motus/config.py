@@ -694,6 +694,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO etc.); None = AWS.")
     launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")
     image: str | None = Field(None, description="Training container image for the kubernetes launcher.")
+    pool: str | None = Field(None, description="params.yaml pool the kubernetes launcher submits to by default.")
     profile: Literal["local", "production"] = Field("local", description="Which deployment this is.")
 
 

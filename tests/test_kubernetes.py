@@ -397,3 +397,64 @@ def test_infra_services_are_valid_kubernetes_objects():
     for doc in docs:
         for env in re.findall(r"'name': '([A-Z_]+)', 'value': '", str(doc)):
             assert not re.search(r"PASSWORD|SECRET|ACCESS_KEY", env), (doc["metadata"]["name"], env)
+
+
+@needs_crd
+@pytest.mark.parametrize("ending", ["Succeeded", "Failed"])
+def test_motus_train_submits_through_the_kubernetes_launcher(standin, tmp_path, ending):
+    """MOTUS_LAUNCHER=kubernetes: `motus train` sends the PyTorchJob `motus k8s render` prints, then waits for it."""
+    import threading
+
+    rendered = _cli("k8s", "render", "--stage", "1", "--pool", "h100", "--image", IMAGE)
+    assert rendered.exit_code == 0, rendered.output
+    cm, job = list(yaml.safe_load_all(rendered.stdout))
+    name = job["metadata"]["name"]
+
+    def operator():  # the Training Operator's part: the job runs, then ends
+        for _ in range(600):
+            if standin.recorded("POST", r"/pytorchjobs$"):
+                standin.set_condition("motus", name, "Running")
+                standin.set_condition("motus", name, ending, completion=dt.datetime.now(dt.timezone.utc)
+                                      .strftime("%Y-%m-%dT%H:%M:%SZ"))
+                return
+            threading.Event().wait(0.05)
+
+    t = threading.Thread(target=operator, daemon=True)
+    t.start()
+    env = {"MOTUS_LAUNCHER": "kubernetes", "MOTUS_POOL": "h100", "MOTUS_IMAGE": IMAGE,
+           "KUBECONFIG": str(tmp_path / "kubeconfig")}
+    result = _cli("train", "--stage", "1", env=env)
+    t.join(5)
+    (post,) = standin.recorded("POST", r"/apis/kubeflow\.org/v1/namespaces/motus/pytorchjobs$")
+    assert post.body == job  # the same PyTorchJob as `motus k8s render`
+    (cm_post,) = standin.recorded("POST", r"/api/v1/namespaces/motus/configmaps$")
+    assert cm_post.body == cm
+    assert "submitting through the kubernetes launcher" in result.output
+    if ending == "Succeeded":
+        assert result.exit_code == 0, result.output
+        assert "stage1: done" in result.output
+    else:
+        assert result.exit_code == 1 and "error: stage1 failed" in result.output
+
+
+def test_the_launcher_factory_reads_motus_launcher(tmp_path, monkeypatch):
+    from motus.config import get_settings
+    from motus.launch.launcher import Launcher, launcher_for
+    from motus.launch.local import LocalLauncher
+
+    monkeypatch.delenv("MOTUS_LAUNCHER", raising=False)
+    local = launcher_for(get_settings(), log=tmp_path / "job.log")
+    assert isinstance(local, LocalLauncher) and isinstance(local, Launcher) and local.kind == "local"
+    monkeypatch.setenv("MOTUS_LAUNCHER", "kubernetes")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(k8s.ClusterError, match="no kubeconfig"):
+        launcher_for(get_settings())
+    with KubeApiStandIn() as api:
+        api.kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        remote = launcher_for(get_settings())
+        assert isinstance(remote, k8s.KubernetesLauncher) and isinstance(remote, Launcher)
+    spec = JobSpec(stage="stage1", run_dir=Path("r"), params_file=PARAMS)
+    with pytest.raises(ValueError, match="needs a pool: set MOTUS_POOL"):
+        k8s.cluster_spec(spec, load_params(PARAMS))
+    assert JobSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec

@@ -22,6 +22,7 @@ import yaml
 
 from motus.config import Gate, load_params, validate_params
 from motus.config import Rule as RuleModel
+from motus.contracts import LineageRecord
 from motus.data.ingest import ingest_tier
 from motus.data.tier import Tier
 from motus.track import lineage
@@ -106,8 +107,8 @@ class Store:
         self.registry = Registry(uri, self.params)
         self.client = mlflow.MlflowClient(uri)
 
-    def lineage_of(self, key: str) -> dict:
-        return json.loads((self.runs[key] / "export" / "lineage.json").read_text())
+    def lineage_of(self, key: str) -> LineageRecord:
+        return LineageRecord.read(self.runs[key] / "export")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_registration_tags_link_the_chain_by_content(store):
     assert s3["motus.parent_version"] == f"motus-latent-action/{v['s2'].version}"
     assert "motus.parent_version" not in v["s1"].tags
     # own and cumulative device hours are the jobs' own numbers, summed along the ancestry
-    hours = {k: store.lineage_of(k)["device_hours"] for k in store.runs}
+    hours = {k: store.lineage_of(k).device_hours for k in store.runs}
     assert float(s3["motus.device_hours"]) == pytest.approx(hours["s3a"], rel=1e-6)
     assert float(s3["motus.device_hours_total"]) == pytest.approx(
         hours["s3a"] + hours["s2"] + hours["s1"] + hours["lam"], rel=1e-6)
@@ -276,7 +277,7 @@ def test_lineage_walks_back_to_the_bases_with_the_real_hashes(store, tmp_path):
         lin, node = store.lineage_of(key), nodes[model]
         ckpt = store.runs[key] / "checkpoints" / "step-000002" / "manifest.json"
         assert node["checkpoint_hash"] == json.loads(ckpt.read_text())["content_hash"]
-        assert node["config_hash"] == lin["config_hash"] and node["run_id"] == lin["mlflow_run_id"]
+        assert node["config_hash"] == lin.config_hash and node["run_id"] == lin.run_id
         for t in node["tiers"]:
             assert t["content_hash"] == Tier(store.proj / "data" / "tiers" / t["name"]).content_hash
     assert {(t["name"], t["level"]) for t in nodes["motus-latent-action"]["tiers"]} == {
@@ -284,7 +285,7 @@ def test_lineage_walks_back_to_the_bases_with_the_real_hashes(store, tmp_path):
     assert nodes["motus-vgm"]["pretrained_bases"] and nodes["motus-lam"]["pretrained_bases"]
     assert not nodes[STAGE3]["pretrained_bases"]
     assert graph["totals"]["device_hours"] == pytest.approx(
-        sum(store.lineage_of(k)["device_hours"] for k in ("s1", "lam", "s2", "s3a")), rel=1e-6)
+        sum(store.lineage_of(k).device_hours for k in ("s1", "lam", "s2", "s3a")), rel=1e-6)
     path = lineage.attach_picture(store.registry, graph, tmp_path / "lineage.png")
     assert (tmp_path / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path in {a.path for a in store.client.list_artifacts(v["s3a"].run_id, "lineage")}

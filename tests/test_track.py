@@ -329,5 +329,12 @@ def test_git_state(tmp_path, monkeypatch):
     (repo / "new.py").write_text("")  # an untracked file is a dirty tree too
     assert git_state(repo)["dirty"] is True
     (repo / "new.py").unlink()
+    # what a pipeline run writes (DVC's lock, tiers, outputs) is data, not code: still clean
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "data" / "tiers").mkdir(parents=True)
+    (repo / "data" / "tiers" / "x.dvc").write_text("")
+    (repo / "outputs").mkdir()
+    (repo / "outputs" / "run.json").write_text("{}")
+    assert git_state(repo)["dirty"] is False
     _git(repo, "checkout", "-q", "--detach")
     assert git_state(repo) == {"commit": state["commit"], "dirty": False, "branch": None}

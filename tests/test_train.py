@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from motus.config import load_params, validate_params
+from motus.contracts import LineageRecord
 from motus.data.ingest import ingest_tier
 from motus.model import MotusModel, build_config, tiny
 from motus.train.parent import ParentLoadError, load_parent
@@ -114,14 +115,18 @@ def test_stage1_then_stage3_two_processes(project):
     l3 = losses(run3)
     assert all(math.isfinite(v) for v in l3.values()), l3
     assert sum(l3[s] for s in (6, 7, 8)) < sum(l3[s] for s in (1, 2, 3)), l3
-    lineage = json.loads((run3 / "export" / "lineage.json").read_text())
-    assert lineage["parent"] == str(export) and set(lineage["tiers"]) == {"target-aloha-transfer", "target-aloha-insertion"}
-    assert lineage["precision"] == "bf16"
+    lineage = LineageRecord.read(run3 / "export")
+    assert lineage.parent == str(export)
+    assert {t.name for t in lineage.tiers} == {"target-aloha-transfer", "target-aloha-insertion"}
+    assert lineage.precision == "bf16"
     manifest = json.loads((run3 / "checkpoints" / "step-000008" / "manifest.json").read_text())
     assert manifest["extra"]["precision"] == "bf16"
 
     client, run = mlflow_run(project, run3)
     assert run.info.status == "FINISHED"
+    # the lineage record names the run and the code state the worker saw
+    assert lineage.run_id == run.info.run_id and lineage.code_commit == run.data.tags["code.commit"]
+    assert str(lineage.code_dirty).lower() == run.data.tags["code.dirty"]
     assert run.data.params["params.stages.stage3.lr"] == "0.002"
     assert run.data.params["job.precision"] == "bf16" and run.data.tags["precision"] == "bf16"
     assert run.data.tags["code.commit"] and run.data.tags["code.dirty"] in ("true", "false")

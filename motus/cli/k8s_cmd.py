@@ -34,8 +34,8 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
     from ..launch.kubernetes import (
         ClusterOptions,
         build_pytorchjob,
+        cluster_spec,
         params_configmap,
-        pool_of,
         resolve_stage,
         to_manifest,
     )
@@ -46,10 +46,11 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
         params_file = params_path or settings.params_file
         params = load_params(params_file)
         key = resolve_stage(params, stage)
-        _, pool_cfg = pool_of(params, pool)
-        spec = JobSpec(stage=key, run_dir=run_dir or Path("outputs/runs") / key, params_file=Path(params_file),
-                       nodes=nodes, procs_per_node=gpus_per_node or max(1, pool_cfg.gpus_per_node), pool=pool,
-                       image=image or settings.image, init_from=init_from, max_steps=max_steps)
+        spec = cluster_spec(JobSpec(stage=key, run_dir=run_dir or Path("outputs/runs") / key,
+                                    params_file=Path(params_file), nodes=nodes, pool=pool, image=image,
+                                    init_from=init_from, max_steps=max_steps), params, settings)
+        if gpus_per_node:
+            spec = spec.with_updates(procs_per_node=gpus_per_node)
         opts = ClusterOptions.from_settings(settings, namespace=namespace, name=name,
                                             elastic_min_nodes=elastic_min, elastic_max_nodes=elastic_max,
                                             checkpoint_remote=checkpoint_remote, backoff_limit=backoff_limit)
@@ -73,10 +74,10 @@ def _check(docs: list[dict], crd: list[Path]) -> None:
 
 
 def _launcher(kubeconfig: Path | None, context: str | None, namespace: str) -> Any:
-    from ..launch.kubernetes import ClusterError, KubernetesLauncher
+    from ..launch.kubernetes import ClusterClient, ClusterError
 
     try:
-        return KubernetesLauncher(kubeconfig, context=context, namespace=namespace)
+        return ClusterClient(kubeconfig, context=context, namespace=namespace)
     except ClusterError as e:
         _fail(e)
 

@@ -54,10 +54,11 @@ def train(nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
               help="auto | bf16 | fp32; overrides latent_action.precision / precision.", case_sensitive=False)] = None,
           params: ParamsOption = None) -> None:
     """Train the latent-action VAE (DeepSpeed, checkpoints, MLflow) on the flow features."""
-    from ..launch.local import run_local
-    from ..launch.spec import JobSpec
+    from ..config import get_settings
+    from ..contracts import JobSpec
     from ..train.latent_action import FLOW, features_root, lam_tiers
     from ..train.precision import PrecisionError, preflight
+    from .train_cmd import run_job
 
     p, path = _load(params)
     try:
@@ -71,10 +72,7 @@ def train(nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
         raise typer.Exit(1)
     spec = JobSpec(stage="latent-action", run_dir=run_dir, params_file=Path(path), procs_per_node=nproc,
                    max_steps=max_steps, track=track, precision=precision.value if precision else None)
-    code = run_local(spec)
-    if code:
-        typer.echo(f"error: the latent-action job failed (exit {code}); rerun to resume from {run_dir}/checkpoints", err=True)
-        raise typer.Exit(code)
+    run_job(spec, get_settings(), "the latent-action job")
     typer.echo(f"latent-action: done; export in {run_dir}/export")
 
 

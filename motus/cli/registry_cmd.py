@@ -192,7 +192,7 @@ def show(uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models
     table = Table("version", "stage", "run", "checkpoint", "config", "code", "tiers (level, hash)", "from",
                   "device h", title=f"lineage of {uri}")
     for n in graph["versions"]:
-        tiers = "\n".join(f"{t['name']} (L{t['level']}, {t['digest'][:12]})" for t in n["tiers"])
+        tiers = "\n".join(f"{t['name']} (L{t['level']}, {t['content_hash'][:12]})" for t in n["tiers"])
         parents = "\n".join(f"{p['role']}: {p['version'] or 'unregistered ' + p.get('export_hash', '')[:12]}"
                             for p in n["parents"]) or "pretrained bases"
         code = n["code_commit"][:10] + (" (dirty)" if n["code_dirty"] == "true" else "")

@@ -1,4 +1,5 @@
-"""`motus train`: one stage job, on this machine's processes (the `local` launcher)."""
+"""`motus train`: one stage job, through the launcher MOTUS_LAUNCHER names (`local` processes by default,
+`kubernetes`: a PyTorchJob on MOTUS_POOL)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ def train(
 ) -> None:
     """Train one stage with DeepSpeed; resumable, tracked in MLflow, exported for the registry."""
     from ..config import ConfigError, get_settings, load_params
-    from ..launch.local import run_local
-    from ..launch.spec import JobSpec
+    from ..contracts import JobSpec
     from ..train.precision import PrecisionError, preflight
     from ..train.recipe import StageNotReady, check_ready, recipe_from_params
 
@@ -40,8 +40,11 @@ def train(
         params_file = params or settings.params_file
         p = load_params(params_file)
         recipe = recipe_from_params(p, stage)
-        check_ready(p, recipe, Path(p.data.root))
-        resolved = preflight(p, recipe.settings, precision.value if precision else None, f"stages.{recipe.name}")
+        resolved = precision.value if precision else "params.yaml's"
+        if settings.launcher == "local":  # a cluster job checks its inputs and devices on its own volume and nodes
+            check_ready(p, recipe, Path(p.data.root))
+            resolved = preflight(p, recipe.settings, precision.value if precision else None,
+                                 f"stages.{recipe.name}")
     except (ConfigError, ValueError, StageNotReady, PrecisionError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
@@ -53,9 +56,24 @@ def train(
                    precision=precision.value if precision else None)
     typer.echo(f"{recipe.name}: {nproc} process(es), {recipe.settings.steps} steps, precision {resolved}, "
                f"run dir {spec.run_dir}")
-    code = run_local(spec)
-    if code != 0:
-        typer.echo(f"error: {recipe.name} failed (exit {code}); rerun the same command to resume from the latest "
-                   f"complete checkpoint in {spec.run_dir}/checkpoints", err=True)
-        raise typer.Exit(code)
+    run_job(spec, settings, recipe.name)
     typer.echo(f"{recipe.name}: done; export in {spec.run_dir}/export, metrics in {spec.run_dir}/metrics.jsonl")
+
+
+def run_job(spec, settings, what: str) -> None:
+    """Submit through MOTUS_LAUNCHER's launcher and wait; a failure exits non-zero with how to resume."""
+    from ..launch.kubernetes import ClusterError
+    from ..launch.launcher import launcher_for, run_to_end
+
+    try:
+        launcher = launcher_for(settings)
+        if launcher.kind != "local":
+            typer.echo(f"{what}: submitting through the {launcher.kind} launcher")
+        outcome = run_to_end(launcher, spec)
+    except (ClusterError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if not outcome.ok:
+        typer.echo(f"error: {what} failed ({outcome.message or outcome.state}); rerun the same command to resume "
+                   f"from the latest complete checkpoint in {spec.run_dir}/checkpoints", err=True)
+        raise typer.Exit(outcome.exit_code if outcome.exit_code > 0 else 1)

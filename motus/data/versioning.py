@@ -101,6 +101,31 @@ def locked_hashes(root: Path) -> dict[str, str]:
     return out
 
 
+def dvc_root(folder: Path) -> Path | None:
+    """The DVC project a folder belongs to: the nearest folder above it with `.dvc/` (None if unversioned)."""
+    for base in (Path(folder).resolve(), *Path(folder).resolve().parents):
+        if (base / ".dvc").is_dir():
+            return base
+    return None
+
+
+def locked_hash(folder: Path) -> str | None:
+    """DVC's md5 of a versioned folder (a tier or a feature), from its project's dvc.lock; None if unversioned.
+
+    Found from the folder itself, never from the current directory: a job may run anywhere.
+    """
+    root = dvc_root(folder)
+    if root is None or not (root / "dvc.lock").is_file():
+        return None
+    target = Path(folder).resolve()
+    data = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    for stage in (data.get("stages") or {}).values():
+        for o in stage.get("outs", []):
+            if o.get("md5") and (root / o.get("path", "")).resolve() == target:
+                return o["md5"]
+    return None
+
+
 def stale_tiers(root: Path, cloud: bool = False) -> dict[str, Any]:
     """`dvc status` as data: which stages changed locally, or (cloud=True) what the remote lacks."""
     args = ["status", "--json"] + (["--cloud", "--remote", REMOTE_NAME] if cloud else [])

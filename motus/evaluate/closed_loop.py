@@ -361,7 +361,8 @@ def task_setups(params: Any, exported_or_lineage: Any, tasks: Sequence[str]) -> 
     lineage = getattr(exported_or_lineage, "lineage", exported_or_lineage)
     root = Path(params.data.root)
     found: dict[str, TaskSetup] = {}
-    for tier in sorted(lineage.get("tiers") or {}):
+    tiers = sorted(t.name for t in lineage.tiers)
+    for tier in tiers:
         manifest_path = root / tier / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         source = manifest.get("source") or (params.tiers[tier].source.model_dump() if tier in params.tiers else {})
@@ -379,5 +380,5 @@ def task_setups(params: Any, exported_or_lineage: Any, tasks: Sequence[str]) -> 
         if unknown:
             raise ValueError(f"unknown aloha task(s) {unknown}; expected some of {list(TASKS)}")
         raise ValueError(f"the model's lineage has no gym-aloha tier for task(s) {missing} (its tiers: "
-                         f"{sorted(lineage.get('tiers') or {})}): it was never trained on them")
+                         f"{tiers}): it was never trained on them")
     return {t: found[t] for t in tasks}

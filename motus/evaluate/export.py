@@ -1,26 +1,26 @@
 """A model export, loaded for inference: the network, its frozen parts, lineage, and its window geometry.
 
 An export (what `motus.train.loop.StageJob.export` writes) holds `motus_config.json` + `model.safetensors`,
-the frozen VAE/VLM/text encoder when they have no local weights path, and `lineage.json` (tiers and their
+the frozen VAE/VLM/text encoder when they have no local weights path, and the lineage record (tiers and their
 action/state normalisation). Everything the evaluator feeds the model is built through
 `motus.train.inputs.window_inputs`, the function training uses.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
 from ..data.loader import WindowSpec, window_spec_from_params
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..train.inputs import window_inputs
 
-REQUIRED_FILES = ("motus_config.json", "model.safetensors", "lineage.json")
+REQUIRED_FILES = ("motus_config.json", "model.safetensors", LINEAGE_FILE)
 
 
 class ExportError(ValueError):
@@ -32,7 +32,7 @@ class ExportedModel:
     path: Path
     model: MotusModel
     text: FrozenTextEncoder
-    lineage: dict[str, Any]
+    lineage: LineageRecord
     spec: WindowSpec
     device: torch.device
 
@@ -45,9 +45,9 @@ class ExportedModel:
         return self.model.vlm is not None
 
     def normalization(self, tier: str) -> dict[str, Any]:
-        norm = self.lineage.get("normalization") or {}
+        norm = self.lineage.normalization or {}
         if tier not in norm:
-            raise ExportError(f"{self.path / 'lineage.json'}: no normalization for tier '{tier}' "
+            raise ExportError(f"{self.path / LINEAGE_FILE}: no normalization for tier '{tier}' "
                               f"(has {sorted(norm)})")
         return norm[tier]
 
@@ -73,11 +73,14 @@ def check_export(path: str | Path) -> Path:
 def load_export(path: str | Path, params: Any, device: str | torch.device = "cpu") -> ExportedModel:
     """Load an export for inference. The window geometry comes from `params.data.window` + the model config."""
     p = check_export(path)
-    lineage = json.loads((p / "lineage.json").read_text())
+    try:
+        lineage = LineageRecord.read(p)
+    except ContractError as e:
+        raise ExportError(str(e)) from None
     model = MotusModel.from_pretrained(p).to(device).eval()
     cfg = model.config
-    if cfg.action.encoder_mode != "finetune" or lineage.get("stage_number") == 1:
-        raise ExportError(f"model export '{p}' is a Stage {lineage.get('stage_number', '?')} model (action expert "
+    if cfg.action.encoder_mode != "finetune" or lineage.stage_number == 1:
+        raise ExportError(f"model export '{p}' is a Stage {lineage.stage_number or '?'} model (action expert "
                           f"'{cfg.action.encoder_mode}'): only a model trained on real actions (Stage 3) is a policy")
     w = cfg.weights or {}
     # frozen parts that neither ship with the export nor have a weights path would be fresh random ones

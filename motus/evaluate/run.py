@@ -69,7 +69,7 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
     t_start = time.perf_counter()
     exported = load_export(export_dir, params)
     lineage = exported.lineage
-    tiers = sorted(lineage.get("tiers") or {})
+    tiers = sorted(t.name for t in lineage.tiers)
     metrics: dict[str, float] = {}
     not_reported: dict[str, str] = {}
     timing: dict[str, float] = {}
@@ -139,8 +139,8 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                   "lpips_weights": str(lpips_weights) if lpips_weights else None,
                   "fvd_weights": str(fvd_weights) if fvd_weights else None},
         rollouts=rollouts, offline=offline_info, not_reported=not_reported,
-        lineage={k: lineage.get(k) for k in ("stage", "registered_model", "config_hash", "parent", "tiers",
-                                             "mlflow_run_id")},
+        lineage={k: v for k, v in lineage.to_json().items() if k in ("stage", "registered_model", "config_hash",
+                                                                      "parent", "tiers", "run_id")},
         timing=timing, videos=videos, wm_frames=wm_frames)
 
     if tracker is None and tracking_uri is not None:
@@ -148,11 +148,11 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
 
         name = f"evaluate-{model_name or exported.path.parent.name}" + (f"-v{version}" if version is not None else "")
         with MlflowTracker(tracking_uri, experiment=params.project.name, run_name=name, system_metrics=False) as tr:
-            record(report, tr, training_run=lineage.get("mlflow_run_id"))
+            record(report, tr, training_run=lineage.run_id)
         if model_name and version is not None:
             link_version(tr.tracking_uri, model_name, str(version), report.run_id)
     elif tracker is not None:
-        record(report, tracker, training_run=lineage.get("mlflow_run_id"))
+        record(report, tracker, training_run=lineage.run_id)
     return report
 
 

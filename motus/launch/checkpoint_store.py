@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..contracts import LINEAGE_FILE
 from ..train.checkpoint import (
     MANIFEST,
     find_latest_complete,
@@ -97,10 +98,10 @@ def push(run_dir: Path, remote: str, s3: Any) -> list[int]:
             s3.upload_file(str(p), bucket, _key(prefix, "checkpoints", d.name, p.relative_to(d).as_posix()))
         uploaded.append(step)
     export = run_dir / "export"
-    done = _key(prefix, "export", "lineage.json")
-    if (export / "lineage.json").is_file() and done not in _remote_sizes(s3, bucket, _key(prefix, "export")):
-        files = sorted(q for q in export.rglob("*") if q.is_file() and q.name != "lineage.json")
-        for p in [*files, export / "lineage.json"]:  # lineage.json last: the export's commit mark
+    done = _key(prefix, "export", LINEAGE_FILE)
+    if (export / LINEAGE_FILE).is_file() and done not in _remote_sizes(s3, bucket, _key(prefix, "export")):
+        files = sorted(q for q in export.rglob("*") if q.is_file() and q.name != LINEAGE_FILE)
+        for p in [*files, export / LINEAGE_FILE]:  # the lineage record last: the export's commit mark
             s3.upload_file(str(p), bucket, _key(prefix, "export", p.relative_to(export).as_posix()))
     return uploaded
 

@@ -353,7 +353,7 @@ def find_kubeconfig(path: str | Path | None = None) -> Path | None:
     return default if default.is_file() else None
 
 
-class KubernetesLauncher:
+class ClusterClient:
     """Submit, watch, stream logs of and cancel PyTorchJobs through the kubeflow-training `TrainingClient`."""
 
     def __init__(self, kubeconfig: str | Path | None = None, context: str | None = None,
@@ -461,6 +461,75 @@ class KubernetesLauncher:
             if state in ("Succeeded", "Failed") or (timeout_s and time.monotonic() - start > timeout_s):
                 return
             time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------------------------- the launcher
+
+
+def cluster_spec(spec: JobSpec, params: Params, settings: Settings | None = None) -> JobSpec:
+    """The spec as a cluster runs it: a pool (the spec's, else MOTUS_POOL), the image (else MOTUS_IMAGE), and
+    every GPU of each node (`procs_per_node` on a machine of its own has no meaning on a pool)."""
+    pool = spec.pool or (settings.pool if settings is not None else None)
+    if pool is None:
+        raise ValueError(f"a cluster job needs a pool: set MOTUS_POOL or pass one "
+                         f"(params.yaml pools: {', '.join(sorted(params.pools)) or 'none'})")
+    _, cfg = pool_of(params, pool)
+    image = spec.image or (settings.image if settings is not None else None)
+    return spec.with_updates(pool=pool, image=image, procs_per_node=max(1, cfg.gpus_per_node))
+
+
+class KubernetesLauncher:
+    """The `Launcher` for clusters: a `JobSpec` becomes the PyTorchJob (and params ConfigMap) that
+    `motus k8s render` prints for it, submitted through `ClusterClient`; `wait` polls its conditions."""
+
+    kind = "kubernetes"
+
+    def __init__(self, client: ClusterClient, settings: Settings, opts: ClusterOptions, poll_s: float = 10.0):
+        self.client, self.settings, self.opts, self.poll_s = client, settings, opts, poll_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, kubeconfig: str | Path | None = None, context: str | None = None,
+                      namespace: str = "motus", poll_s: float = 10.0) -> KubernetesLauncher:
+        client = ClusterClient(kubeconfig, context=context, namespace=namespace)
+        return cls(client, settings, ClusterOptions.from_settings(settings, namespace=namespace), poll_s)
+
+    def render(self, spec: JobSpec) -> tuple[Any, dict[str, Any]]:
+        """(PyTorchJob model, params ConfigMap) for the spec: exactly what `motus k8s render` prints."""
+        from ..config import load_params
+
+        params = load_params(spec.params_file)
+        full = cluster_spec(spec.with_updates(stage=resolve_stage(params, spec.stage)), params, self.settings)
+        job = build_pytorchjob(full, params, self.opts)
+        return job, params_configmap(Path(spec.params_file), params, self.opts.namespace)
+
+    def submit(self, spec: JobSpec) -> Any:
+        from .launcher import JobHandle
+
+        job, cm = self.render(spec)
+        name = self.client.submit(job, cm)
+        return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
+
+    def wait(self, handle: Any, timeout_s: float | None = None) -> Any:
+        from .launcher import FAILED, KILLED, SUCCEEDED, JobOutcome
+
+        seen = list(self.client.watch(handle.name, poll_s=self.poll_s, timeout_s=timeout_s))
+        job = seen[-1] if seen else {}
+        state = job_state(job)
+        if state == "Succeeded":
+            return JobOutcome(SUCCEEDED, 0)
+        conds = (job.get("status") or {}).get("conditions") or []
+        message = next((c.get("message", "") for c in reversed(conds) if c.get("type") == state), "")
+        if state == "Failed":
+            # an evicted or preempted job is an infrastructure event (retry), a crashing one is not
+            evicted = any(w in message.lower() for w in ("evict", "preempt")) or "Evicted" in str(conds)
+            return JobOutcome(KILLED if evicted else FAILED, 137 if evicted else 1, message or "Failed")
+        return JobOutcome(KILLED, 124, f"still {state} after {timeout_s}s")
+
+    def logs(self, handle: Any) -> str:
+        return "\n".join(f"[{pod}] {text}" for pod, text in self.client.logs(handle.name).items())
+
+    def cancel(self, handle: Any) -> None:
+        self.client.cancel(handle.name)
 
 
 def _why(e: RuntimeError) -> str:

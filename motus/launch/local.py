@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .spec import JobSpec
+from ..contracts import JobSpec
+from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 
 
 def free_port() -> int:
@@ -43,21 +44,69 @@ def environment(spec: JobSpec) -> dict[str, str]:
     return env
 
 
-def run_local(spec: JobSpec, *, stdout=None) -> int:
-    """Run the job to completion; returns its exit code. Ctrl-C / SIGTERM reach every process of the job."""
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(command(spec), env=environment(spec), start_new_session=True, stdout=stdout,
-                            stderr=subprocess.STDOUT if stdout else None)
+class LocalLauncher:
+    """The job's processes on this machine: torchrun in its own process group, so a cancel (or Ctrl-C /
+    SIGTERM while waiting) reaches every worker. `log`: a file the job's output is appended to (None: this
+    terminal)."""
 
-    def forward(signum, _frame):
+    kind = "local"
+
+    def __init__(self, log: Path | None = None):
+        self.log = Path(log) if log else None
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def submit(self, spec: JobSpec) -> JobHandle:
+        Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child holds it for its lifetime
+        try:
+            proc = subprocess.Popen(command(spec), env=environment(spec), start_new_session=True, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()
+        self._procs[str(proc.pid)] = proc
+        return JobHandle(self.kind, str(proc.pid), Path(spec.run_dir))
+
+    def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:
+        proc = self._procs[handle.name]
+
+        def forward(signum, _frame):
+            self._signal(proc, signum)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait(timeout_s)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        if code == 0:
+            return JobOutcome(SUCCEEDED, 0)
+        if code < 0 or code in (137, 143):  # killed from outside: OOM killer, preemption, Ctrl-C
+            return JobOutcome(KILLED, code, f"killed (exit {code})")
+        return JobOutcome(FAILED, code, f"exit {code}")
+
+    def logs(self, handle: JobHandle) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def cancel(self, handle: JobHandle) -> None:
+        proc = self._procs.get(handle.name)
+        if proc is not None and proc.poll() is None:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen, signum: int) -> None:
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return proc.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+
+def run_local(spec: JobSpec, *, log: Path | None = None) -> int:
+    """Run the job to completion on this machine; returns its exit code."""
+    launcher = LocalLauncher(log=log)
+    return launcher.wait(launcher.submit(spec)).exit_code

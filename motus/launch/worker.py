@@ -36,15 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     params = load_params(args.params or settings.params_file)
     stage = args.stage if args.stage == "latent-action" else stage_key(params, args.stage)
+    from ..track.accounting import git_state
+
     tracker = None
+    git = git_state(Path.cwd())
+    code = {"commit": git["commit"], "dirty": git["dirty"]}
     if rank == 0 and not args.no_track:
         from ..track import MlflowTracker
-        from ..track.accounting import git_state
 
         args.run_dir.mkdir(parents=True, exist_ok=True)
         run_file = args.run_dir / "run.json"
         run_id = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
-        git = git_state(Path.cwd())
         tracker = MlflowTracker(settings.tracking_uri, experiment=params.project.name,
                                 run_name=f"{stage}-{args.run_dir.name}", run_id=run_id,
                                 tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
@@ -56,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "latent-action":
             from ..train.latent_action import run_latent_action
 
-            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps, precision=args.precision)
+            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps, precision=args.precision,
+                                    code=code)
             status = "FINISHED"
             if rank == 0:
                 print(json.dumps(out))
             return 0
         result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps,
-                           precision=args.precision)
+                           precision=args.precision, code=code)
         status = "FINISHED"
         if rank == 0:
             print(json.dumps({"stage": result.stage, "steps": result.steps, "export": str(result.export_dir),

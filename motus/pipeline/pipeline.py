@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import get_settings, load_params, resolved_dict
+from ..contracts import LineageRecord
 from .keys import StepInputs, code_files, explain, flatten
 from .ledger import Ledger
 
@@ -441,9 +442,9 @@ class Pipeline:
         return {"content_hash": f.content_hash, "episodes": len(f)}
 
     def _job(self, stage: str, key: str, init_from: str | None = None) -> Path:
-        """Run one training job with the local launcher in its content-addressed folder."""
-        from ..launch.local import run_local
-        from ..launch.spec import JobSpec
+        """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder."""
+        from ..contracts import JobSpec
+        from ..launch.launcher import KILLED, launcher_for
 
         run_dir = self.out_dir / "runs" / f"{stage}-{key[:12]}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -455,17 +456,22 @@ class Pipeline:
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch, args=(stage, run_dir, stop), daemon=True)
         watcher.start()
+        launcher = launcher_for(self.settings, log=log)
         try:
-            with open(log, "ab") as f:
-                code = run_local(spec, stdout=f)
+            handle = launcher.submit(spec)
+            try:
+                outcome = launcher.wait(handle)
+            except KeyboardInterrupt:
+                launcher.cancel(handle)
+                raise
         finally:
             stop.set()
             watcher.join(timeout=2)
-        if code != 0:
-            cause = root_cause(log.read_text(errors="replace"))
-            if code < 0 or code in (137, 143):  # killed from outside (OOM killer, preemption): retryable
-                raise InfrastructureError(f"{stage} was killed (exit {code}); rerunning resumes it ({log})")
-            raise PipelineError(f"{stage} failed (exit {code}): {cause} (log: {log})")
+        if not outcome.ok:
+            cause = root_cause(launcher.logs(handle))
+            if outcome.state == KILLED:  # killed from outside (OOM killer, preemption): retryable
+                raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
+            raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
         return run_dir
 
     def _watch(self, stage: str, run_dir: Path, stop: threading.Event) -> None:
@@ -484,16 +490,16 @@ class Pipeline:
 
     def _register(self, run_dir: Path) -> dict[str, Any]:
         ref = self.registry.register(run_dir / "export")
-        lineage = json.loads((run_dir / "export" / "lineage.json").read_text())
+        lineage = LineageRecord.read(run_dir / "export")
         return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
-                "device_hours": lineage.get("device_hours")}
+                "device_hours": lineage.device_hours}
 
     def _latent_action(self, step: Step, key: str) -> dict[str, Any]:
         return self._register(self._job("latent-action", key))
 
     def _model_export(self, out: dict[str, Any]) -> Path:
         local = Path(out.get("run_dir", "")) / "export"
-        if (local / "lineage.json").exists():
+        if LineageRecord.exists(local):
             return local
         return self.registry.fetch(f"models:/{out['model']}/{out['version']}")
 

@@ -57,8 +57,16 @@ def _git(repo: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
+# What a pipeline run itself writes into a checkout is data, not code: DVC's lock and pointer files, the tiers,
+# features and outputs. A change there must not mark the code dirty, or every version trained from a fresh
+# clone would claim `code (dirty)`.
+NOT_CODE = ("dvc.lock", "*.dvc", ".dvc", ".dvcignore", "data", "outputs", "mlruns", "mlartifacts", "*.db")
+
+
 def git_state(repo: Path) -> GitState:
     """Commit, dirty flag and branch of the checkout at `repo` (via the `git` executable).
+
+    Dirty means the code differs from the commit: changes to the paths in `NOT_CODE` do not count.
 
     Never raises: outside a repository (or without git) it is `{"commit": "unknown", "dirty": False,
     "branch": None}`. A repository without commits has commit "unknown" but a real branch and dirty flag.
@@ -67,7 +75,8 @@ def git_state(repo: Path) -> GitState:
     if _git(repo, "rev-parse", "--is-inside-work-tree") != "true":
         return {"commit": UNKNOWN_COMMIT, "dirty": False, "branch": None}
     commit = _git(repo, "rev-parse", "--verify", "--quiet", "HEAD^{commit}") or UNKNOWN_COMMIT
-    status = _git(repo, "status", "--porcelain", "--untracked-files=normal")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=normal", "--", ".",
+                  *(f":(top,exclude,glob)**/{p}" if p.startswith("*") else f":(top,exclude){p}" for p in NOT_CODE))
     branch = _git(repo, "symbolic-ref", "--short", "-q", "HEAD") or None
     # A status that cannot be read is reported dirty: lineage must not claim a clean tree it did not see.
     return {"commit": commit, "dirty": status is None or bool(status), "branch": branch}

@@ -10,22 +10,21 @@ Both directions are graph walks over facts recorded at registration (version tag
          version registered from such a run -> every version downstream of those (children by
          `motus.parent_version` / `motus.lam_version`), with their runs and checkpoints.
 
-A tier hash matches either digest a tier has (its DVC hash or its manifest content hash), by prefix.
+A tier hash matches either hash a tier has (its content hash, or its DVC hash where versioned), by prefix;
+the tiers of a version print with their content hash (see `motus.contracts`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
 from ..data.tier import sha256_file
-
-T = "motus."
-
+from .tags import T, tier_hash_keys, tiers_from_tags
 
 # ------------------------------------------------------------------------------------------------ exports
 
@@ -42,23 +41,16 @@ def export_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def read_export_lineage(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(export folder, its lineage.json) for an export folder or a run folder holding `export/`."""
+def read_export_lineage(path: Path) -> tuple[Path, LineageRecord]:
+    """(export folder, its lineage record) for an export folder or a run folder holding `export/`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such export or run folder: {path}")
-    export = path / "export" if (path / "export" / "lineage.json").is_file() else path
-    file = export / "lineage.json"
-    if not file.is_file():
-        raise ValueError(f"{path} is not a stage export: {file} is missing (a finished `motus train` or "
-                         "`motus latent-action train` writes it into <run_dir>/export)")
-    try:
-        lineage = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(lineage, dict):
-        raise ValueError(f"{file} is not a JSON object")
-    return export.resolve(), lineage
+    export = path / "export" if LineageRecord.exists(path / "export") else path
+    if not LineageRecord.exists(export):
+        raise ContractError(f"{path} is not a stage export: {export / LINEAGE_FILE} is missing (a finished "
+                            "`motus train` or `motus latent-action train` writes it into <run_dir>/export)")
+    return export.resolve(), LineageRecord.read(export)
 
 
 def locate(recorded: str, export: Path) -> Path | None:
@@ -79,14 +71,7 @@ def locate(recorded: str, export: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------ show
 
 def _tiers(tags: dict[str, str]) -> list[dict[str, Any]]:
-    names = sorted({k[len(T + "tier."):].rsplit(".", 1)[0] for k in tags if k.startswith(T + "tier.")})
-    out = []
-    for n in names:
-        level = tags.get(f"{T}tier.{n}.level", "")
-        out.append({"name": n, "level": int(level) if level.isdigit() else None,
-                    "digest": tags.get(f"{T}tier.{n}.digest", ""),
-                    "content_hash": tags.get(f"{T}tier.{n}.content_hash", "")})
-    return out
+    return [t.to_json() for t in tiers_from_tags(tags)]
 
 
 def _float(text: str | None) -> float | None:
@@ -159,8 +144,8 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
     client = registry.client
     pattern = f"{digest}%" if digest else "%"
     direct: dict[str, Any] = {}
-    for key in ("digest", "content_hash"):
-        for ref in registry.versions(None, {f"{T}tier.{tier}.{key}": pattern}):
+    for key in tier_hash_keys(tier):
+        for ref in registry.versions(None, {key: pattern}):
             direct[f"{ref.name}/{ref.version}"] = ref
     runs: dict[str, dict[str, Any]] = {}
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -173,7 +158,8 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
                                    "stage": r.data.tags.get("stage", r.data.tags.get("job", "")), "versions": []}
     for ref in list(direct.values()):  # versions of runs that read the tier (e.g. the VAE, which logs flow inputs)
         runs.setdefault(ref.run_id, {"run_id": ref.run_id, "name": None, "direct": True,
-                                     "digest": ref.tags.get(f"{T}tier.{tier}.digest", ""),
+                                     "digest": next((t.content_hash for t in tiers_from_tags(ref.tags)
+                                                     if t.name == tier), ""),
                                      "stage": ref.tags.get(f"{T}stage", ""), "versions": []})
     for run_id in list(runs):  # versions registered from those runs
         for ref in registry.versions(run_id=run_id):
@@ -238,7 +224,7 @@ def plot(graph: dict[str, Any], path: Path) -> Path:
             if n is None:
                 text = f"unregistered export\n{k}"
             else:
-                tiers = ", ".join(f"{t['name']} L{t['level']} {t['digest'][:8]}" for t in n["tiers"][:4])
+                tiers = ", ".join(f"{t['name']} L{t['level']} {t['content_hash'][:8]}" for t in n["tiers"][:4])
                 text = (f"{k}  ({n['stage']})\nrun {str(n['run_id'])[:12]}  ckpt {n['checkpoint_hash'][:10]}\n"
                         f"config {n['config_hash'][:10]}  code {n['code_commit'][:10]}\n{tiers}\n"
                         f"{(n['device_hours'] or 0):.4g} device h" + ("\npretrained bases" if n["pretrained_bases"] else ""))

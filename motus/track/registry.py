@@ -2,7 +2,7 @@
 
 Registered models: `motus-vgm` (Stage 1), `motus-latent-action` (Stage 2), the Stage 3 model named in
 params.yaml (e.g. `motus-aloha`) and `motus-lam` (the latent-action VAE). The name comes from the export's
-`lineage.json`, so the registry needs no list of its own.
+lineage record (`motus.contracts.LineageRecord`), so the registry needs no list of its own.
 
 A version is registered from a stage job's `export/` folder: the folder is uploaded as the artifacts `model/`
 of the job's own MLflow run (so the version's source lives beside the run that made it) and the version is
@@ -41,7 +41,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,10 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ..contracts import ContractError, LineageRecord
 from .gates import GateError, Verdict, gate_hash, judge
 from .lineage import export_hash, locate, read_export_lineage
+from .tags import T, lineage_tags
 from .tracker import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,6 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 LOCK_SUFFIX = ".lock"
 AUDIT_PREFIX = "motus.audit."
-T = "motus."  # every tag the platform writes on a version starts with this
 EVALUATION_RUN_TAG = "motus.evaluation_run"
 VERDICT_TAG = "motus.verdict"
 VERDICT_JSON_TAG = "motus.verdict.json"
@@ -312,13 +313,14 @@ class Registry:
 
         `export_dir` may also be the job's run folder (its `export/` is used). Idempotent per export content.
         """
-        export, lineage = read_export_lineage(Path(export_dir))
-        name = lineage.get("registered_model")
-        if not name:
-            raise RegistryError(f"{export / 'lineage.json'}: no registered_model")
-        run_id = lineage.get("mlflow_run_id")
+        try:
+            export, lineage = read_export_lineage(Path(export_dir))
+        except ContractError as e:
+            raise RegistryError(str(e)) from None
+        name = lineage.registered_model
+        run_id = lineage.run_id
         if not run_id:
-            raise RegistryError(f"{export}: the job ran without tracking (lineage.json mlflow_run_id is null), so "
+            raise RegistryError(f"{export}: the job ran without tracking (its lineage record has no run id), so "
                                 "there is no run to link the version to; rerun it with tracking on")
         try:
             run = self.client.get_run(run_id)
@@ -326,7 +328,7 @@ class Registry:
             raise RegistryError(f"{export}: its run {run_id} is not in the tracking store {self.tracking_uri} "
                                 "(was it trained against another MOTUS_TRACKING_URI?)") from None
         digest = export_hash(export)
-        self._ensure_model(name, f"Motus {lineage.get('stage', lineage.get('job', ''))} exports (motus registry)")
+        self._ensure_model(name, f"Motus {lineage.label} exports (motus registry)")
         actor = actor or default_actor()
         with self.lock(name):
             existing = self.versions(name, {f"{T}export_hash": digest})
@@ -341,34 +343,22 @@ class Registry:
             self._move_alias(name, CANDIDATE, version, "register", actor)
             return self.version(name, version)
 
-    def _version_tags(self, export: Path, lineage: dict[str, Any], run: Any, digest: str) -> dict[str, str]:
+    def _version_tags(self, export: Path, lineage: LineageRecord, run: Any, digest: str) -> dict[str, str]:
         rtags, metrics = run.data.tags, run.data.metrics
-        stage = lineage.get("stage") or lineage.get("job") or "unknown"
-        tags: dict[str, str] = {
-            f"{T}stage": str(stage), f"{T}stage_number": str(lineage.get("stage_number", "")),
-            f"{T}config_hash": str(lineage.get("config_hash", "")),
-            f"{T}code_commit": rtags.get("code.commit", "unknown"), f"{T}code_dirty": rtags.get("code.dirty", "unknown"),
-            f"{T}export_hash": digest, f"{T}export_path": str(export.resolve()),
-            f"{T}device_type": str(lineage.get("device_type") or rtags.get("device_type") or rtags.get("device") or ""),
-        }
-        # tiers: stage exports carry {name: {level, digest, content_hash}}, the latent-action export {name: hash}
-        for tier, info in (lineage.get("tiers") or {}).items():
-            if not isinstance(info, dict):
-                info = {"digest": info, "content_hash": info}
-            level = info.get("level")
-            if level is None and tier in getattr(self.params, "tiers", {}):
-                level = self.params.tiers[tier].level
-            tags[f"{T}tier.{tier}.level"] = str(level if level is not None else "")
-            tags[f"{T}tier.{tier}.digest"] = str(info.get("digest", ""))
-            tags[f"{T}tier.{tier}.content_hash"] = str(info.get("content_hash", info.get("digest", "")))
+        known = getattr(self.params, "tiers", {}) if self._params is not None else {}
+        # schema-0 latent-action records carry no tier level: params.yaml knows it
+        tiers = tuple(t if t.level is not None or t.name not in known else replace(t, level=known[t.name].level)
+                      for t in lineage.tiers)
+        tags = lineage_tags(replace(lineage, tiers=tiers), run_tags=rtags)
+        tags.update({f"{T}export_hash": digest, f"{T}export_path": str(export.resolve())})
         # checkpoint: its manifest's content hash, from the folder or from the run's copy of the manifest
-        ckpt = lineage.get("checkpoint")
+        ckpt = lineage.checkpoint
         if ckpt:
             tags[f"{T}checkpoint_path"] = str(ckpt)
             tags[f"{T}checkpoint_hash"] = self._checkpoint_hash(ckpt, export, run.info.run_id) or ""
         # parents: the model this job started from, and (Stage 2) the latent-action model behind its features
         parents = []
-        parent = lineage.get("parent")
+        parent = lineage.parent
         if parent:
             tags[f"{T}parent_path"] = str(parent)
             ref, phash = self._parent_version(parent, export)
@@ -384,7 +374,7 @@ class Registry:
                 tags[f"{T}lam_version"] = f"{lam[0].name}/{lam[0].version}" if lam else ""
                 parents += lam[:1]
         # device hours and cost: own, and cumulative along every registered ancestor
-        hours = float(lineage.get("device_hours") or metrics.get("cost/device_hours") or 0.0)
+        hours = float(lineage.device_hours or metrics.get("cost/device_hours") or 0.0)
         amount = metrics.get("cost/amount")
         if amount is None:
             price = self.params.costs.device_hour.get(tags[f"{T}device_type"]) if self._params is not None else None

@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import config_hash
+from ..contracts import LATENT_ACTION_JOB, LineageRecord, TierRef
 from ..data.features import Feature, FeatureWriter, feature_dir
 from ..data.flow import episode_flow_images, make_flow_model
 from ..data.loader import split_episodes
 from ..data.tier import Tier
+from ..data.versioning import locked_hash
 from ..model.latent_action import LatentActionVAE, build_latent_action_config
 from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
 from .loop import JobContext, _mean_across_ranks
@@ -271,7 +273,8 @@ def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 25
 
 class LatentActionJob:
     def __init__(self, params: Any, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
-                 max_steps: int | None = None, precision: str | None = None):
+                 max_steps: int | None = None, precision: str | None = None, code: dict[str, Any] | None = None):
+        self.code = dict(code or {})  # {commit, dirty} of the code that runs, from the launcher
         self.params, self.la, self.ctx = params, params.latent_action, ctx
         setting, source = precision_setting(params, self.la, precision, "latent_action")
         self.precision = resolve_precision(setting, ctx.device, source=source)
@@ -390,24 +393,25 @@ class LatentActionJob:
     def export(self, checkpoint: Path | None, hours: float) -> Path:
         out = self.run_dir / "export"
         self.engine.module.save_pretrained(out)
-        lineage = {"job": "latent-action", "registered_model": self.la.registered_model, "config_hash": self.config_hash,
-                   "checkpoint": str(checkpoint) if checkpoint else None, "device_hours": hours,
-                   "precision": self.precision,
-                   "flow_features": {t: self.train_pairs.flows[t].manifest["content_hash"] for t in self.tiers},
-                   "tiers": {t: self.train_pairs.tiers[t].content_hash for t in self.tiers},
-                   "mlflow_run_id": self.tracker.run_id}
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
-        self.tracker.log_artifact(out / "lineage.json", "export")
+        tiers = tuple(TierRef(name=t, level=tier.manifest["level"], content_hash=tier.content_hash,
+                              dvc_hash=locked_hash(tier.path)) for t, tier in sorted(self.train_pairs.tiers.items()))
+        record = LineageRecord(
+            job=LATENT_ACTION_JOB, registered_model=self.la.registered_model, config_hash=self.config_hash,
+            tiers=tiers, run_id=self.tracker.run_id, checkpoint=str(checkpoint) if checkpoint else None,
+            features={f"flow/{t}": self.train_pairs.flows[t].manifest["content_hash"] for t in self.tiers},
+            device_hours=hours, precision=self.precision, device_type=self.ctx.device_type,
+            code_commit=self.code.get("commit"), code_dirty=self.code.get("dirty"))
+        self.tracker.log_artifact(record.write(out), "export")
         return out
 
 
 def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None, max_steps: int | None = None,
-                      precision: str | None = None):
+                      precision: str | None = None, code: dict[str, Any] | None = None):
     from .loop import init_distributed
 
     ctx = init_distributed()
     try:
-        return LatentActionJob(params, run_dir, ctx, tracker, max_steps, precision).run()
+        return LatentActionJob(params, run_dir, ctx, tracker, max_steps, precision, code).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import config_hash, resolved_dict
+from ..contracts import STAGE_JOB, LineageRecord, TierRef
 from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spec_from_params
 from ..data.tier import Tier
+from ..data.versioning import locked_hash
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
@@ -111,8 +113,10 @@ def _mean_across_ranks(values: dict[str, float], ctx: JobContext) -> dict[str, f
 
 class StageJob:
     def __init__(self, params: Any, stage: str | int, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
-                 init_from: str | None = None, max_steps: int | None = None, precision: str | None = None):
+                 init_from: str | None = None, max_steps: int | None = None, precision: str | None = None,
+                 code: dict[str, Any] | None = None):
         self.params, self.ctx = params, ctx
+        self.code = dict(code or {})  # {commit, dirty} of the code that runs, from the launcher
         self.recipe: StageRecipe = recipe_from_params(params, stage)
         self.s = self.recipe.settings
         setting, source = precision_setting(params, self.s, precision, f"stages.{self.recipe.name}")
@@ -311,28 +315,22 @@ class StageJob:
                                                        "device": self.ctx.device_type, "init_from": self.init_from,
                                                        "precision": self.precision}})
             tr.log_artifact(self.run_dir / "config.json", "config")
-            for name, tier in self.tiers.items():
-                digest = self._tier_digest(name, tier)
-                tr.log_dataset(name, digest, str((self.data_root / name).resolve()),
-                               extra={"level": tier.manifest["level"], "episodes": tier.manifest["episodes"],
-                                      "weight": self.recipe.tiers[name]})
+            for ref in self._tier_refs():
+                tier = self.tiers[ref.name]
+                tr.log_dataset(ref.name, ref.content_hash, str((self.data_root / ref.name).resolve()),
+                               extra={"level": ref.level, "episodes": tier.manifest["episodes"],
+                                      "weight": ref.weight, "dvc_hash": ref.dvc_hash})
             for name, src in self.latent_sources.items():
                 tr.log_dataset(f"latent_actions/{name}", src.feature.manifest["content_hash"],
                                str(src.feature.path.resolve()), extra=src.feature.manifest.get("meta", {}))
         else:
             tr.set_tags({"resumed_from": str(self.resumed_from)})
 
-    def _tier_digest(self, name: str, tier: Tier) -> str:
-        """The DVC hash when the tier is versioned (lineage's tier hash), else the manifest's content hash."""
-        lock = Path("dvc.lock")
-        if lock.exists():
-            import yaml
-
-            stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(f"ingest@{name}", {})
-            for o in stage.get("outs", []):
-                if o.get("md5"):
-                    return o["md5"]
-        return tier.content_hash
+    def _tier_refs(self) -> tuple[TierRef, ...]:
+        """The tiers this job reads, by content hash (and DVC hash where the tier is versioned)."""
+        return tuple(TierRef(name=n, level=t.manifest["level"], content_hash=t.content_hash,
+                             dvc_hash=locked_hash(t.path), weight=self.recipe.tiers[n])
+                     for n, t in sorted(self.tiers.items()))
 
     def _count_flops(self, inputs: dict[str, Any], step: int) -> float | None:
         from torch.utils.flop_counter import FlopCounterMode
@@ -481,28 +479,27 @@ class StageJob:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self.text.state_dict().items()}, str(out / "text.safetensors"))
-        lineage = {
-            "stage": self.recipe.name, "stage_number": self.recipe.stage,
-            "registered_model": self.s.registered_model, "config_hash": self.config_hash,
-            "parent": self.init_from, "checkpoint": str(checkpoint) if checkpoint else None,
-            "tiers": {n: {"level": t.manifest["level"], "digest": self._tier_digest(n, t),
-                          "content_hash": t.content_hash, "weight": self.recipe.tiers[n]} for n, t in self.tiers.items()},
-            "normalization": self.normalization, "device_hours": hours, "wall_seconds": wall,
-            "precision": self.precision,
-            "device_type": self.ctx.device_type, "mlflow_run_id": self.tracker.run_id,
-        }
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
-        self.tracker.log_artifact(out / "lineage.json", "export")
+        features = {f"latent_actions/{n}": src.feature.manifest["content_hash"]
+                    for n, src in self.latent_sources.items()}
+        record = LineageRecord(
+            job=STAGE_JOB, registered_model=self.s.registered_model, config_hash=self.config_hash,
+            tiers=self._tier_refs(), run_id=self.tracker.run_id, stage=self.recipe.name,
+            stage_number=self.recipe.stage, parent=self.init_from,
+            checkpoint=str(checkpoint) if checkpoint else None, features=features, normalization=self.normalization,
+            device_hours=hours, wall_seconds=wall, precision=self.precision, device_type=self.ctx.device_type,
+            code_commit=self.code.get("commit"), code_dirty=self.code.get("dirty"))
+        self.tracker.log_artifact(record.write(out), "export")
         if checkpoint is not None and (checkpoint / "manifest.json").exists():
             self.tracker.log_artifact(checkpoint / "manifest.json", "checkpoint")
         return out
 
 
 def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | None = None,
-              init_from: str | None = None, max_steps: int | None = None, precision: str | None = None) -> StageResult:
+              init_from: str | None = None, max_steps: int | None = None, precision: str | None = None,
+              code: dict[str, Any] | None = None) -> StageResult:
     ctx = init_distributed()
     try:
-        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps, precision).run()
+        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps, precision, code).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

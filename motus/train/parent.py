@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..contracts import ContractError, LineageRecord
 from ..model.motus import CONFIG_FILE, EXPERTS, WEIGHTS_FILE, MotusModel
 
 # Stage 2 -> 3: the action encoder/decoder change meaning (latent -> real actions, + state and registers)
@@ -22,13 +23,12 @@ class ParentLoadError(Exception):
 def parent_experts(export_dir: str | Path) -> tuple[str, ...]:
     """The experts a parent actually trained: a Stage 1 export holds a trained video expert only (its action
     and understanding experts are untouched initialisations, in another encoder mode), later stages all three."""
-    lineage = Path(export_dir) / "lineage.json"
-    if lineage.exists():
+    if LineageRecord.exists(export_dir):
         try:
-            if json.loads(lineage.read_text()).get("stage_number") == 1:
+            if LineageRecord.read(export_dir).stage_number == 1:
                 return ("video",)
-        except json.JSONDecodeError:
-            raise ParentLoadError(f"parent checkpoint '{export_dir}': lineage.json is not valid JSON") from None
+        except ContractError as e:
+            raise ParentLoadError(f"parent checkpoint '{export_dir}': {e}") from None
     return EXPERTS
 
 

@@ -1,0 +1,269 @@
+"""The records that cross rooms: frozen, versioned dataclasses, each with one JSON codec.
+
+Why one module, leftmost in the import order: a record written by one room and read by another (a job's
+lineage written by `train`, read by `evaluate`, `track` and `pipeline`; a job spec written by the CLI or the
+pipeline, read by a launcher and by the worker in another process or pod) must mean the same thing on both
+sides. When each side parses its own dict, the two drift: the tier hash used to travel under two names
+(`digest`, `content_hash`) and `lineage.json` had two shapes. Here each record has one definition, one
+`to_json`, one `from_json`, and a `schema_version`.
+
+Compatibility: readers accept the previous on-disk shapes (schema 0: the unversioned `lineage.json` of stage
+and latent-action exports, the flat job spec) for one release; writers only write the current one.
+
+Hashes have two names and two meanings, never mixed:
+- `content_hash`: sha256 over a tier's (or feature's) shard entries, from its manifest. The identity lineage
+  records and `lineage show` prints. It is the same wherever the folder lives.
+- `dvc_hash`: DVC's md5 of the folder (its `.dir` entry in `dvc.lock`), when the tier is DVC-versioned. It says
+  which DVC object to `dvc pull`; it is kept beside the content hash, never instead of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+LINEAGE_FILE = "lineage.json"
+
+
+class ContractError(ValueError):
+    """A record on disk or on the wire that does not fit its contract; the message names the file and key."""
+
+
+def _need(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ContractError(f"{where}: missing '{key}'")
+    return d[key]
+
+
+def _check_schema(d: Mapping[str, Any], current: int, where: str) -> int:
+    version = int(d.get("schema_version", 0))
+    if version > current:
+        raise ContractError(f"{where}: schema_version {version} is newer than this motus reads ({current}); "
+                            "upgrade motus")
+    return version
+
+
+# ------------------------------------------------------------------------------------------------ tiers
+
+@dataclass(frozen=True)
+class TierRef:
+    """A tier as an input: which version of it a job read, and with what weight in the stage's mix."""
+
+    name: str
+    level: int | None
+    content_hash: str
+    dvc_hash: str | None = None
+    weight: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping[str, Any] | str, where: str = "tier") -> TierRef:
+        if isinstance(d, str):  # schema 0 latent-action export: {tier: content hash}
+            return cls(name=name, level=None, content_hash=d)
+        if "digest" in d and "content_hash" in d:  # schema 0 stage export: digest = DVC md5 or the content hash
+            digest = d.get("digest") or None
+            return cls(name=name, level=d.get("level"), content_hash=d["content_hash"],
+                       dvc_hash=digest if digest != d["content_hash"] else None, weight=d.get("weight"))
+        return cls(name=name, level=d.get("level"), content_hash=_need(d, "content_hash", f"{where} {name}"),
+                   dvc_hash=d.get("dvc_hash"), weight=d.get("weight"))
+
+    def short(self) -> str:
+        return self.content_hash[:12]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One registered version: `name/version` (an alias resolves to one of these)."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        name, sep, version = text.rpartition("/")
+        if not sep or not version.isdigit():
+            raise ContractError(f"'{text}' is not NAME/VERSION")
+        return cls(name.removeprefix("models:/"), int(version))
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One training job, as every launcher takes it: `local` runs it as torchrun processes, `kubernetes` as a
+    PyTorchJob. `stage` is a params.yaml stage key or `latent-action` (the latent-action VAE job)."""
+
+    SCHEMA = 1
+
+    stage: str
+    run_dir: Path  # checkpoints, metrics.jsonl, export
+    params_file: Path
+    nodes: int = 1
+    procs_per_node: int = 1  # GPUs per node on a cluster; processes on a CPU machine
+    pool: str | None = None
+    image: str | None = None  # container image (kubernetes)
+    init_from: str | None = None  # parent model export (Stage 2/3)
+    max_steps: int | None = None
+    precision: str | None = None  # auto | bf16 | fp32; None = what params.yaml says for this job
+    track: bool = True
+    env: Mapping[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA
+
+    def worker_args(self) -> list[str]:
+        """The worker's command line (`python -m motus.launch.worker ...`), the same on every launcher."""
+        args = ["--stage", self.stage, "--run-dir", str(self.run_dir), "--params", str(self.params_file)]
+        if self.init_from:
+            args += ["--init-from", str(self.init_from)]
+        if self.max_steps:
+            args += ["--max-steps", str(self.max_steps)]
+        if self.precision:
+            args += ["--precision", self.precision]
+        if not self.track:
+            args.append("--no-track")
+        return args
+
+    def with_updates(self, **changes: Any) -> JobSpec:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(run_dir=str(self.run_dir), params_file=str(self.params_file), env=dict(self.env),
+                 schema_version=self.SCHEMA)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:  # the name `motus k8s` and run records used before schema 1
+        return self.to_json()
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "job spec") -> JobSpec:
+        _check_schema(d, cls.SCHEMA, where)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ContractError(f"{where}: unknown key(s) {unknown}")
+        values = dict(d)
+        values.update(stage=str(_need(d, "stage", where)), run_dir=Path(_need(d, "run_dir", where)),
+                      params_file=Path(_need(d, "params_file", where)), env=dict(d.get("env") or {}),
+                      schema_version=cls.SCHEMA)
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------ lineage
+
+STAGE_JOB, LATENT_ACTION_JOB = "stage", "latent-action"
+
+
+@dataclass(frozen=True)
+class LineageRecord:
+    """What a training job's export says about how it was made: written by the job, read by every other room.
+
+    `features` maps a feature name (`flow/<tier>`, `latent_actions/<tier>`) to its content hash. `parent` is
+    what the job started from (an export path or `models:/` URI), resolved to a version by the registry.
+    `code_dirty` counts changes to the code only (data files and lock files of the project are not code).
+    """
+
+    SCHEMA = 1
+
+    job: str  # STAGE_JOB | LATENT_ACTION_JOB
+    registered_model: str
+    config_hash: str
+    tiers: tuple[TierRef, ...]
+    run_id: str | None = None
+    stage: str | None = None  # the params.yaml stage key (stage jobs)
+    stage_number: int | None = None
+    parent: str | None = None
+    checkpoint: str | None = None
+    features: Mapping[str, str] = field(default_factory=dict)
+    normalization: Mapping[str, Any] | None = None
+    device_hours: float = 0.0
+    wall_seconds: float | None = None
+    precision: str | None = None
+    device_type: str | None = None
+    code_commit: str | None = None
+    code_dirty: bool | None = None
+    schema_version: int = SCHEMA
+
+    @property
+    def label(self) -> str:
+        """What made it, in a word: the stage key, or `latent-action` for the VAE job."""
+        return self.stage or self.job
+
+    def tier(self, name: str) -> TierRef | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def with_updates(self, **changes: Any) -> LineageRecord:
+        return replace(self, **changes)
+
+    # -- codec -----------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["tiers"] = {t.name: {k: v for k, v in t.to_json().items() if k != "name"} for t in self.tiers}
+        d["features"] = dict(self.features)
+        d["normalization"] = dict(self.normalization) if self.normalization is not None else None
+        d["schema_version"] = self.SCHEMA
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = LINEAGE_FILE) -> LineageRecord:
+        if not isinstance(d, Mapping):
+            raise ContractError(f"{where}: not a JSON object")
+        version = _check_schema(d, cls.SCHEMA, where)
+        if version == 0:
+            return cls._from_schema0(d, where)
+        tiers = tuple(TierRef.from_json(n, t, where) for n, t in sorted((d.get("tiers") or {}).items()))
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values.update(tiers=tiers, features=dict(d.get("features") or {}), schema_version=cls.SCHEMA)
+        for key in ("job", "registered_model", "config_hash"):
+            _need(d, key, where)
+        return cls(**values)
+
+    @classmethod
+    def _from_schema0(cls, d: Mapping[str, Any], where: str) -> LineageRecord:
+        """The unversioned shapes: stage exports (tiers {name: {level, digest, content_hash, weight}}) and
+        latent-action exports (`job: latent-action`, tiers {name: hash}, `flow_features` {tier: hash})."""
+        job = LATENT_ACTION_JOB if d.get("job") == LATENT_ACTION_JOB else STAGE_JOB
+        tiers = tuple(TierRef.from_json(n, t, where) for n, t in sorted((d.get("tiers") or {}).items()))
+        features = {f"flow/{t}": h for t, h in (d.get("flow_features") or {}).items()}
+        return cls(job=job, registered_model=str(_need(d, "registered_model", where)),
+                   config_hash=str(d.get("config_hash") or ""), tiers=tiers, run_id=d.get("mlflow_run_id"),
+                   stage=d.get("stage"), stage_number=d.get("stage_number"), parent=d.get("parent"),
+                   checkpoint=d.get("checkpoint"), features=features, normalization=d.get("normalization"),
+                   device_hours=float(d.get("device_hours") or 0.0), wall_seconds=d.get("wall_seconds"),
+                   precision=d.get("precision"), device_type=d.get("device_type"))
+
+    # -- the file in an export folder ------------------------------------------------------------------
+    def write(self, export_dir: Path) -> Path:
+        path = Path(export_dir) / LINEAGE_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True, default=str))
+        return path
+
+    @classmethod
+    def read(cls, export_dir: Path) -> LineageRecord:
+        path = Path(export_dir) / LINEAGE_FILE
+        if not path.is_file():
+            raise ContractError(f"{path} is missing (a finished `motus train` or `motus latent-action train` "
+                                "writes it into <run_dir>/export)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ContractError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_json(d, str(path))
+
+    @staticmethod
+    def exists(export_dir: Path) -> bool:
+        return (Path(export_dir) / LINEAGE_FILE).is_file()
