@@ -167,6 +167,7 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
 
     from motus.data.video import decode_mp4
     from motus.evaluate import evaluate_model
+    from motus.track.evaluations import record_evaluation
     from motus.track.registry import Registry
 
     proj, params = stage3
@@ -177,8 +178,10 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
     ref = registry.register(proj / "runs" / "s3" / "export")
 
     report = evaluate_model(params, proj / "runs" / "s3" / "export", model_name=ref.name, version=ref.version,
-                            tracking_uri=uri, seeds=[1000], max_steps=48, windows_per_tier=2, workers=1,
+                            seeds=[1000], max_steps=48, windows_per_tier=2, workers=1,
                             video_episodes=1, sample_steps=3, progress=False)
+    assert report.run_id is None  # evaluation measures; the track room records
+    record_evaluation(report, tracking_uri=uri, experiment=params.project.name)
     m = report.metrics
     tasks = ("transfer_cube", "insertion")
     rates = ["eval/success_rate", "eval/joint_success_rate", "eval/floor_zero_success_rate",

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from motus.cli import app
 from motus.config import load_params
+from motus.contracts import JobSpec
 from motus.launch import k8s_validate as kv
 from motus.launch import kubernetes as k8s
 from motus.launch.local import command as local_command
-from motus.launch.spec import JobSpec
 
 from .k8s_standin import KubeApiStandIn
 
@@ -439,7 +439,8 @@ def test_motus_train_submits_through_the_kubernetes_launcher(standin, tmp_path, 
 
 def test_the_launcher_factory_reads_motus_launcher(tmp_path, monkeypatch):
     from motus.config import get_settings
-    from motus.launch.launcher import Launcher, launcher_for
+    from motus.launch.factory import launcher_for
+    from motus.launch.launcher import Launcher
     from motus.launch.local import LocalLauncher
 
     monkeypatch.delenv("MOTUS_LAUNCHER", raising=False)

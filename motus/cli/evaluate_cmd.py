@@ -58,10 +58,14 @@ def evaluate(
         task_list = [t.strip() for t in tasks.split(",") if t.strip()]
         mode_list = [m.strip() for m in modes.split(",") if m.strip()]
         report = evaluate_model(
-            p, export, model_name=name, version=version, tracking_uri=settings.tracking_uri if track else None,
+            p, export, model_name=name, version=version,
             seeds=range(first_seed, first_seed + seeds), tasks=task_list, workers=workers, progress=progress,
             modes=mode_list, max_steps=max_steps, windows_per_tier=windows, video_episodes=video_episodes,
             sample_steps=sample_steps, lpips_weights=lpips_weights, fvd_weights=fvd_weights, echo=typer.echo)
+        if track:
+            from ..track.evaluations import record_evaluation
+
+            record_evaluation(report, tracking_uri=settings.tracking_uri, experiment=p.project.name)
     except (ConfigError, ExportError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -31,6 +31,7 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
             backoff_limit: int, params_path: Path | None) -> tuple[Any, dict, dict]:
     """(job model, job manifest, params ConfigMap); every problem becomes `error: ...`."""
     from ..config import ConfigError, get_settings, load_params
+    from ..contracts import JobSpec
     from ..launch.kubernetes import (
         ClusterOptions,
         build_pytorchjob,
@@ -39,7 +40,6 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
         resolve_stage,
         to_manifest,
     )
-    from ..launch.spec import JobSpec
 
     try:
         settings = get_settings()

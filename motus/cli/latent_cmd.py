@@ -32,7 +32,7 @@ def flow(tiers: TiersArg = None, params: ParamsOption = None) -> None:
     """Flow images between adjacent frames of each tier (features/flow/<tier>), with progress."""
     from tqdm import tqdm
 
-    from ..train.latent_action import build_flow_feature, lam_tiers
+    from ..data.latent_actions import build_flow_feature, lam_tiers
 
     p, _ = _load(params)
     for name in tiers or lam_tiers(p):
@@ -56,7 +56,7 @@ def train(nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
     """Train the latent-action VAE (DeepSpeed, checkpoints, MLflow) on the flow features."""
     from ..config import get_settings
     from ..contracts import JobSpec
-    from ..train.latent_action import FLOW, features_root, lam_tiers
+    from ..data.latent_actions import FLOW, features_root, lam_tiers
     from ..train.precision import PrecisionError, preflight
     from .train_cmd import run_job
 
@@ -81,7 +81,7 @@ def export(tiers: TiersArg = None,
            model: Annotated[Path, typer.Option(help="The trained VAE export.")] = Path("outputs/runs/latent-action/export"),
            params: ParamsOption = None) -> None:
     """Write `latent_actions` [T-1, 14] per episode for each tier (features/latent_actions/<tier>)."""
-    from ..train.latent_action import export_latent_actions, lam_tiers
+    from ..data.latent_actions import export_latent_actions, lam_tiers
 
     p, _ = _load(params)
     if not (model / "config.json").exists() and not any(model.glob("*.json")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,6 +54,25 @@ def plan(params: ParamsOption = None, from_step: FromOption = None, until_step: 
         print_plan(rows)
 
 
+def _load_flow(root: Path) -> Any:
+    """The Prefect flow, started by entrypoint as a deployment starts it (the CLI sits below `flows/` and never
+    imports it): the project's own `flows/pipeline.py` when it has one, else the one installed with motus."""
+    import importlib.util
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from ..pipeline.deploy import FLOW_ENTRYPOINT
+
+    file, _, name = FLOW_ENTRYPOINT.partition(":")
+    path = root / file
+    if not path.is_file():
+        found = importlib.util.find_spec(file.removesuffix(".py").replace("/", "."))
+        if found is None or found.origin is None:
+            raise typer.BadParameter(f"no {file} in {root} and none installed with motus")
+        path = Path(found.origin)
+    return load_flow_from_entrypoint(f"{path}:{name}")
+
+
 def _check_profile(profile: str) -> None:
     from ..config import get_settings
 
@@ -94,8 +113,7 @@ def run(params: ParamsOption = None, from_step: FromOption = None, until_step: U
     pipe = _pipeline(params)  # validates the params and the step names before Prefect starts
     _valid_steps(pipe, from_step, until_step)
 
-    from flows.pipeline import motus_pipeline
-
+    motus_pipeline = _load_flow(pipe.root)
     failure = None
     try:
         asyncio.run(motus_pipeline(params_file=str(pipe.params_file), root=str(pipe.root), from_step=from_step,

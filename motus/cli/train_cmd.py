@@ -62,8 +62,9 @@ def train(
 
 def run_job(spec, settings, what: str) -> None:
     """Submit through MOTUS_LAUNCHER's launcher and wait; a failure exits non-zero with how to resume."""
+    from ..launch.factory import launcher_for
     from ..launch.kubernetes import ClusterError
-    from ..launch.launcher import launcher_for, run_to_end
+    from ..launch.launcher import run_to_end
 
     try:
         launcher = launcher_for(settings)

@@ -395,3 +395,16 @@ class Tier:
             elif sha256_file(p) != s["sha256"]:
                 bad.append(f"{p}: sha256 differs from the manifest")
         return bad
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over `<relative path>\t<sha256>` of every file, sorted: the identity of a folder's content (an
+    export, a model). The registry's export hash and a latent-action feature's model hash are this."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(folder)}\t{sha256_file(p)}\n".encode())
+    return h.hexdigest()

@@ -1,4 +1,5 @@
-"""The evaluation report, and how it is recorded: one MLflow evaluation run linked to the model version.
+"""The evaluation report: what `evaluate_model` returns. Recording it (an MLflow evaluation run linked to the
+model version) is the track room's job: `motus.track.evaluations`.
 
 The run sits in the training experiment, tagged `motus.run_kind=evaluation`, `motus.evaluation.model`,
 `motus.evaluation.version`; the version gets the tag `motus.evaluation_run=<run id>`, which is where the
@@ -10,15 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-EVALUATION_RUN_TAG = "motus.evaluation_run"
-RUN_KIND_TAG = "motus.run_kind"
 
 
 @dataclass
@@ -77,48 +73,3 @@ def _pct(v: float | None) -> str:
 
 def _json_number(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)  # JSON has no inf/nan
-
-
-def record(report: EvaluationReport, tracker: Any, *, training_run: str | None = None) -> None:
-    """Log a finished report to a tracker (the `motus.train.tracking.Tracker` protocol)."""
-    from ..data.video import encode_mp4
-
-    tags = {RUN_KIND_TAG: "evaluation", "motus.evaluation.export": report.export_dir}
-    if report.model_name:
-        tags["motus.evaluation.model"] = report.model_name
-    if report.version is not None:
-        tags["motus.evaluation.version"] = str(report.version)
-    if training_run:
-        tags["motus.evaluation.training_run"] = training_run
-    tracker.set_tags(tags)
-    tracker.log_params({"evaluation": {k: v for k, v in report.settings.items() if k != "seeds"},
-                        "evaluation.seeds": ",".join(map(str, report.settings.get("seeds", [])))})
-    tracker.log_metrics({**report.metrics, **{f"perf/{k}": v for k, v in report.timing.items()}}, 0)
-    report.run_id = tracker.run_id
-    with tempfile.TemporaryDirectory(prefix="motus-eval-") as tmp:
-        folder = Path(tmp)
-        rollouts = folder / "rollouts"
-        rollouts.mkdir()
-        for name, frames in sorted(report.videos.items()):
-            (rollouts / name).write_bytes(encode_mp4(frames, fps=report.settings.get("fps", 50)))
-        if report.videos:
-            tracker.log_artifact(rollouts, "evaluation")
-        (folder / "report.json").write_text(report.to_json())
-        tracker.log_artifact(folder / "report.json", "evaluation")
-    if report.wm_frames is not None:
-        real, pred = report.wm_frames
-        grid = np.concatenate([np.concatenate(list(real), axis=1), np.concatenate(list(pred), axis=1)], axis=0)
-        tracker.log_image(grid, "evaluation/wm_frames.png")
-
-
-def link_version(tracking_uri: str, name: str, version: str, run_id: str) -> None:
-    """Tag the registered model version with its evaluation run (the gates read metrics there first)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        client.set_model_version_tag(name, str(version), EVALUATION_RUN_TAG, run_id)
-    except MlflowException as e:
-        raise ValueError(f"cannot tag model version {name}/{version} in {tracking_uri} with its evaluation run "
-                         f"{run_id}: {e.message}") from None

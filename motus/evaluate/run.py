@@ -1,5 +1,5 @@
-"""`evaluate_model`: every mode of one model export, measured beside its floors and ceiling, optionally
-recorded as an MLflow evaluation run linked to the registered model version.
+"""`evaluate_model`: every mode of one model export, measured beside its floors and ceiling, returned as a
+report. Recording it (an MLflow evaluation run linked to the version) is `motus.track.evaluations`'.
 
 Metric names (what the gates in `params.yaml` read):
   eval/success_rate, eval/<task>/success_rate            closed loop, vla mode (mean over tasks / per task)
@@ -32,7 +32,7 @@ from .closed_loop import (
 from .export import load_export
 from .metrics import FeatureNet
 from .offline import offline_metrics
-from .report import EvaluationReport, link_version, record
+from .report import EvaluationReport
 
 MODES = ("wm", "idm", "vla", "joint")
 DEFAULT_TASKS = ("transfer_cube", "insertion")
@@ -42,17 +42,15 @@ _FLOOR_NAMES = {"zero": "floor_zero", "random": "floor_random", "scripted": "cei
 
 
 def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | None = None,
-                   version: str | int | None = None, tracking_uri: str | None = None,
+                   version: str | int | None = None,
                    seeds: Sequence[int] = DEFAULT_SEEDS, tasks: Sequence[str] = DEFAULT_TASKS,
                    workers: int | None = None, progress: bool = True, modes: Sequence[str] = MODES,
                    max_steps: int = GYM_ALOHA_STEP_LIMIT, windows_per_tier: int = 8, video_episodes: int = 1,
                    sample_steps: int | None = None, lpips_weights: str | Path | None = None,
-                   fvd_weights: str | Path | None = None, tracker: Any = None,
-                   echo: Any = None) -> EvaluationReport:
+                   fvd_weights: str | Path | None = None, echo: Any = None) -> EvaluationReport:
     """Evaluate a Motus export in every mode; see the module docstring for what is measured.
 
-    `tracking_uri` (or an open `tracker`) records the report as an evaluation run; with `model_name` and
-    `version` too, the version is tagged `motus.evaluation_run=<run id>`. `video_episodes`: rollouts per
+    `model_name` and `version` name the registered version the report is about. `video_episodes`: rollouts per
     (model mode, task) whose video is kept. `seeds` must be held out (>= 1000: the demonstration tiers use
     seeds below). `echo` gets progress lines (e.g. `print`).
     """
@@ -143,16 +141,6 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                                                                       "parent", "tiers", "run_id")},
         timing=timing, videos=videos, wm_frames=wm_frames)
 
-    if tracker is None and tracking_uri is not None:
-        from ..track.tracker import MlflowTracker  # the track room records; evaluation itself never needs it
-
-        name = f"evaluate-{model_name or exported.path.parent.name}" + (f"-v{version}" if version is not None else "")
-        with MlflowTracker(tracking_uri, experiment=params.project.name, run_name=name, system_metrics=False) as tr:
-            record(report, tr, training_run=lineage.run_id)
-        if model_name and version is not None:
-            link_version(tr.tracking_uri, model_name, str(version), report.run_id)
-    elif tracker is not None:
-        record(report, tracker, training_run=lineage.run_id)
     return report
 
 

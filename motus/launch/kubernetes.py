@@ -39,8 +39,9 @@ from typing import Any
 import yaml
 
 from ..config import Params, Pool, Settings, config_hash
+from ..contracts import JobSpec
 from ..track.accounting import device_hours
-from .spec import JobSpec
+from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 
 WORKSPACE = "/workspace"
 PARAMS_DIR = "/etc/motus"
@@ -502,16 +503,12 @@ class KubernetesLauncher:
         job = build_pytorchjob(full, params, self.opts)
         return job, params_configmap(Path(spec.params_file), params, self.opts.namespace)
 
-    def submit(self, spec: JobSpec) -> Any:
-        from .launcher import JobHandle
-
+    def submit(self, spec: JobSpec) -> JobHandle:
         job, cm = self.render(spec)
         name = self.client.submit(job, cm)
         return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
 
-    def wait(self, handle: Any, timeout_s: float | None = None) -> Any:
-        from .launcher import FAILED, KILLED, SUCCEEDED, JobOutcome
-
+    def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:
         seen = list(self.client.watch(handle.name, poll_s=self.poll_s, timeout_s=timeout_s))
         job = seen[-1] if seen else {}
         state = job_state(job)
@@ -525,10 +522,10 @@ class KubernetesLauncher:
             return JobOutcome(KILLED if evicted else FAILED, 137 if evicted else 1, message or "Failed")
         return JobOutcome(KILLED, 124, f"still {state} after {timeout_s}s")
 
-    def logs(self, handle: Any) -> str:
+    def logs(self, handle: JobHandle) -> str:
         return "\n".join(f"[{pod}] {text}" for pod, text in self.client.logs(handle.name).items())
 
-    def cancel(self, handle: Any) -> None:
+    def cancel(self, handle: JobHandle) -> None:
         self.client.cancel(handle.name)
 
 

@@ -1,7 +1,7 @@
 """The `Launcher` protocol: where a training job runs is configuration (`MOTUS_LAUNCHER`), never code.
 
 Every caller that starts a training job (`motus train`, `motus latent-action train`, the pipeline) builds one
-`JobSpec` and hands it to `launcher_for(settings)`. The two launchers take the same spec:
+`JobSpec` and hands it to `motus.launch.factory.launcher_for(settings)`. The two launchers take the same spec:
 
 - `local`: torchrun processes on this machine (`motus.launch.local.LocalLauncher`).
 - `kubernetes`: a PyTorchJob through the kubeflow-training SDK (`motus.launch.kubernetes.KubernetesLauncher`),
@@ -53,20 +53,6 @@ class Launcher(Protocol):
     def logs(self, handle: JobHandle) -> str: ...
 
     def cancel(self, handle: JobHandle) -> None: ...
-
-
-def launcher_for(settings: Any, *, log: Path | None = None, **cluster: Any) -> Launcher:
-    """The launcher `settings.launcher` names (MOTUS_LAUNCHER). `log`: where the local launcher writes the
-    job's output (None: this terminal); `cluster`: kubeconfig / context / namespace for the kubernetes one."""
-    if settings.launcher == "local":
-        from .local import LocalLauncher
-
-        return LocalLauncher(log=log)
-    if settings.launcher == "kubernetes":
-        from .kubernetes import KubernetesLauncher
-
-        return KubernetesLauncher.from_settings(settings, **cluster)
-    raise ValueError(f"MOTUS_LAUNCHER={settings.launcher!r}: expected local or kubernetes")
 
 
 def run_to_end(launcher: Launcher, spec: JobSpec, timeout_s: float | None = None) -> JobOutcome:

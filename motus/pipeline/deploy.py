@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+FLOW_ENTRYPOINT = "flows/pipeline.py:motus_pipeline"  # the deployment and `motus pipeline run` start this
+
 
 async def _ensure_pool(pool: str) -> None:
     from prefect.client.orchestration import get_client
@@ -30,7 +32,7 @@ def deploy_pipeline(root: Path, params_file: Path, *, pool: str, name: str, cron
     from prefect import Flow
 
     asyncio.run(_ensure_pool(pool))
-    flow = Flow.from_source(source=str(root), entrypoint="flows/pipeline.py:motus_pipeline")
+    flow = Flow.from_source(source=str(root), entrypoint=FLOW_ENTRYPOINT)
     dep_id = flow.deploy(name=name, work_pool_name=pool, build=False, push=False, cron=cron, print_next_steps=False,
                          parameters={"params_file": str(params_file), "root": str(root), "nproc": nproc,
                                      "evaluation": evaluation or {}},

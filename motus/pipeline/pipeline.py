@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import get_settings, load_params, resolved_dict
 from ..contracts import LineageRecord
+from ..data.paths import ProjectPaths
 from .keys import StepInputs, code_files, explain, flatten
 from .ledger import Ledger
 
@@ -87,7 +88,7 @@ class StepResult:
 
 def build_steps(params: Any) -> list[Step]:
     """The recipe as a list in execution order (each step after its dependencies)."""
-    from ..train.latent_action import lam_tiers
+    from ..data.latent_actions import lam_tiers
 
     steps = [Step(f"tier:{t}", "tier", t) for t in params.tiers]
     stages = sorted(params.stages.items(), key=lambda kv: kv[1].stage)
@@ -144,7 +145,8 @@ class Pipeline:
         self.tracking_uri = self.settings.tracking_uri
         self.ledger = Ledger(self.tracking_uri, self.params.project.name)
         self.out_dir = self.root / "outputs" / "pipeline"
-        self.data_root = self.root / self.params.data.root
+        self.paths = ProjectPaths.of(self.params, self.root)
+        self.data_root = self.paths.tiers
         self.pipeline_run = uuid.uuid4().hex[:12]
         self.outputs: dict[str, dict[str, Any]] = {}
         self.results: list[StepResult] = []
@@ -220,7 +222,7 @@ class Pipeline:
     # -- cache validity ----------------------------------------------------------------------------------
     def _still_there(self, step: Step, out: dict[str, Any], repair: bool) -> bool:
         """Do a cached record's outputs still exist? With `repair`, fetch what can be fetched (DVC pull)."""
-        from ..data.features import Feature, feature_dir
+        from ..data.features import Feature
         from ..data.tier import Tier
 
         try:
@@ -237,7 +239,7 @@ class Pipeline:
                 return False
             if step.kind in ("flow", "latent-actions"):
                 feat = "flow" if step.kind == "flow" else "latent_actions"
-                path = feature_dir(self.root / "data" / "features", feat, step.target)
+                path = self.paths.feature(feat, step.target)
                 if self._hash_of(Feature, path) == out.get("content_hash"):
                     return True
                 if repair and step.kind == "flow":
@@ -435,16 +437,17 @@ class Pipeline:
                 "level": tier.manifest["level"], "episodes": tier.manifest.get("episodes")}
 
     def _flow(self, step: Step, key: str) -> dict[str, Any]:
-        from ..data.features import Feature, feature_dir
+        from ..data.features import Feature
 
         self._dvc(f"flow@{step.target}")
-        f = Feature(feature_dir(self.root / "data" / "features", "flow", step.target))
+        f = Feature(self.paths.feature("flow", step.target))
         return {"content_hash": f.content_hash, "episodes": len(f)}
 
     def _job(self, stage: str, key: str, init_from: str | None = None) -> Path:
         """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder."""
         from ..contracts import JobSpec
-        from ..launch.launcher import KILLED, launcher_for
+        from ..launch.factory import launcher_for
+        from ..launch.launcher import KILLED
 
         run_dir = self.out_dir / "runs" / f"{stage}-{key[:12]}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -504,7 +507,7 @@ class Pipeline:
         return self.registry.fetch(f"models:/{out['model']}/{out['version']}")
 
     def _latent_actions(self, step: Step, key: str) -> dict[str, Any]:
-        from ..train.latent_action import export_latent_actions
+        from ..data.latent_actions import export_latent_actions
 
         m = export_latent_actions(self.params, self._model_export(self.outputs["latent-action"]), step.target)
         return {"content_hash": m["content_hash"], "episodes": m.get("episodes")}
@@ -519,16 +522,18 @@ class Pipeline:
 
     def _evaluate(self, step: Step, key: str) -> dict[str, Any]:
         from ..evaluate import evaluate_model
+        from ..track.evaluations import record_evaluation
 
         stage = self.by_name[step.deps[0]]
         out = self.outputs[stage.name]
         ev = self.evaluation
         seeds = list(range(int(ev["first_seed"]), int(ev["first_seed"]) + int(ev["seeds"])))
         report = evaluate_model(self.params, self._model_export(out), model_name=out["model"],
-                                version=int(out["version"]), tracking_uri=self.tracking_uri, seeds=seeds,
+                                version=int(out["version"]), seeds=seeds,
                                 tasks=list(ev["tasks"]), max_steps=int(ev["max_steps"]),
                                 video_episodes=int(ev["video_episodes"]), workers=ev.get("workers"),
                                 progress=False, echo=self.echo)
+        record_evaluation(report, tracking_uri=self.tracking_uri, experiment=self.params.project.name)
         keep = {k: v for k, v in report.metrics.items() if k.count("/") == 1}
         return {"run_id": report.run_id, "model": out["model"], "version": int(out["version"]), "metrics": keep}
 

@@ -16,29 +16,21 @@ the tiers of a version print with their content hash (see `motus.contracts`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
-from ..data.tier import sha256_file
+from ..data.tier import folder_hash
 from .tags import T, tier_hash_keys, tiers_from_tags
 
 # ------------------------------------------------------------------------------------------------ exports
 
 def export_hash(folder: Path) -> str:
-    """sha256 over `<relative path>\\t<sha256>` of every file, sorted: the identity of an export's content.
-
-    Same definition as the latent-action feature's `latent_action_model_hash`, so Stage 2 links to the VAE.
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(f"{p.relative_to(folder)}\t{sha256_file(p)}\n".encode())
-    return h.hexdigest()
+    """The identity of an export's content: `folder_hash`, the same definition as the latent-action feature's
+    `latent_action_model_hash`, so Stage 2 links to the VAE."""
+    return folder_hash(folder)
 
 
 def read_export_lineage(path: Path) -> tuple[Path, LineageRecord]:

@@ -50,6 +50,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ..contracts import ContractError, LineageRecord
+from .evaluations import EVALUATION_RUN_TAG
 from .gates import GateError, Verdict, gate_hash, judge
 from .lineage import export_hash, locate, read_export_lineage
 from .tags import T, lineage_tags
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 LOCK_SUFFIX = ".lock"
 AUDIT_PREFIX = "motus.audit."
-EVALUATION_RUN_TAG = "motus.evaluation_run"
 VERDICT_TAG = "motus.verdict"
 VERDICT_JSON_TAG = "motus.verdict.json"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")

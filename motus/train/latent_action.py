@@ -1,10 +1,8 @@
-"""The latent-action job: flow features -> the latent-action VAE (DeepSpeed, checkpoints, MLflow) -> export.
+"""The latent-action VAE job: optical-flow features -> the VAE (DeepSpeed, checkpoints, MLflow) -> export.
 
-Three steps, each a CLI command and a DVC stage:
-  flow     every frame pair of a tier -> an RGB flow image (features/flow/<tier>)
-  train    the VAE on unlabelled flow + labelled flow (labelled_fraction) aligned with the real action of that
-           step on its embodiment's native dims (ALOHA 14, Meta-World 4 of the 14)
-  export   every Stage 2 tier -> `latent_actions` [T-1, 14] per episode (features/latent_actions/<tier>)
+The VAE trains on unlabelled flow + labelled flow (labelled_fraction) aligned with the real action of that
+step on its embodiment's native dims (ALOHA 14, Meta-World 4 of the 14). Computing the flow features before
+and the latent actions after are data work (`motus.data.latent_actions`).
 Batches are a pure function of (seed, step, rank), like the stage jobs, so resume is exact.
 """
 
@@ -23,56 +21,20 @@ import torch.distributed as dist
 
 from ..config import config_hash
 from ..contracts import LATENT_ACTION_JOB, LineageRecord, TierRef
-from ..data.features import Feature, FeatureWriter, feature_dir
-from ..data.flow import episode_flow_images, make_flow_model
+from ..data.features import Feature, feature_dir
+from ..data.latent_actions import FLOW, features_root, lam_tiers
 from ..data.loader import split_episodes
 from ..data.tier import Tier
 from ..data.versioning import locked_hash
 from ..model.latent_action import LatentActionVAE, build_latent_action_config
 from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
-from .loop import JobContext, _mean_across_ranks
+from .distributed import JobContext, init_distributed, mean_across_ranks
 from .precision import autocast, check_resume
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
 from .tracking import NullTracker, Tracker
 
 log = logging.getLogger("motus.latent_action")
-FLOW, LATENT = "flow", "latent_actions"
-
-
-def features_root(params: Any) -> Path:
-    return Path(params.data.root).parent / "features"
-
-
-def lam_tiers(params: Any) -> list[str]:
-    la = params.latent_action
-    if la.tiers:
-        return list(la.tiers)
-    s2 = [s for s in params.stages.values() if s.action_source == "latent"]
-    if not s2:
-        raise ValueError("latent_action.tiers is null and no stage trains on latent actions: name the tiers")
-    return list(s2[0].tiers)
-
-
-# ------------------------------------------------------------------------------------------------ flow
-
-def build_flow_feature(params: Any, tier_name: str, progress=None) -> dict[str, Any]:
-    fs = params.latent_action.flow
-    tier = Tier(Path(params.data.root) / tier_name)
-    options = {"preset": fs.preset} if fs.model == "dis" else {"weights": fs.weights}
-    model = make_flow_model(fs.model, **options)
-    size = (fs.image_size, fs.image_size)
-    writer = FeatureWriter(feature_dir(features_root(params), FLOW, tier_name), FLOW, tier_name, tier.content_hash,
-                           compress=True, meta={"model": fs.model, "preset": fs.preset, "image_size": fs.image_size,
-                                                "stride": fs.stride, "max_magnitude": fs.max_magnitude})
-    for rec in tier.index:
-        ep = tier.read_episode(rec["id"])
-        frames = ep.frames[next(iter(ep.frames))]
-        images, _meta = episode_flow_images(frames, model, size, fs.max_magnitude, fs.stride)
-        writer.add(rec["id"], {FLOW: images})
-        if progress:
-            progress()
-    return writer.close()
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -344,7 +306,7 @@ class LatentActionJob:
                                   generator=g)
             self.engine.backward(out["loss"])
             self.engine.step()
-            vals = _mean_across_ranks({k: float(out[k].detach()) for k in ("loss", "recon_loss", "action_loss", "kl")},
+            vals = mean_across_ranks({k: float(out[k].detach()) for k in ("loss", "recon_loss", "action_loss", "kl")},
                                       ctx)
             done = step + 1
             history["recon_loss"].append((done, vals["recon_loss"]))
@@ -407,8 +369,6 @@ class LatentActionJob:
 
 def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None, max_steps: int | None = None,
                       precision: str | None = None, code: dict[str, Any] | None = None):
-    from .loop import init_distributed
-
     ctx = init_distributed()
     try:
         return LatentActionJob(params, run_dir, ctx, tracker, max_steps, precision, code).run()
@@ -417,53 +377,3 @@ def run_latent_action(params: Any, run_dir: Path, tracker: Tracker | None = None
             dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------- export
-
-@torch.no_grad()
-def export_latent_actions(params: Any, lam_export: Path, tier_name: str, batch: int = 256) -> dict[str, Any]:
-    """`latent_actions` [T-1, 14] for every episode of a tier: the VAE's mean latent of each flow image."""
-    vae = LatentActionVAE.from_pretrained(lam_export).eval()
-    flows = Feature(feature_dir(features_root(params), FLOW, tier_name))
-    tier = Tier(Path(params.data.root) / tier_name)
-    if flows.tier_hash != tier.content_hash:
-        raise ValueError(f"flow feature of '{tier_name}' was computed from another version of the tier "
-                         f"({flows.tier_hash[:12]} != {tier.content_hash[:12]}): rebuild it (motus latent-action flow)")
-    lam_hash = _dir_hash(lam_export)
-    writer = FeatureWriter(feature_dir(features_root(params), LATENT, tier_name), LATENT, tier_name, tier.content_hash,
-                           meta={"latent_action_model": str(lam_export), "latent_action_model_hash": lam_hash,
-                                 "flow_feature_hash": flows.manifest["content_hash"]})
-    for rec in tier.index:
-        imgs = flows.get(rec["id"], FLOW)
-        parts = []
-        for i in range(0, len(imgs), batch):
-            x = torch.from_numpy(imgs[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            parts.append(vae.latent(x).float().numpy())
-        z = np.concatenate(parts).astype(np.float32)
-        assert z.shape == (rec["frames"] - 1, vae.config.latent_dim), (rec["id"], z.shape)
-        writer.add(rec["id"], {LATENT: z})
-    return writer.close()
-
-
-def _dir_hash(d: Path) -> str:
-    import hashlib
-
-    from ..data.tier import sha256_file
-
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(f"{p.relative_to(d)}\t{sha256_file(p)}\n".encode())
-    return h.hexdigest()
-
-
-class LatentActionSource:
-    """What Stage 2's loader reads: `dim` and `get(episode_id)` -> [T-1, d] from the exported feature."""
-
-    def __init__(self, params: Any, tier_name: str):
-        self.feature = Feature(feature_dir(features_root(params), LATENT, tier_name))
-        arrays = self.feature.manifest.get("arrays", {})
-        shape = arrays.get(LATENT, {}).get("shape") or arrays.get(LATENT, {}).get("trailing_shape")
-        self.dim = int(shape[-1]) if shape else int(self.feature.get(self.feature.episode_ids[0], LATENT).shape[1])
-
-    def get(self, episode_id: str) -> np.ndarray:
-        return self.feature.get(episode_id, LATENT)

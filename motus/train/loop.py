@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
 from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
+from .distributed import PEAK_FLOPS, JobContext, init_distributed, mean_across_ranks
 from .inputs import window_inputs
 from .parent import load_parent
 from .precision import autocast, check_resume
@@ -40,17 +40,6 @@ from .tracking import NullTracker, Tracker
 
 log = logging.getLogger("motus.train")
 
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}  # dense bf16, per device
-
-
-@dataclass
-class JobContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    nodes: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    device_type: str = "cpu"
 
 
 @dataclass
@@ -64,49 +53,6 @@ class StageResult:
     wall_seconds: float
     device_hours: float
     resumed_from: Path | None
-
-
-# ------------------------------------------------------------------------------------------- distributed
-
-def init_distributed() -> JobContext:
-    """Join the process group torchrun (or the DeepSpeed launcher) set up; a bare process becomes a world of 1."""
-    import deepspeed
-
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        name = torch.cuda.get_device_name(local_rank)
-        device_type = next((k for k in PEAK_FLOPS if k in name), name)
-        device = torch.device("cuda", local_rank)
-    else:
-        device_type, device = "cpu", torch.device("cpu")
-        # processes on one machine share its cores; oversubscription slows every process many times over
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return JobContext(rank, world, local_rank, max(1, world // local_world), device, device_type)
-
-
-def _mean_across_ranks(values: dict[str, float], ctx: JobContext) -> dict[str, float]:
-    if ctx.world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / ctx.world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 # --------------------------------------------------------------------------------------------- the job
@@ -154,7 +100,7 @@ class StageJob:
         self.tiers = {t: Tier(self.data_root / t) for t in self.recipe.tiers}
         latent = {t: None for t in self.tiers}
         if self.recipe.action_source == "latent":
-            from .latent_action import LatentActionSource
+            from ..data.latent_actions import LatentActionSource
 
             latent = {t: LatentActionSource(p, t) for t in self.tiers}
         self.latent_sources = {t: v for t, v in latent.items() if v is not None}
@@ -269,7 +215,7 @@ class StageJob:
             self.engine.step()
             dt = time.perf_counter() - t0
             vals = {k: float(out[k].detach()) for k in ("loss", "video_loss", "action_loss") if k in out}
-            vals = _mean_across_ranks(vals, ctx)
+            vals = mean_across_ranks(vals, ctx)
             done = step + 1
             losses.append((done, vals["loss"]))
             for k, v in vals.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.paths import ProjectPaths
 from ..model.presets import MotusConfig, config_from_params
 
 
@@ -83,7 +84,8 @@ def check_ready(params: Any, recipe: StageRecipe, data_root: Path) -> None:
         raise StageNotReady(f"{recipe.name}: tier(s) {missing} are not built under {data_root}; "
                             f"run `motus data ingest {' '.join(missing)}` (or `motus data version`)")
     if recipe.action_source == "latent":
-        lacking = [t for t in recipe.tiers if not (data_root.parent / "features" / "latent_actions" / t / "manifest.json").exists()]
+        features = ProjectPaths(Path("."), data_root)
+        lacking = [t for t in recipe.tiers if not (features.feature("latent_actions", t) / "manifest.json").exists()]
         if lacking:
             raise StageNotReady(
                 f"{recipe.name} trains on latent actions, which the latent-action VAE produces "
