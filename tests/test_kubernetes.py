@@ -28,8 +28,6 @@ from .k8s_standin import KubeApiStandIn
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 IMAGE = "registry.example/motus-train:test"
-needs_crd = pytest.mark.skipif(not kv.DEFAULT_PYTORCHJOB_CRD.is_file() and not os.environ.get(kv.CRD_ENV),
-                               reason="PyTorchJob CRD not at ../shared/reference/crds (set MOTUS_PYTORCHJOB_CRD)")
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 runner = CliRunner()
 
@@ -57,7 +55,6 @@ def _cli(*args: str, env: dict | None = None):
 # ------------------------------------------------------------------------------------------------ render
 
 
-@needs_crd
 @pytest.mark.parametrize("pool", ["a100", "h100"])
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 def test_rendered_job_for_every_pool_and_stage_validates(params, stage, pool):
@@ -115,7 +112,6 @@ def test_gpu_hours_are_nodes_times_gpus_times_wall_hours(params):
 # -------------------------------------------------------------------------------------------- validation
 
 
-@needs_crd
 def test_broken_manifests_are_caught_with_the_field_named(params):
     good = _render(_spec("stage1", "h100", 2, params), params)
     assert kv.validate_pytorchjob(good) == []
@@ -190,7 +186,6 @@ def _kustomize(folder: str) -> list[dict]:
 
 
 @needs_kubectl
-@needs_crd
 @pytest.mark.parametrize("pool", ["a100", "h100"])
 def test_overlays_render_validate_and_match_the_pool(params, pool):
     docs = _kustomize(f"k8s/overlays/{pool}")
@@ -242,7 +237,6 @@ def standin(tmp_path):
         yield api
 
 
-@needs_crd
 def test_submit_status_logs_cancel_through_the_stand_in(standin, tmp_path):
     kubeconfig = str(tmp_path / "kubeconfig")
     args = ["--stage", "1", "--pool", "h100", "--nodes", "2", "--image", IMAGE, "--name", "motus-s1-test"]
@@ -281,7 +275,6 @@ def test_submit_status_logs_cancel_through_the_stand_in(standin, tmp_path):
     assert gone.exit_code == 1 and "not found" in gone.output
 
 
-@needs_crd
 def test_dry_run_prints_yaml_and_submits_nothing(standin, tmp_path):
     result = _cli("k8s", "submit", "--stage", "stage2", "--pool", "a100", "--nodes", "3", "--image", IMAGE,
                   "--elastic-min", "2", "--elastic-max", "4", "--dry-run", "--kubeconfig", str(tmp_path / "kubeconfig"))
@@ -399,7 +392,6 @@ def test_infra_services_are_valid_kubernetes_objects():
             assert not re.search(r"PASSWORD|SECRET|ACCESS_KEY", env), (doc["metadata"]["name"], env)
 
 
-@needs_crd
 @pytest.mark.parametrize("ending", ["Succeeded", "Failed"])
 def test_motus_train_submits_through_the_kubernetes_launcher(standin, tmp_path, ending):
     """MOTUS_LAUNCHER=kubernetes: `motus train` sends the PyTorchJob `motus k8s render` prints, then waits for it."""
@@ -459,3 +451,14 @@ def test_the_launcher_factory_reads_motus_launcher(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs a pool: set MOTUS_POOL"):
         k8s.cluster_spec(spec, load_params(PARAMS))
     assert JobSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+def test_the_crd_ships_with_the_package():
+    """Validation needs no checkout: the PyTorchJob CRD is package data, the same as the v1.9 reference."""
+    import gzip
+
+    assert kv.DEFAULT_PYTORCHJOB_CRD.parent == Path(kv.__file__).resolve().parent / "crds"
+    schemas = kv.load_crd_schemas([kv.DEFAULT_PYTORCHJOB_CRD])
+    assert ("kubeflow.org/v1", "PyTorchJob") in schemas
+    reference = REPO.parent / "shared" / "reference" / "crds" / "kubeflow.org_pytorchjobs.v1.9.yaml"
+    assert gzip.decompress(kv.DEFAULT_PYTORCHJOB_CRD.read_bytes()) == reference.read_bytes()

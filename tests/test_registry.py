@@ -323,7 +323,7 @@ def test_lock_is_exclusive_and_a_stale_one_is_broken(store):
     assert STAGE3 + ".lock" not in {m.name for m in store.client.search_registered_models()}
 
 
-def test_cli(store):
+def test_cli(store, monkeypatch):
     proj, uri = store.proj, store.uri
     r = motus(proj, uri, "registry", "promote", "motus-vgm", "1", check=False)
     assert r.returncode == 1 and r.stderr.startswith("error: motus-vgm v1 has no verdict") and "Traceback" not in r.stderr
@@ -334,6 +334,13 @@ def test_cli(store):
     champion = store.registry.champion(STAGE3)
     shown = json.loads(motus(proj, uri, "lineage", "show", f"models:/{STAGE3}@champion", "--json").stdout)
     assert shown["root"] == f"{STAGE3}/{champion.version}" and len(shown["versions"]) == 4
+    monkeypatch.setenv("COLUMNS", "80")
+    tree = motus(proj, uri, "lineage", "show", f"models:/{STAGE3}@champion", "--no-attach").stdout
+    assert max(len(line) for line in tree.splitlines()) <= 80, tree
+    for node in shown["versions"]:  # every version, and each of its tiers by one hash: the content hash
+        assert f"{node['model']} v{node['version']}" in tree
+        for t in node["tiers"]:
+            assert f"tier {t['name']} L{t['level']} {t['content_hash'][:12]}" in tree
     history = json.loads(motus(proj, uri, "registry", "history", STAGE3, "--json").stdout)
     assert history == store.registry.history(STAGE3)
     r = motus(proj, uri, "registry", "register", str(proj), check=False)

@@ -338,3 +338,66 @@ def test_git_state(tmp_path, monkeypatch):
     assert git_state(repo)["dirty"] is False
     _git(repo, "checkout", "-q", "--detach")
     assert git_state(repo) == {"commit": state["commit"], "dirty": False, "branch": None}
+
+
+def test_lineage_tree_fits_80_columns_and_writes_a_shared_parent_once():
+    from motus.track.lineage import tree_lines
+
+    def node(model, version, stage, tiers=(), parents=()):
+        return {"model": model, "version": version, "stage": stage, "run_id": "r" * 32, "checkpoint_hash": "c" * 64,
+                "config_hash": "f" * 64, "code_commit": "1" * 40, "code_dirty": "false", "features": {},
+                "tiers": [{"name": n, "level": lvl, "content_hash": h * 64, "dvc_hash": None} for n, lvl, h in tiers],
+                "device_hours": 0.25, "parents": list(parents)}
+
+    graph = {"root": "m3/1", "versions": [
+        node("m3/1".split("/")[0], 1, "stage3", [("a-very-long-tier-name-that-keeps-going-and-going", 6, "a")]),
+        node("m2", 1, "stage2", [("t2", 4, "b")]), node("lam", 1, "latent-action"),
+        node("m1", 1, "stage1", [("t1", 2, "d")])],
+        "edges": [{"from": "m3/1", "to": "m2/1", "role": "init-from"},
+                  {"from": "m2/1", "to": "m1/1", "role": "init-from"},
+                  {"from": "m2/1", "to": "lam/1", "role": "latent-actions"},
+                  {"from": "m3/1", "to": "lam/1", "role": "latent-actions"},
+                  {"from": "m1/1", "to": "export:0123456789abcdef", "role": "init-from"}],
+        "totals": {"device_hours": 1.0, "cost": None, "currency": "USD", "versions": 4}}
+    lines = tree_lines(graph, width=80)
+    text = "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80, text
+    assert lines[0].startswith("m3 v1  (stage3")
+    assert "tier t2 L4 " + "b" * 12 in text and "tier t1 L2 " + "d" * 12 in text
+    assert text.count("lam v1") == 2 and "(as above)" in text  # the shared parent: written once, then referred to
+    assert "init-from: unregistered export 0123456789ab" in text
+    assert lines[-1].startswith("total: 1 device hours, cost unknown, 4 versions")
+    assert "from the pretrained bases" in text
+
+
+def test_lineage_picture_is_left_to_right_without_overlaps(tmp_path):
+    from motus.track.lineage import _draw, layout, plot
+
+    def node(model, stage, tiers, features=None):
+        return {"model": model, "version": 1, "stage": stage, "device_hours": 0.5, "features": features or {},
+                "tiers": [{"name": n, "level": lvl, "content_hash": h * 64} for n, lvl, h in tiers]}
+
+    graph = {"root": "s3/1", "versions": [
+        node("s3", "stage3", [("target-aloha-transfer", 6, "a"), ("target-aloha-insertion", 6, "b")]),
+        node("s2", "stage2", [("task-agnostic-aloha", 4, "c"), ("target-aloha-transfer", 6, "a")],
+             {"latent_actions/task-agnostic-aloha": "e" * 64}),
+        node("s1", "stage1", [("web-video", 2, "d")]), node("lam", "latent-action", [("task-agnostic-aloha", 4, "c")],
+                                                            {"flow/task-agnostic-aloha": "f" * 64})],
+        "edges": [{"from": "s3/1", "to": "s2/1", "role": "init-from"}, {"from": "s2/1", "to": "s1/1", "role": "init-from"},
+                  {"from": "s2/1", "to": "lam/1", "role": "latent-actions"}],
+        "totals": {"device_hours": 2.0, "cost": 7.0, "currency": "USD", "versions": 4}}
+    where, labels, edges = layout(graph)
+    assert len(set(where.values())) == len(where)  # one cell per box
+    tiers = [k for k in where if k.startswith("tier:")]
+    assert len(tiers) == 4 and all(where[k][0] == 0 for k in tiers)  # a tier read twice is one box
+    assert {where[k][0] for k in where if k.startswith("feature:")} == {1}
+    assert where["s1/1"][0] < where["s2/1"][0] < where["s3/1"][0] and where["lam/1"][0] < where["s2/1"][0]
+    assert all(where[a][0] < where[b][0] for a, b, _ in edges)  # every arrow points right
+    fig, boxes = _draw(graph)
+    fig.canvas.draw()  # the rounded boxes get their size when drawn
+    extents = {k: t.get_bbox_patch().get_window_extent() for k, t in boxes.items()}
+    keys = sorted(extents)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not extents[a].overlaps(extents[b]), (a, b)
+    assert plot(graph, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"

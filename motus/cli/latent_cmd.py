@@ -78,7 +78,8 @@ def train(nproc: Annotated[int, typer.Option("--nproc", "-n", min=1)] = 1,
 
 @latent_app.command()
 def export(tiers: TiersArg = None,
-           model: Annotated[Path, typer.Option(help="The trained VAE export.")] = Path("outputs/runs/latent-action/export"),
+           model: Annotated[Path, typer.Option(help="The trained VAE export (the DVC stage reads models/latent-action, "
+                                                    "which the pipeline publishes).")] = Path("models/latent-action"),
            params: ParamsOption = None) -> None:
     """Write `latent_actions` [T-1, 14] per episode for each tier (features/latent_actions/<tier>)."""
     from ..data.latent_actions import export_latent_actions, lam_tiers

@@ -176,8 +176,10 @@ def show(uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models
          as_json: JsonOption = False,
          image: Annotated[Path | None, typer.Option(help="Also save the graph picture here (PNG).")] = None,
          attach: Annotated[bool, typer.Option(help="Attach the picture to the version's run.")] = True,
+         wide: Annotated[bool, typer.Option("--wide", help="One table row per version (needs ~180 columns).")] = False,
          tracking_uri: UriOption = None, params: ParamsOption = None) -> None:
-    """Walk a version back: run, checkpoint, config, code, tiers, parent versions, to the pretrained bases."""
+    """Walk a version back: run, checkpoint, config, code, tiers, parent versions, to the pretrained bases.
+    Printed as a tree that fits the terminal; `--wide` for the table."""
     from rich.table import Table
 
     from ..track import lineage
@@ -188,6 +190,15 @@ def show(uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models
         graph["image"] = _run(lineage.attach_picture, reg, graph, image) if attach else str(lineage.plot(graph, image))
     if as_json:
         typer.echo(json.dumps(graph, indent=2, default=str))
+        return
+    if not wide:
+        import shutil
+
+        typer.echo(f"lineage of {uri}")
+        for line in lineage.tree_lines(graph, width=max(60, shutil.get_terminal_size((80, 24)).columns)):
+            typer.echo(line)
+        if graph.get("image"):
+            typer.echo(f"picture: {graph['image']}")
         return
     table = Table("version", "stage", "run", "checkpoint", "config", "code", "tiers (level, hash)", "from",
                   "device h", title=f"lineage of {uri}")

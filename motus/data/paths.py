@@ -34,3 +34,8 @@ class ProjectPaths:
 
     def feature(self, kind: str, tier: str) -> Path:
         return feature_dir(self.features, kind, tier)
+
+    @property
+    def latent_action_model(self) -> Path:
+        """The latent-action VAE export the `latent-actions` DVC stages read (dvc.yaml names this path)."""
+        return self.root / "models" / "latent-action"

@@ -12,9 +12,9 @@ Three checks, each naming the offending field:
   named ``pytorch`` in every replica, exactly one Master, only Master/Worker replicas, an elastic policy only
   with Workers, a DNS-1035 job name.
 
-The PyTorchJob CRD comes from ``<repo>/../shared/reference/crds/kubeflow.org_pytorchjobs.v1.9.yaml`` for
-development and CI (override with ``MOTUS_PYTORCHJOB_CRD`` or an explicit path); against a live cluster,
-`crd_from_cluster` reads the installed one.
+The PyTorchJob CRD (Training Operator v1.9) ships inside the package (``motus/launch/crds/``, gzipped), so an
+installed wheel validates offline; ``MOTUS_PYTORCHJOB_CRD`` or an explicit path overrides it (plain or .gz);
+against a live cluster, `crd_from_cluster` reads the installed one.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PYTORCHJOB_CRD = REPO_ROOT.parent / "shared" / "reference" / "crds" / "kubeflow.org_pytorchjobs.v1.9.yaml"
+DEFAULT_PYTORCHJOB_CRD = Path(__file__).resolve().parent / "crds" / "kubeflow.org_pytorchjobs.v1.9.yaml.gz"
 CRD_ENV = "MOTUS_PYTORCHJOB_CRD"
 KUBERNETES_VERSION = "1.30"  # the oldest API the manifests must work on (native sidecars are GA-on-by-default)
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -68,7 +67,7 @@ class Verdict:
 
 
 def pytorchjob_crd_path(path: str | Path | None = None) -> Path:
-    """The CRD file to validate PyTorchJobs against: explicit path, else $MOTUS_PYTORCHJOB_CRD, else shared/."""
+    """The CRD file to validate PyTorchJobs against: explicit path, else $MOTUS_PYTORCHJOB_CRD, else the packaged one."""
     chosen = Path(path or os.environ.get(CRD_ENV) or DEFAULT_PYTORCHJOB_CRD)
     if not chosen.is_file():
         raise FileNotFoundError(
@@ -107,7 +106,13 @@ def crd_schemas(crd: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 @lru_cache(maxsize=8)
 def _crd_file_schemas(path: str) -> dict[tuple[str, str], dict[str, Any]]:
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
-    for doc in yaml.safe_load_all(Path(path).read_text()):
+    if path.endswith(".gz"):
+        import gzip
+
+        text = gzip.decompress(Path(path).read_bytes()).decode()
+    else:
+        text = Path(path).read_text()
+    for doc in yaml.safe_load_all(text):
         if doc:
             schemas.update(crd_schemas(doc))
     return schemas
@@ -118,7 +123,7 @@ def load_crd_schemas(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[
     for p in paths:
         try:
             schemas.update(_crd_file_schemas(str(Path(p).resolve())))
-        except (OSError, yaml.YAMLError, ValueError) as e:
+        except (OSError, EOFError, yaml.YAMLError, ValueError) as e:
             raise ValueError(f"{p}: cannot read CRD: {e}") from None
     return schemas
 

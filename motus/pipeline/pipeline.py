@@ -242,11 +242,11 @@ class Pipeline:
                 path = self.paths.feature(feat, step.target)
                 if self._hash_of(Feature, path) == out.get("content_hash"):
                     return True
-                if repair and step.kind == "flow":
+                if repair:  # both are DVC stages: flow@<tier>, latent-actions@<tier>
                     from ..data import versioning as v
 
                     self._ensure_remote()
-                    v.pull_stages(self.root, [f"flow@{step.target}"], capture=True)
+                    v.pull_stages(self.root, [f"{step.kind}@{step.target}"], capture=True)
                     return self._hash_of(Feature, path) == out.get("content_hash")
                 return False
             if step.kind in ("latent-action", "stage"):
@@ -507,10 +507,32 @@ class Pipeline:
         return self.registry.fetch(f"models:/{out['model']}/{out['version']}")
 
     def _latent_actions(self, step: Step, key: str) -> dict[str, Any]:
-        from ..data.latent_actions import export_latent_actions
+        """The DVC stage `latent-actions@<tier>` (so dvc.lock and the remote hold it, like every feature), from
+        the latent-action VAE this run registered, published where dvc.yaml reads it."""
+        from ..data.features import Feature
 
-        m = export_latent_actions(self.params, self._model_export(self.outputs["latent-action"]), step.target)
-        return {"content_hash": m["content_hash"], "episodes": m.get("episodes")}
+        self._publish(self._model_export(self.outputs["latent-action"]), self.paths.latent_action_model)
+        self._dvc(f"latent-actions@{step.target}")
+        f = Feature(self.paths.feature("latent_actions", step.target))
+        return {"content_hash": f.content_hash, "episodes": len(f)}
+
+    @staticmethod
+    def _publish(export: Path, target: Path) -> None:
+        """Put `export` at `target` (replaced whole, by a rename) unless the same content is already there."""
+        import shutil
+
+        from ..data.tier import folder_hash
+
+        if target.is_dir() and folder_hash(target) == folder_hash(export):
+            return
+        tmp = target.with_name(target.name + ".publishing")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(export, tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _stage(self, step: Step, key: str) -> dict[str, Any]:
         s = self.params.stages[step.target]

@@ -60,7 +60,7 @@ def _git(repo: Path, *args: str) -> str | None:
 # What a pipeline run itself writes into a checkout is data, not code: DVC's lock and pointer files, the tiers,
 # features and outputs. A change there must not mark the code dirty, or every version trained from a fresh
 # clone would claim `code (dirty)`.
-NOT_CODE = ("dvc.lock", "*.dvc", ".dvc", ".dvcignore", "data", "outputs", "mlruns", "mlartifacts", "*.db")
+NOT_CODE = ("dvc.lock", "*.dvc", ".dvc", ".dvcignore", "data", "models", "outputs", "mlruns", "mlartifacts", "*.db")
 
 
 def git_state(repo: Path) -> GitState:

@@ -184,53 +184,129 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
             "checkpoints": [{"hash": h, "path": p, "version": u} for h, p, u in checkpoints]}
 
 
+# ------------------------------------------------------------------------------------------------ text
+
+def tree_lines(graph: dict[str, Any], width: int = 80) -> list[str]:
+    """The `show` graph as an indented tree that fits `width` columns: each version, then what made it (run,
+    checkpoint, config, code, tiers by content hash), then its parents nested below it. A version reached
+    twice (two children share a parent) is written once and referred to after."""
+    nodes = {f"{n['model']}/{n['version']}": n for n in graph["versions"]}
+    shown: set[str] = set()
+    out: list[str] = []
+
+    def fit(text: str) -> str:
+        return text if len(text) <= width else text[: width - 1] + "~"
+
+    def walk(key: str, prefix: str, last: bool, role: str | None, root: bool) -> None:
+        branch = "" if root else ("`-- " if last else "|-- ")
+        child = "" if root else ("    " if last else "|   ")
+        head = f"{role}: " if role else ""
+        n = nodes.get(key)
+        if n is None:
+            out.append(fit(f"{prefix}{branch}{head}unregistered export {key.removeprefix('export:')}"))
+            return
+        hours = f"{n['device_hours'] or 0:.3g} device h"
+        out.append(fit(f"{prefix}{branch}{head}{n['model']} v{n['version']}  ({n['stage']}, {hours})"))
+        if key in shown:
+            out.append(fit(f"{prefix}{child}`-- (as above)"))
+            return
+        shown.add(key)
+        inner = prefix + child
+        dirty = " (dirty)" if n["code_dirty"] == "true" else ""
+        facts = [f"run {(n['run_id'] or '-')[:12]}  checkpoint {n['checkpoint_hash'][:12] or '-'}",
+                 f"config {n['config_hash'][:12] or '-'}  code {n['code_commit'][:12] or '-'}{dirty}"]
+        facts += [f"tier {t['name']} L{t['level'] if t['level'] is not None else '?'} {t['content_hash'][:12]}"
+                  for t in n["tiers"]]
+        facts += [f"feature {name} {h[:12]}" for name, h in sorted(n["features"].items())]
+        parents = [e for e in graph["edges"] if e["from"] == key]
+        if not parents:
+            facts.append("from the pretrained bases")
+        for i, f in enumerate(facts):
+            end = i == len(facts) - 1 and not parents
+            out.append(fit(f"{inner}{'`-- ' if end else '|-- '}{f}"))
+        for i, e in enumerate(parents):
+            walk(e["to"], inner, i == len(parents) - 1, e["role"], False)
+
+    walk(graph["root"], "", True, None, True)
+    tot = graph["totals"]
+    cost = "unknown" if tot["cost"] is None else f"{tot['cost']:.4g} {tot['currency']}"
+    out.append(fit(f"total: {tot['device_hours']:.4g} device hours, cost {cost}, {tot['versions']} versions"))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ picture
 
-def plot(graph: dict[str, Any], path: Path) -> Path:
-    """The `show` graph as a PNG: one box per version (stage, run, hashes, tiers), arrows to parents."""
+def layout(graph: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], dict[str, str], list[tuple[str, str, str]]]:
+    """Where each box of the picture goes, left to right: tiers, features, then versions from the oldest
+    ancestor to the version asked about. Returns (box -> (column, row), box -> label, edges (from, to, role)),
+    every box in its own (column, row) cell, so nothing overlaps."""
+    nodes = {f"{n['model']}/{n['version']}": n for n in graph["versions"]}
+    depth: dict[str, int] = {graph["root"]: 0}
+    for e in graph["edges"]:  # edges are in walk order: a parent's depth follows its child's
+        depth[e["to"]] = max(depth.get(e["to"], 0), depth[e["from"]] + 1)
+    far = max(depth.values(), default=0)
+    column: dict[str, int] = {}
+    labels: dict[str, str] = {}
+    edges: list[tuple[str, str, str]] = []
+    for key, d in depth.items():
+        column[key] = 2 + far - d
+        n = nodes.get(key)
+        labels[key] = (f"{n['model']} v{n['version']}\n{n['stage']}, {(n['device_hours'] or 0):.3g} device h"
+                       if n else f"unregistered export\n{key.removeprefix('export:')[:12]}")
+    for e in graph["edges"]:
+        edges.append((e["to"], e["from"], e["role"]))  # drawn from the input to what it made
+    for key, n in nodes.items():
+        for t in n["tiers"]:
+            tk = f"tier:{t['name']}@{t['content_hash'][:12]}"
+            column[tk], labels[tk] = 0, f"tier {t['name']}\nL{t['level']} {t['content_hash'][:12]}"
+            edges.append((tk, key, "read"))
+        for name, h in n["features"].items():
+            fk = f"feature:{name}@{h[:12]}"
+            column[fk], labels[fk] = 1, f"feature {name}\n{h[:12]}"
+            edges.append((fk, key, "read"))
+    rows: dict[int, int] = {}
+    where = {}
+    for key in sorted(column, key=lambda k: (column[k], k)):
+        where[key] = (column[key], rows.get(column[key], 0))
+        rows[column[key]] = rows.get(column[key], 0) + 1
+    return where, labels, edges
+
+
+def _draw(graph: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    nodes = {f"{n['model']}/{n['version']}": n for n in graph["versions"]}
-    depth: dict[str, int] = {graph["root"]: 0}
-    for e in graph["edges"]:  # edges are in walk order, so a parent's depth follows its child's
-        if e["to"] not in depth:
-            depth[e["to"]] = depth[e["from"]] + 1
-    columns: dict[int, list[str]] = {}
-    for k, d in depth.items():
-        columns.setdefault(d, []).append(k)
-    width = max(len(columns), 1)
-    tall = max((len(v) for v in columns.values()), default=1)
-    fig = Figure(figsize=(4.2 * width + 1, 2.6 * tall + 1), dpi=100)
+    where, labels, edges = layout(graph)
+    cols = max(c for c, _ in where.values()) + 1
+    tall = max(r for _, r in where.values()) + 1
+    fig = Figure(figsize=(3.0 * cols + 0.5, 0.75 * tall + 1.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(-0.5, tall - 0.5)
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(tall - 0.5, -0.5)
     ax.axis("off")
-    where = {}
-    for d, keys in columns.items():
-        for i, k in enumerate(sorted(keys)):
-            x, y = width - 1 - d, tall - 1 - i - (tall - len(keys)) / 2
-            where[k] = (x, y)
-            n = nodes.get(k)
-            if n is None:
-                text = f"unregistered export\n{k}"
-            else:
-                tiers = ", ".join(f"{t['name']} L{t['level']} {t['content_hash'][:8]}" for t in n["tiers"][:4])
-                text = (f"{k}  ({n['stage']})\nrun {str(n['run_id'])[:12]}  ckpt {n['checkpoint_hash'][:10]}\n"
-                        f"config {n['config_hash'][:10]}  code {n['code_commit'][:10]}\n{tiers}\n"
-                        f"{(n['device_hours'] or 0):.4g} device h" + ("\npretrained bases" if n["pretrained_bases"] else ""))
-            ax.text(x, y, text, ha="center", va="center", fontsize=7, family="monospace",
-                    bbox={"boxstyle": "round", "facecolor": "#eef3fb" if k != graph["root"] else "#dff5df"})
-    for e in graph["edges"]:
-        (x0, y0), (x1, y1) = where[e["from"]], where[e["to"]]
-        ax.annotate("", xy=(x1 + 0.32, y1), xytext=(x0 - 0.32, y0),
-                    arrowprops={"arrowstyle": "->", "color": "#555"})
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.08, e["role"], fontsize=7, ha="center", color="#555")
+    colours = {0: "#fdf1dc", 1: "#e8f4e8"}
+    boxes = {}
+    for key, (c, r) in where.items():
+        face = "#dff5df" if key == graph["root"] else colours.get(c, "#eef3fb")
+        boxes[key] = ax.text(c, r, labels[key], ha="center", va="center", fontsize=7, family="monospace", zorder=3,
+                             bbox={"boxstyle": "round", "facecolor": face, "edgecolor": "#999"})
+    for src, dst, role in edges:
+        (x0, y0), (x1, y1) = where[src], where[dst]
+        # arrows run under the boxes (zorder), from the right edge of the input to the left edge of what it made
+        ax.annotate("", xy=(x1 - 0.3, y1), xytext=(x0 + 0.3, y0), zorder=1,
+                    arrowprops={"arrowstyle": "->", "color": "#999" if role == "read" else "#335", "lw": 0.8})
     tot = graph["totals"]
     cost = "unknown" if tot["cost"] is None else f"{tot['cost']:.4g} {tot['currency']}"
     ax.set_title(f"lineage of {graph['root']}: {tot['device_hours']:.4g} device hours, cost {cost}", fontsize=9)
     fig.tight_layout()
+    return fig, boxes
+
+
+def plot(graph: dict[str, Any], path: Path) -> Path:
+    """The `show` graph as a PNG, laid out left to right (see `layout`): tiers and features on the left, then
+    every version after its parents; arrows go from what was read to what it made."""
+    fig, _ = _draw(graph)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
