@@ -30,7 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from motus.track import lineage  # noqa: E402
 from motus.track.registry import Registry  # noqa: E402
-from tests.servers import fresh_postgres_database, mlflow_server  # noqa: E402
+from tests.support.servers import fresh_postgres_database, mlflow_server  # noqa: E402
 
 SHARED = hashlib.sha256(b"shared tier").hexdigest()
 MODELS = ("motus-vgm", "motus-lam", "motus-latent-action", "motus-aloha")

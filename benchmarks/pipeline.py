@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.pipeline_project import MOTUS, make_project, project_env  # noqa: E402
+from tests.support.project import MOTUS, make_project, project_env  # noqa: E402
 
 
 def run(proj: Path) -> tuple[float, dict]:

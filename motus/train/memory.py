@@ -11,7 +11,7 @@ Wan VAE (fp32) and, unless pre-encoded, the umT5-XXL text encoder (bf16) sit on 
 
 Parameter counts are exact (the model is built on the meta device). Activation bytes are what autograd keeps
 on this code path, per token and per layer: the coefficients below were read off torch's saved-tensor hooks
-on the CPU autocast path (tests/test_memory.py re-measures them). CUDA kernels (flash attention, fused norms)
+on the CPU autocast path (tests/model/test_memory.py re-measures them). CUDA kernels (flash attention, fused norms)
 keep slightly different sets, and the caching allocator adds fragmentation, so the total is an estimate:
 keep a few GB of headroom.
 """

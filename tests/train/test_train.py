@@ -20,7 +20,7 @@ from motus.data.ingest import ingest_tier
 from motus.model import MotusModel, build_config, tiny
 from motus.train.parent import ParentLoadError, load_parent
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from motus.pipeline import build_steps, is_infrastructure_error
 from motus.pipeline.keys import StepInputs, code_files, explain
 from motus.pipeline.pipeline import GateFailed, InfrastructureError, PipelineError
 
-from .pipeline_project import MOTUS, REPO, make_project, project_env
+from ..support.project import MOTUS, REPO, make_project, project_env
 
 # ------------------------------------------------------------------------------------------ contracts
 
@@ -227,8 +227,8 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
     import boto3
     from mlflow import MlflowClient
 
-    from .pipeline_project import S3_CREDENTIALS, add_flows
-    from .servers import fresh_postgres_database, mlflow_server, prefect_server, s3_server
+    from ..support.project import S3_CREDENTIALS, add_flows
+    from ..support.servers import fresh_postgres_database, mlflow_server, prefect_server, s3_server
 
     proj = make_project(tmp_path / "proj")
     add_flows(proj)

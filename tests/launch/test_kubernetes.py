@@ -23,9 +23,9 @@ from motus.launch import k8s_validate as kv
 from motus.launch import kubernetes as k8s
 from motus.launch.local import command as local_command
 
-from .k8s_standin import KubeApiStandIn
+from ..support.k8s_standin import KubeApiStandIn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"
 IMAGE = "registry.example/motus-train:test"
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOTUS = REPO / "motus"
 ORDER = ["contracts", "config", "model", "sim", "data", "train", "evaluate", "track", "launch", "pipeline", "serve",
          "cli"]

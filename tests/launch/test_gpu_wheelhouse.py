@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILDER = REPO / "infra" / "gpu-check" / "build_wheelhouse.py"
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,7 @@ from motus.train.checkpoint import (
     verify_checkpoint,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXT_CACHE = REPO / ".cache" / "torch_extensions"  # DeepSpeed's compiled shm op, reused across runs
 
 WORKER = textwrap.dedent('''

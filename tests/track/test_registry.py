@@ -29,9 +29,9 @@ from motus.track import lineage
 from motus.track.gates import judge
 from motus.track.registry import LockTimeout, PromotionRefused, Registry, RegistryError
 
-from .servers import fresh_postgres_database, mlflow_server
+from ..support.servers import fresh_postgres_database, mlflow_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
 pytestmark = pytest.mark.slow
 

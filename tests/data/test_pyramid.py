@@ -11,7 +11,7 @@ from motus.data.ingest import ingest_tier
 from motus.data.loader import TierWindows, WindowSpec
 from motus.data.tier import Tier
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def shrink(options: dict) -> dict:

@@ -22,7 +22,7 @@ from motus.config import (
     resolved_dict,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "params.yaml"
 
 # A small but complete file: two tiers, two chained stages, a gate, a pool.

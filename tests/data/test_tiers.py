@@ -17,7 +17,7 @@ from motus.data.episode import Episode
 from motus.data.ingest import IngestError, ingest_tier
 from motus.data.tier import Tier, TierSpec, TierWriter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
 
 

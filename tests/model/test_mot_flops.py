@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from motus.model import MotusModel, build_config
 from motus.model.vlm import UnderstandingContext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "mot_flops.py"
 
 

@@ -16,7 +16,7 @@ import yaml
 from motus.evaluate.closed_loop import Rollout, RolloutSettings, TaskSetup, run_rollouts, success_rates
 from motus.evaluate.metrics import FeatureNet, action_mse, frechet_distance, psnr, ssim
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
 
 
