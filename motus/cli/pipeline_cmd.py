@@ -94,8 +94,9 @@ def _check_profile(profile: str) -> None:
 
 @pipeline_app.command()
 def run(params: ParamsOption = None, from_step: FromOption = None, until_step: UntilOption = None,
-        profile: Annotated[str, typer.Option(help="local: ephemeral Prefect, SQLite MLflow, local DVC remote. "
-                                                  "production: the servers named by PREFECT_API_URL and MOTUS_*.")] = "local",
+        profile: Annotated[str | None, typer.Option(
+            help="local: ephemeral Prefect, SQLite MLflow, local DVC remote. production: the servers named by "
+                 "PREFECT_API_URL and MOTUS_*. Default: MOTUS_PROFILE (local).")] = None,
         nproc: Annotated[int, typer.Option("--nproc", "-n", min=1, help="Processes per training job.")] = 1,
         eval_seeds: SeedsOption = None) -> None:
     """Run the recipe as a Prefect flow; cached steps are reused, a killed stage resumes from its checkpoint."""
@@ -103,6 +104,14 @@ def run(params: ParamsOption = None, from_step: FromOption = None, until_step: U
 
     from ..pipeline.report import REPORT, print_summary
 
+    if profile is None:
+        from ..config import ConfigError, get_settings
+
+        try:
+            profile = get_settings().profile
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     if profile not in ("local", "production"):
         typer.echo(f"error: --profile must be local or production, not {profile}", err=True)
         raise typer.Exit(2)

@@ -71,6 +71,10 @@ def test_cli_names_bad_steps_and_missing_production_services(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "MOTUS_TRACKING_URI must be an MLflow server" in r.stderr
     assert "PREFECT_API_URL" in r.stderr and "MOTUS_DATA_REMOTE" in r.stderr
+    # MOTUS_PROFILE is the default of --profile
+    r = subprocess.run([str(MOTUS), "pipeline", "run"], cwd=proj, env=dict(env, MOTUS_PROFILE="production"),
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "MOTUS_TRACKING_URI must be an MLflow server" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------ the spine

@@ -3,22 +3,17 @@ real tiny Stage 3 export evaluated in every mode, recorded in MLflow, linked to 
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from motus.evaluate.closed_loop import Rollout, RolloutSettings, TaskSetup, run_rollouts, success_rates
 from motus.evaluate.metrics import FeatureNet, action_mse, frechet_distance, psnr, ssim
 
-REPO = Path(__file__).resolve().parents[2]
-MOTUS = Path(sys.executable).parent / "motus"
-
+from ..support.project import MOTUS, project_env
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -122,36 +117,13 @@ def test_scripted_ceiling_and_zero_floor_in_parallel_rollouts():
 # --------------------------------------------------------------------------------- a real tiny Stage 3 model
 
 @pytest.fixture(scope="module")
-def stage3(tmp_path_factory):
-    """A project with the two level-6 tiers (2 short episodes each) and a tracked tiny Stage 3 export."""
-    from motus.config import validate_params
-    from motus.data.ingest import ingest_tier
+def stage3(chains, tmp_path_factory):
+    """The session's tiny chain (its Stage 3 trained on both level-6 tiers), in a store of this module's own."""
+    from motus.config import load_params
 
-    proj = tmp_path_factory.mktemp("evalproj")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["stages"] = {"stage3": dict(raw["stages"]["stage3"], parent=None, steps=4, batch_size=2,
-                                    checkpoint_every=4, validate_every=4, warmup_steps=1)}
-    raw["gates"] = {"motus-aloha": raw["gates"]["motus-aloha"]}
-    raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in raw["stages"]["stage3"]["tiers"]}
-    for t in raw["tiers"].values():
-        t["source"]["options"].update(n=2, max_steps=160)
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = validate_params(raw)
-    for name, tier in params.tiers.items():
-        ingest_tier(name, tier, proj / "data" / "tiers" / name)
-    env = _env(proj)
-    r = subprocess.run([str(MOTUS), "train", "--stage", "3", "--run-dir", "runs/s3"], cwd=proj, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return proj, params
-
-
-def _env(proj: Path) -> dict:
-    env = dict(os.environ, MOTUS_TRACKING_URI=f"sqlite:///{proj}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"):
-        env.pop(k, None)
-    return env
+    chain = chains["sqlite"]
+    uri = chain.fresh_uri(tmp_path_factory.mktemp("eval-store"))
+    return chain.proj, load_params(chain.proj / "params.yaml"), chain.runs["s3a"], uri
 
 
 def _artifacts(client, rid, path=None) -> list[str]:
@@ -170,14 +142,13 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
     from motus.track.evaluations import record_evaluation
     from motus.track.registry import Registry
 
-    proj, params = stage3
+    proj, params, run_dir, uri = stage3
     monkeypatch.chdir(proj)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = f"sqlite:///{proj}/mlflow.db"
     registry = Registry(uri, params)
-    ref = registry.register(proj / "runs" / "s3" / "export")
+    ref = registry.register(run_dir / "export")
 
-    report = evaluate_model(params, proj / "runs" / "s3" / "export", model_name=ref.name, version=ref.version,
+    report = evaluate_model(params, run_dir / "export", model_name=ref.name, version=ref.version,
                             seeds=[1000], max_steps=48, windows_per_tier=2, workers=1,
                             video_episodes=1, sample_steps=3, progress=False)
     assert report.run_id is None  # evaluation measures; the track room records
@@ -237,10 +208,11 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
 
 @pytest.mark.slow
 def test_cli_evaluates_an_export_and_fails_cleanly(stage3, tmp_path):
-    proj, _ = stage3
-    env = _env(proj)
+    proj, _, run_dir, uri = stage3
+    env = project_env(proj, uri)
     out = tmp_path / "report.json"
-    r = subprocess.run([str(MOTUS), "evaluate", "runs/s3", "--no-track", "--seeds", "1", "--tasks", "transfer_cube",
+    r = subprocess.run([str(MOTUS), "evaluate", str(run_dir.relative_to(proj)), "--no-track", "--seeds", "1",
+                        "--tasks", "transfer_cube",
                         "--modes", "vla", "--max-steps", "24", "--windows", "1", "--workers", "1", "--sample-steps",
                         "2", "--no-progress", "--json", str(out)], cwd=proj, env=env, capture_output=True, text=True,
                        timeout=600)
@@ -256,7 +228,7 @@ def test_cli_evaluates_an_export_and_fails_cleanly(stage3, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert bad.returncode == 1 and bad.stderr.startswith("error: ") and words in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
-    bad = subprocess.run([str(MOTUS), "evaluate", "runs/s3", "--no-track", "--first-seed", "5"], cwd=proj, env=env,
+    bad = subprocess.run([str(MOTUS), "evaluate", str(run_dir), "--no-track", "--first-seed", "5"], cwd=proj, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "seeds must be >= 1000" in bad.stderr and "Traceback" not in bad.stderr
 

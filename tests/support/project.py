@@ -1,5 +1,6 @@
-"""A small pipeline project for the tests: the shipped params.yaml with short stages and small simulator tiers,
-the shipped dvc.yaml, and its own copy of the package (as in a checkout; the DVC stages depend on motus/data)."""
+"""The one project factory of the tests: a folder that looks like a user's checkout (params.yaml, optionally
+dvc.yaml and the package's code), built from the shipped params.yaml with smaller tiers and shorter stages,
+and the environment a `motus` process in it runs with (its own SQLite MLflow store, no params override)."""
 
 from __future__ import annotations
 
@@ -8,30 +9,45 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def shrink(options: dict) -> dict:
+def shipped_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def shrink(options: dict, n: int = 2, part_n: int | None = None, tasks: int = 2) -> dict:
+    """The same simulator source with fewer episodes: `n` per tier, one per task, the first `tasks` tasks;
+    a mixed source's parts get `part_n` (default `n`)."""
     out = copy.deepcopy(options)
     if "n" in out:
-        out["n"] = 2
+        out["n"] = n
     if "episodes_per_task" in out:
         out["episodes_per_task"] = 1
     if "tasks" in out:
-        out["tasks"] = out["tasks"][:2]
+        out["tasks"] = out["tasks"][:tasks]
     if "parts" in out:
-        out["parts"] = [dict(p, options=shrink(p.get("options", {}))) for p in out["parts"]]
+        sub = n if part_n is None else part_n
+        out["parts"] = [dict(p, options=shrink(p.get("options", {}), sub, sub, tasks)) for p in out["parts"]]
     return out
 
 
-def small_params(steps: int = 6) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+def short_stages(raw: dict[str, Any], steps: int, **settings: Any) -> dict[str, Any]:
+    """Every stage `steps` long, checkpointing every 2 steps and validating at the end (override by keyword)."""
     for s in raw["stages"].values():
-        s.update(steps=steps, batch_size=2, checkpoint_every=2, validate_every=steps, warmup_steps=1)
+        s.update(dict(steps=steps, batch_size=2, checkpoint_every=2, validate_every=steps, warmup_steps=1) | settings)
+    return raw
+
+
+def small_params(steps: int = 6) -> dict:
+    """The pipeline's small recipe: every tier with two episodes, `steps`-step stages, a short evaluation."""
+    raw = short_stages(shipped_params(), steps)
     for t in raw["tiers"].values():
         t["source"]["options"] = shrink(t["source"]["options"])
     raw["latent_action"].update(steps=10, batch_size=8, checkpoint_every=10, validate_every=10, warmup_steps=2)
@@ -45,20 +61,37 @@ def small_params(steps: int = 6) -> dict:
     return raw
 
 
-def make_project(root: Path, steps: int = 6) -> Path:
+def write_project(root: Path, raw: dict[str, Any], *, ingest: bool | list[str] = True, checkout: bool = False) -> Path:
+    """A project folder with `raw` as its params.yaml; `ingest`: build every tier (or the ones named) now;
+    `checkout`: also the shipped dvc.yaml and a copy of the package, as in a clone of this repository (the DVC
+    stages depend on motus/data, and a Prefect worker's flow run imports the project folder's copy)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(small_params(steps), sort_keys=False))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    # a project is a checkout of this repository: the DVC stages depend on its motus/data, and a process that
-    # starts in the project folder (a Prefect worker's flow run puts it on sys.path) imports this copy
-    shutil.copytree(REPO / "motus", root / "motus", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    if checkout:
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        shutil.copytree(REPO / "motus", root / "motus", ignore=shutil.ignore_patterns("__pycache__"))
+    if ingest:
+        from motus.config import validate_params
+        from motus.data.ingest import ingest_tier
+
+        params = validate_params(raw)
+        for name, tier in params.tiers.items():
+            if ingest is True or name in ingest:
+                ingest_tier(name, tier, root / "data" / "tiers" / name)
     return root
 
 
-def project_env(root: Path, **extra: str) -> dict:
-    env = dict(os.environ, MOTUS_TRACKING_URI=f"sqlite:///{root}/mlflow.db", MOTUS_DATA_REMOTE=str(root / "remote"),
-               MLFLOW_DISABLE_TELEMETRY="true", PREFECT_HOME=str(root / ".prefect"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1",
+def make_project(root: Path, steps: int = 6) -> Path:
+    """The pipeline's project: the small recipe in a checkout, tiers left for the pipeline to build."""
+    return write_project(root, small_params(steps), ingest=False, checkout=True)
+
+
+def project_env(root: Path, uri: str | None = None, **extra: str) -> dict:
+    """The environment of a `motus` process working in `root`: MLflow at `uri` (default: SQLite in the project),
+    the DVC remote and Prefect home in the project, and nothing from the developer's own MOTUS_PARAMS."""
+    env = dict(os.environ, MOTUS_TRACKING_URI=uri or f"sqlite:///{root}/mlflow.db",
+               MOTUS_DATA_REMOTE=str(root / "remote"), MLFLOW_DISABLE_TELEMETRY="true",
+               PREFECT_HOME=str(root / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
                PYTHONSAFEPATH="1")  # the project's motus/data copy (a DVC dependency) must not shadow the package
     for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE", "PREFECT_API_URL"):
@@ -70,6 +103,3 @@ def project_env(root: Path, **extra: str) -> dict:
 def add_flows(root: Path) -> None:
     """A deployment loads flows/pipeline.py from the project folder, as it would from a checkout of this repo."""
     shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-
-
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -1,104 +1,36 @@
 """Registry, gates and lineage on a real tiny three-stage chain, on SQLite and on an MLflow server on PostgreSQL.
 
-The chain is trained for real once per store (each store holds the runs of its own jobs): Stage 1, the
-latent-action VAE and its features, Stage 2, and two Stage 3 fine-tunes (two learning rates). Tiers and flow
-features are store-independent and built once.
+The chain is the session's (tests/support/chain.py): trained for real once per store (each store holds the
+runs of its own jobs): Stage 1, the latent-action VAE and its features, Stage 2, and two Stage 3 fine-tunes
+(two learning rates). These tests register it into a copy of the SQLite store, and into the server.
 """
 
-import contextlib
 import json
 import multiprocessing as mp
-import os
-import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
-from motus.config import Gate, load_params, validate_params
+from motus.config import Gate, load_params
 from motus.config import Rule as RuleModel
 from motus.contracts import LineageRecord
-from motus.data.ingest import ingest_tier
 from motus.data.tier import Tier
 from motus.track import lineage
 from motus.track.gates import judge
 from motus.track.registry import LockTimeout, PromotionRefused, Registry, RegistryError
 
-from ..support.servers import fresh_postgres_database, mlflow_server
+from ..support.chain import STAGE3, motus
 
 REPO = Path(__file__).resolve().parents[2]
 MOTUS = Path(sys.executable).parent / "motus"
 pytestmark = pytest.mark.slow
 
-STAGE3 = "motus-aloha"
 
 
 # ----------------------------------------------------------------------------------------------- the chain
-
-def _env(uri: str) -> dict:
-    env = dict(os.environ, MOTUS_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"):
-        env.pop(k, None)
-    return env
-
-
-def motus(proj: Path, uri: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(MOTUS), *args], cwd=proj, env=_env(uri), capture_output=True, text=True, timeout=900)
-    if check:
-        assert r.returncode == 0, f"motus {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """params.yaml with two small aloha tiers, 2-step stages, and the tiers + flow features built once."""
-    proj = tmp_path_factory.mktemp("registry-base")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    keep = {"task-agnostic-aloha": 3, "target-aloha-transfer": 3}
-    raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in keep}
-    for k, n in keep.items():
-        raw["tiers"][k]["source"]["options"]["n"] = n
-    raw["stages"]["stage1"]["tiers"] = {"task-agnostic-aloha": 1.0}
-    raw["stages"]["stage2"]["tiers"] = {"task-agnostic-aloha": 0.5, "target-aloha-transfer": 0.5}
-    raw["stages"]["stage3"]["tiers"] = {"target-aloha-transfer": 1.0}
-    for s in raw["stages"].values():
-        s.update(steps=2, batch_size=2, checkpoint_every=2, validate_every=2, warmup_steps=0)
-    raw["latent_action"].update(steps=2, batch_size=8, checkpoint_every=2, validate_every=2, warmup_steps=0)
-    # gates of the test: loose thresholds on what training logs, a regression rule on what evaluation logs
-    raw["gates"][STAGE3] = {"rules": [{"metric": "val/action_loss", "comparator": "<=", "threshold": 100.0},
-                                      {"metric": "eval/success_rate", "comparator": ">=", "max_regression": 0.05}],
-                            "required_tags": ["code.commit"]}
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    alt = json.loads(json.dumps(raw))
-    alt["stages"]["stage3"]["lr"] = 2e-3  # the second fine-tune: another recipe, another export
-    (proj / "params-b.yaml").write_text(yaml.safe_dump(alt, sort_keys=False))
-    params = validate_params(raw)
-    for name, tier in params.tiers.items():
-        ingest_tier(name, tier, proj / "data" / "tiers" / name)
-    motus(proj, f"sqlite:///{proj}/unused.db", "latent-action", "flow")
-    return proj
-
-
-def train_chain(base: Path, proj: Path, uri: str) -> dict[str, Path]:
-    """Every job of the chain against `uri`, in a copy of the base project; returns the run folders."""
-    shutil.copytree(base, proj, ignore=shutil.ignore_patterns("*.db", "mlartifacts"))
-    runs = {"s1": proj / "runs/s1", "lam": proj / "runs/lam", "s2": proj / "runs/s2",
-            "s3a": proj / "runs/s3a", "s3b": proj / "runs/s3b"}
-    motus(proj, uri, "train", "--stage", "1", "--run-dir", str(runs["s1"]))
-    motus(proj, uri, "latent-action", "train", "--run-dir", str(runs["lam"]))
-    motus(proj, uri, "latent-action", "export", "--model", str(runs["lam"] / "export"))
-    motus(proj, uri, "train", "--stage", "2", "--run-dir", str(runs["s2"]), "--init-from", str(runs["s1"] / "export"))
-    for key, params in (("s3a", "params.yaml"), ("s3b", "params-b.yaml")):
-        motus(proj, uri, "train", "--stage", "3", "--params", params, "--run-dir", str(runs[key]),
-              "--init-from", str(runs["s2"] / "export"))
-    return runs
-
 
 class Store:
     def __init__(self, kind: str, uri: str, proj: Path, runs: dict[str, Path]):
@@ -112,33 +44,14 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def stores(base, tmp_path_factory):
-    """Both stores with the chain trained into each (in parallel) and every export registered."""
-    with contextlib.ExitStack() as stack:
-        root = tmp_path_factory.mktemp("stores")
-        db = stack.enter_context(fresh_postgres_database("motus_registry"))
-        url = stack.enter_context(mlflow_server(db, root / "pg-artifacts"))
-        plan = {"sqlite": (f"sqlite:///{root}/sqlite/mlflow.db", root / "sqlite"), "postgres": (url, root / "postgres")}
-        results, errors = {}, []
-
-        def build(kind, uri, proj):
-            try:
-                results[kind] = train_chain(base, proj, uri)
-            except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=build, args=(k, u, p)) for k, (u, p) in plan.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        out = {}
-        for kind, (uri, proj) in plan.items():
-            s = out[kind] = Store(kind, uri, proj, results[kind])
-            s.versions = {k: s.registry.register(run) for k, run in s.runs.items()}
-        yield out
+def stores(chains, tmp_path_factory):
+    """The session's chain in both stores (a fresh copy of the SQLite one), every export registered."""
+    out = {}
+    for kind, chain in chains.items():
+        uri = chain.fresh_uri(tmp_path_factory.mktemp(f"registry-{kind}"))
+        s = out[kind] = Store(kind, uri, chain.proj, chain.runs)
+        s.versions = {k: s.registry.register(run) for k, run in s.runs.items()}
+    return out
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

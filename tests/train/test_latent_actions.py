@@ -15,6 +15,7 @@ from motus.data.features import Feature
 from motus.data.tier import Tier
 from motus.train.latent_action import linear_probe_r2, r2_score
 
+from ..support.project import shipped_params, write_project
 from .test_train import MOTUS, env_for, losses, project  # noqa: F401 - the shared project fixture
 
 pytestmark = pytest.mark.slow
@@ -117,13 +118,7 @@ PROBE_MARGIN, PROBE_FLOOR = 0.12, 0.25
 @pytest.fixture(scope="module")
 def sawyer_project(tmp_path_factory):
     """A project whose latent-action tiers are one labelled Meta-World tier (4-d native actions)."""
-    from motus.config import validate_params
-    from motus.data.ingest import ingest_tier
-
-    from .test_train import REPO
-
-    proj = tmp_path_factory.mktemp("lam-probe")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = shipped_params()
     raw["data"]["heldout_fraction"] = 0.25
     raw["tiers"]["mw-probe"] = {
         "level": 3, "embodiment": "sawyer", "description": "Meta-World experts for the latent-action probe.",
@@ -132,10 +127,7 @@ def sawyer_project(tmp_path_factory):
     raw["latent_action"].update(tiers=["mw-probe"], steps=600, batch_size=32, lr=3e-4, labelled_fraction=1.0,
                                 warmup_steps=10, checkpoint_every=600, validate_every=600)
     raw["latent_action"]["flow"].update(image_size=16, max_magnitude=0.1)
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = validate_params(raw)
-    ingest_tier("mw-probe", params.tiers["mw-probe"], proj / "data" / "tiers" / "mw-probe")
-    return proj
+    return write_project(tmp_path_factory.mktemp("lam-probe"), raw, ingest=["mw-probe"])
 
 
 def test_trained_latent_beats_untrained_on_held_out_episodes(sawyer_project, monkeypatch):

@@ -1,65 +1,38 @@
 """Stage jobs end to end: 2 CPU processes under torchrun, DeepSpeed, checkpoints, resume after kill -9, MLflow."""
 
-import copy
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from motus.config import load_params, validate_params
+from motus.config import load_params
 from motus.contracts import LineageRecord
-from motus.data.ingest import ingest_tier
 from motus.model import MotusModel, build_config, tiny
 from motus.train.parent import ParentLoadError, load_parent
 
-REPO = Path(__file__).resolve().parents[2]
-MOTUS = Path(sys.executable).parent / "motus"
+from ..support.project import MOTUS, project_env, shipped_params, short_stages, shrink, write_project
+
 pytestmark = pytest.mark.slow
-
-
-def shrink(options: dict, n: int = 2) -> dict:
-    out = copy.deepcopy(options)
-    for key in ("n", "episodes_per_task"):
-        if key in out:
-            out[key] = n if key == "n" else 1
-    if "tasks" in out:
-        out["tasks"] = out["tasks"][:2]
-    if "parts" in out:
-        out["parts"] = [dict(p, options=shrink(p.get("options", {}), 1)) for p in out["parts"]]
-    return out
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project folder: the shipped params.yaml with short stages, and small simulator tiers."""
-    proj = tmp_path_factory.mktemp("proj")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for s in raw["stages"].values():
-        s.update(steps=8, batch_size=4, checkpoint_every=2, validate_every=4, warmup_steps=1, lr=2e-3, video_lr=2e-3)
+    raw = short_stages(shipped_params(), 8, batch_size=4, validate_every=4, lr=2e-3, video_lr=2e-3)
     raw["stages"]["stage1"]["offload_optimizer"] = True  # ZeRO-2 with the optimizer on the host: what fits 80 GB
     for t in raw["tiers"].values():
-        t["source"]["options"] = shrink(t["source"]["options"])
-    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = validate_params(raw)
-    for name, tier in params.tiers.items():
-        ingest_tier(name, tier, proj / "data" / "tiers" / name)
-    return proj
+        t["source"]["options"] = shrink(t["source"]["options"], part_n=1)
+    return write_project(tmp_path_factory.mktemp("proj"), raw)
 
 
 def env_for(proj: Path) -> dict:
-    env = dict(os.environ, MOTUS_TRACKING_URI=f"sqlite:///{proj}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
-    for k in ("MOTUS_PARAMS", "MOTUS_PARAMS_FILE"):
-        env.pop(k, None)
-    return env
+    return project_env(proj)
 
 
 def train(proj: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
