@@ -20,9 +20,13 @@ def free_port() -> int:
 
 
 def command(spec: JobSpec, port: int | None = None) -> list[str]:
+    worker = ["-m", "motus.launch.worker", *spec.worker_args()]
+    if spec.procs_per_node == 1:
+        # one process needs no launcher: torchrun would only add a process, a torch import and a rendezvous
+        # (seconds per job); the worker joins a world of one from the environment below
+        return [sys.executable, *worker]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.procs_per_node}",
-            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
-            "-m", "motus.launch.worker", *spec.worker_args()]
+            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", *worker]
 
 
 def environment(spec: JobSpec) -> dict[str, str]:
@@ -40,6 +44,9 @@ def environment(spec: JobSpec) -> dict[str, str]:
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.procs_per_node)))
+    if spec.procs_per_node == 1:  # what torchrun would have set for a world of one
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
     env.update(spec.env)
     return env
 

@@ -123,7 +123,9 @@ def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0,
                              "--artifacts-destination", destination, "--serve-artifacts",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                "/health", artifacts_dir.parent / f"mlflow-server-{artifacts_dir.name}.log",
-               {"DO_NOT_TRACK": "1", **(env or {})}, timeout) as url:
+               # the server's job runner (huey consumers, ~10 processes) serves MLflow's GenAI jobs, which the
+               # platform does not use: off, so a test server starts in seconds and idles quietly
+               {"DO_NOT_TRACK": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}, timeout) as url:
         yield url
 
 
