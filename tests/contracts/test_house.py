@@ -65,7 +65,8 @@ def test_rooms_import_only_to_their_left():
 
 
 def test_no_module_import_cycles():
-    graph = {m: {t for t in ts if t in _imports()} for m, ts in _imports().items()}
+    imports = _imports()
+    graph = {m: {t for t in ts if t in imports} for m, ts in imports.items()}
     graph = {m: {t for t in ts if not m.startswith(t + ".") and t != m} for m, ts in graph.items()}  # parents
 
     cycles, state = [], {}
