@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	else \
 		echo ">> no CUDA: installing $(TORCH_CPU) first, then the package with torch pinned"; \
 		$(BIN)/pip install --quiet $(TORCH_CPU) && \
-		PIP_CONSTRAINT=constraints-cpu.txt DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]'; \
+		PIP_CONSTRAINT=constraints-cpu.txt DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]' && \
+		echo ">> building DeepSpeed's CPU shared-memory comm op once (every CPU job loads it; ~1 min)" && \
+		DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(BIN)/python -c \
+			"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"; \
 	fi
 	@touch $(STAMP)
 
