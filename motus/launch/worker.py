@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
     from ..config import get_settings, load_params
-    from ..train.loop import run_stage
     from ..train.recipe import stage_key
 
     settings = get_settings()
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(json.dumps(out))
             return 0
+        from ..train.loop import run_stage  # the Motus model (diffusers, seconds to import): stage jobs only
+
         result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps,
                            precision=args.precision, code=code)
         status = "FINISHED"

@@ -1,9 +1,20 @@
-"""The Motus network: video, action and understanding experts joined by tri-model joint attention."""
+"""The Motus network: video, action and understanding experts joined by tri-model joint attention.
 
-from .modes import MODES, get_mode
-from .motus import MotusModel, SampleResult, Velocity
-from .presets import MotusConfig, build_config, full, tiny
-from .vlm import UnderstandingContext
+The names below are imported on first use: `motus.model.presets` (a recipe's sizes, read by every CLI command
+that resolves a stage) must not import diffusers and the three experts, which costs seconds per process.
+"""
 
-__all__ = ["MODES", "MotusConfig", "MotusModel", "SampleResult", "UnderstandingContext", "Velocity",
-           "build_config", "full", "get_mode", "tiny"]
+from typing import Any
+
+_WHERE = {"MODES": "modes", "get_mode": "modes", "MotusModel": "motus", "SampleResult": "motus",
+          "Velocity": "motus", "MotusConfig": "presets", "build_config": "presets", "full": "presets",
+          "tiny": "presets", "UnderstandingContext": "vlm"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"motus.model.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'motus.model' has no attribute {name!r}")
