@@ -695,6 +695,7 @@ class Settings(BaseSettings):
     launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")
     image: str | None = Field(None, description="Training container image for the kubernetes launcher.")
     pool: str | None = Field(None, description="params.yaml pool the kubernetes launcher submits to by default.")
+    k8s_poll_s: float = Field(10.0, gt=0, description="How often the kubernetes launcher reads a job's state.")
     profile: Literal["local", "production"] = Field("local", description="Which deployment this is.")
 
 

@@ -490,9 +490,9 @@ class KubernetesLauncher:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, kubeconfig: str | Path | None = None, context: str | None = None,
-                      namespace: str = "motus", poll_s: float = 10.0) -> KubernetesLauncher:
+                      namespace: str = "motus") -> KubernetesLauncher:
         client = ClusterClient(kubeconfig, context=context, namespace=namespace)
-        return cls(client, settings, ClusterOptions.from_settings(settings, namespace=namespace), poll_s)
+        return cls(client, settings, ClusterOptions.from_settings(settings, namespace=namespace), settings.k8s_poll_s)
 
     def render(self, spec: JobSpec) -> tuple[Any, dict[str, Any]]:
         """(PyTorchJob model, params ConfigMap) for the spec: exactly what `motus k8s render` prints."""

@@ -413,7 +413,7 @@ def test_motus_train_submits_through_the_kubernetes_launcher(standin, tmp_path, 
 
     t = threading.Thread(target=operator, daemon=True)
     t.start()
-    env = {"MOTUS_LAUNCHER": "kubernetes", "MOTUS_POOL": "h100", "MOTUS_IMAGE": IMAGE,
+    env = {"MOTUS_LAUNCHER": "kubernetes", "MOTUS_POOL": "h100", "MOTUS_IMAGE": IMAGE, "MOTUS_K8S_POLL_S": "0.2",
            "KUBECONFIG": str(tmp_path / "kubeconfig")}
     result = _cli("train", "--stage", "1", env=env)
     t.join(5)
