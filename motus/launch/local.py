@@ -52,8 +52,8 @@ def environment(spec: JobSpec) -> dict[str, str]:
 
 
 class LocalLauncher:
-    """The job's processes on this machine: torchrun in its own process group, so a cancel (or Ctrl-C /
-    SIGTERM while waiting) reaches every worker. `log`: a file the job's output is appended to (None: this
+    """The job's processes on this machine (the worker, or torchrun and its workers) in a process group of
+    their own, so a cancel (or Ctrl-C / SIGTERM while waiting) reaches every one of them. `log`: a file the job's output is appended to (None: this
     terminal)."""
 
     kind = "local"
