@@ -6,9 +6,14 @@ that resolves a stage) must not import diffusers and the three experts, which co
 
 from typing import Any
 
-_WHERE = {"MODES": "modes", "get_mode": "modes", "MotusModel": "motus", "SampleResult": "motus",
-          "Velocity": "motus", "MotusConfig": "presets", "build_config": "presets", "full": "presets",
-          "tiny": "presets", "UnderstandingContext": "vlm"}
+# name -> "module:attribute" (the pipeline's code keys read these references as imports)
+_WHERE = {
+    "MODES": "motus.model.modes:MODES", "get_mode": "motus.model.modes:get_mode",
+    "MotusModel": "motus.model.motus:MotusModel", "SampleResult": "motus.model.motus:SampleResult",
+    "Velocity": "motus.model.motus:Velocity", "MotusConfig": "motus.model.presets:MotusConfig",
+    "build_config": "motus.model.presets:build_config", "full": "motus.model.presets:full",
+    "tiny": "motus.model.presets:tiny", "UnderstandingContext": "motus.model.vlm:UnderstandingContext",
+}
 __all__ = sorted(_WHERE)
 
 
@@ -16,5 +21,6 @@ def __getattr__(name: str) -> Any:
     if name in _WHERE:
         import importlib
 
-        return getattr(importlib.import_module(f"motus.model.{_WHERE[name]}"), name)
+        module, attr = _WHERE[name].split(":")
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'motus.model' has no attribute {name!r}")

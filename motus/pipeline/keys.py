@@ -12,37 +12,93 @@ a fixed bug in the data code must rebuild the tiers it wrote.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the installed `motus` package
 
-# Which parts of the package each kind of step runs (directories are taken recursively).
-CODE: dict[str, tuple[str, ...]] = {
-    "tier": ("config.py", "data"),
-    "flow": ("config.py", "data", "train/latent_action.py"),
-    "latent-action": ("config.py", "data", "model", "train", "launch", "track"),
-    "latent-actions": ("config.py", "data", "model/latent_action.py", "train/latent_action.py"),
-    "stage": ("config.py", "data", "model", "train", "launch", "track"),
-    "evaluate": ("config.py", "data", "model", "evaluate", "train/recipe.py"),
+# The module each kind of step runs; what it runs is that module and everything it imports, found by reading
+# the imports (module-level and inside functions: a lazy import is still code the step may run).
+# Registries that name a module as "motus.pkg.module:function" (the ingest step's source kinds) count as imports.
+ENTRY: dict[str, tuple[str, ...]] = {
+    "tier": ("motus.config", "motus.data.ingest", "motus.data.versioning"),
+    "flow": ("motus.config", "motus.data.latent_actions"),
+    "latent-action": ("motus.launch.worker", "motus.train.latent_action"),
+    "latent-actions": ("motus.config", "motus.data.latent_actions"),
+    "stage": ("motus.launch.worker", "motus.train.loop"),
+    "evaluate": ("motus.evaluate.run", "motus.track.evaluations"),
 }
 
 
+_REFERENCE = re.compile(r"^motus(\.\w+)+:\w+$")
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    for candidate in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports_of(path: Path, module: str, root: Path, top_level_only: bool = False) -> set[str]:
+    """The motus modules a file imports, anywhere in it (or, `top_level_only`, what importing it runs);
+    `from .pkg import name` counts `pkg.name` when that is a module, else `pkg`."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    tree = ast.parse(path.read_text(), str(path))
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if _module_file(sub, root) else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _REFERENCE.match(node.value):
+            found.add(node.value.split(":")[0])
+    return {m for m in found if m == "motus" or m.startswith("motus.")}
+
+
+def module_closure(entries: tuple[str, ...], root: Path = PACKAGE) -> list[Path]:
+    """Every file of the package that `entries` import, transitively, with the packages around them (a
+    package's `__init__` reached only as a parent contributes what importing it runs, not its lazy names)."""
+    seen: dict[str, Path] = {}
+    parents: set[str] = set()
+    todo = [(m, False) for m in entries]
+    while todo:
+        module, as_parent = todo.pop()
+        if module in seen and (as_parent or module not in parents):
+            continue
+        path = _module_file(module, root) if module != "motus" else root / "__init__.py"
+        if path is None:
+            continue
+        seen[module] = path
+        if as_parent:
+            parents.add(module)
+        else:
+            parents.discard(module)
+        parent = module.rpartition(".")[0]
+        todo += [(parent, True)] if parent and parent not in seen else []
+        todo += [(m, False) for m in sorted(_imports_of(path, module, root, top_level_only=as_parent))
+                 if m not in seen or m in parents]
+    return sorted(set(seen.values()))
+
+
 def code_files(kind: str, root: Path = PACKAGE) -> dict[str, str]:
-    """{package-relative path: sha256} of the Python files a step of this kind runs."""
-    out: dict[str, str] = {}
-    for part in CODE[kind]:
-        p = root / part
-        files: Iterable[Path] = sorted(p.rglob("*.py")) if p.is_dir() else ([p] if p.exists() else [])
-        for f in files:
-            if "__pycache__" in f.parts:
-                continue
-            out[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return dict(sorted(out.items()))
+    """{package-relative path: sha256} of the Python files a step of this kind runs (see `ENTRY`)."""
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in module_closure(ENTRY[kind], root)}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
