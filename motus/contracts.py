@@ -46,6 +46,18 @@ def _check_schema(d: Mapping[str, Any], current: int, where: str) -> int:
     return version
 
 
+# ------------------------------------------------------------------------------------------------ accounting
+
+def device_hours(nodes: int, devices_per_node: int, wall_seconds: float) -> float:
+    """Accelerator hours a job held: every device of every node for the whole wall time. The one definition
+    lineage records, run metrics, cluster status and plans use."""
+    if nodes < 0 or devices_per_node < 0 or wall_seconds < 0:
+        raise ValueError(
+            f"device_hours needs non-negative inputs, got nodes={nodes}, "
+            f"devices_per_node={devices_per_node}, wall_seconds={wall_seconds}")
+    return nodes * devices_per_node * wall_seconds / 3600.0
+
+
 # ------------------------------------------------------------------------------------------------ tiers
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import get_settings, load_params, resolved_dict
-from ..contracts import LineageRecord
+from ..contracts import LineageRecord, device_hours
 from ..data.paths import ProjectPaths
 from .keys import StepInputs, code_files, explain, flatten
 from .ledger import Ledger
@@ -342,7 +342,7 @@ class Pipeline:
             m = runs[0].data.metrics
             per_step = m.get("perf/step_time_s")
             devices = float(runs[0].data.tags.get("devices", self.nproc))
-            return None if per_step is None else per_step * steps * devices / 3600
+            return None if per_step is None else device_hours(1, int(devices), per_step * steps)
         except Exception:  # noqa: BLE001 - an estimate is best effort
             return None
 

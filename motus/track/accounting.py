@@ -8,6 +8,10 @@ import warnings
 from pathlib import Path
 from typing import TypedDict
 
+from ..contracts import device_hours
+
+__all__ = ["GitState", "cost", "device_hours", "git_state"]
+
 UNKNOWN_COMMIT = "unknown"
 
 
@@ -17,13 +21,6 @@ class GitState(TypedDict):
     branch: str | None  # None when not a repo or HEAD is detached
 
 
-def device_hours(nodes: int, devices_per_node: int, wall_seconds: float) -> float:
-    """Accelerator hours a job held: every device of every node for the whole wall time."""
-    if nodes < 0 or devices_per_node < 0 or wall_seconds < 0:
-        raise ValueError(
-            f"device_hours needs non-negative inputs, got nodes={nodes}, "
-            f"devices_per_node={devices_per_node}, wall_seconds={wall_seconds}")
-    return nodes * devices_per_node * wall_seconds / 3600.0
 
 
 def cost(device_hours: float, device: str, prices: dict[str, float]) -> float | None:

@@ -3,11 +3,15 @@ every train module (stage, latent-action VAE) joins it the same way."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..contracts import device_hours
 
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "B200": 2250e12}  # dense bf16, per device
 
@@ -62,3 +66,22 @@ def mean_across_ranks(values: dict[str, float], ctx: JobContext) -> dict[str, fl
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / ctx.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def job_hours(ctx: JobContext, wall_seconds: float) -> float:
+    """The device-hours of this job so far: every process's device for the whole wall time."""
+    return device_hours(ctx.nodes, ctx.world // ctx.nodes, wall_seconds)
+
+
+def accounting(ctx: JobContext, wall_seconds: float, params: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics (device and wall hours, cost where the device has a price) and tags a finished job logs."""
+    hours = job_hours(ctx, wall_seconds)
+    metrics = {"cost/device_hours": hours, "cost/wall_hours": wall_seconds / 3600}
+    price = params.costs.device_hour.get(ctx.device_type)
+    if price is None:
+        logging.getLogger("motus.train").warning(
+            "no price for device '%s' in costs.device_hour: cost not computed", ctx.device_type)
+    else:
+        metrics["cost/amount"] = hours * price
+    tags = {"device_type": ctx.device_type, "devices": str(ctx.world), "currency": params.costs.currency}
+    return metrics, tags

@@ -28,7 +28,7 @@ from ..data.tier import Tier
 from ..data.versioning import locked_hash
 from ..model.latent_action import LatentActionVAE, build_latent_action_config
 from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
-from .distributed import JobContext, init_distributed, mean_across_ranks
+from .distributed import JobContext, accounting, init_distributed, mean_across_ranks
 from .precision import autocast, check_resume
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
@@ -328,11 +328,8 @@ class LatentActionJob:
         result = {"steps": end, "export": None, "wall_seconds": wall}
         if ctx.rank == 0:
             tr.log_loss_curve({k: v for k, v in history.items() if v}, "lam_loss_curve.png")
-            hours = ctx.world * wall / 3600
-            metrics = {"cost/device_hours": hours}
-            price = self.params.costs.device_hour.get(ctx.device_type)
-            if price is not None:
-                metrics["cost/amount"] = hours * price
+            metrics, _ = accounting(ctx, wall, self.params)
+            hours = metrics["cost/device_hours"]
             tr.log_metrics(metrics, end)
             if end == la.steps:
                 result["export"] = str(self.export(last, hours))

@@ -29,7 +29,7 @@ from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
 from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
-from .distributed import PEAK_FLOPS, JobContext, init_distributed, mean_across_ranks
+from .distributed import PEAK_FLOPS, JobContext, accounting, init_distributed, job_hours, mean_across_ranks
 from .inputs import window_inputs
 from .parent import load_parent
 from .precision import autocast, check_resume
@@ -233,7 +233,7 @@ class StageJob:
                     extra={"mlflow_run_id": tr.run_id, "normalization": self.normalization,
                            "precision": self.precision})
         wall = self.wall_before + time.perf_counter() - t_start
-        hours = ctx.nodes * (ctx.world // ctx.nodes) * wall / 3600
+        hours = job_hours(ctx, wall)
         export = None
         if end == s.steps:
             export = self.export(last_ckpt, hours, wall)
@@ -311,21 +311,14 @@ class StageJob:
         if flops:
             m["perf/mfu"] = flops / dt / self._peak_flops()  # per-process FLOPs over one device's peak
         elapsed = self.wall_before + time.perf_counter() - t_start
-        m["cost/device_hours"] = self.ctx.world * elapsed / 3600
+        m["cost/device_hours"] = job_hours(self.ctx, elapsed)
         self.tracker.log_metrics(m, step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **m}) + "\n")
         log.info("step %d loss %.4f (%.2fs)", step, vals["loss"], dt)
 
     def _log_accounting(self, wall: float) -> None:
-        hours = self.ctx.world * wall / 3600
-        price = self.params.costs.device_hour.get(self.ctx.device_type)
-        metrics = {"cost/device_hours": hours, "cost/wall_hours": wall / 3600}
-        tags = {"device_type": self.ctx.device_type, "devices": str(self.ctx.world), "currency": self.params.costs.currency}
-        if price is None:
-            log.warning("no price for device '%s' in costs.device_hour: cost not computed", self.ctx.device_type)
-        else:
-            metrics["cost/amount"] = hours * price
+        metrics, tags = accounting(self.ctx, wall, self.params)
         self.tracker.log_metrics(metrics, self.s.steps)
         self.tracker.set_tags(tags)
 
