@@ -187,12 +187,14 @@ class MotusModel(nn.Module):
         understanding: UnderstandingContext | None = None,
         generator: Generators = None,
         reduction: str = "mean",
+        t: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """w_v * MSE(video velocity on FUTURE frames) + w_a * MSE(action velocity), reduced in fp32.
 
         The conditioning frame stays clean and is excluded from the video loss's numerator AND denominator.
         reduction "none" returns each sample's losses [B] (a list of generators, one per sample, then makes a
-        sample's timesteps and noise independent of its batch-mates too).
+        sample's timesteps and noise independent of its batch-mates too). `t` fixes both modalities' timestep
+        instead of sampling it: validation measures the loss at fixed t with this same code.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got '{reduction}'")
@@ -200,8 +202,13 @@ class MotusModel(nn.Module):
         self._check_video(video_latents, "video_latents")
         b, _, f, _, _ = video_latents.shape
         dev = video_latents.device
-        t_v = sample_timesteps(fc, b, generator, dev)
-        t_a = sample_timesteps(fc, b, generator, dev)
+        if t is None:
+            t_v = sample_timesteps(fc, b, generator, dev)
+            t_a = sample_timesteps(fc, b, generator, dev)
+        else:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"t must be in [0, 1], got {t}")
+            t_v = t_a = torch.full((b,), float(t), device=dev)
         eps_v = draw("randn", video_latents.shape, generator, dev, video_latents.dtype)
         x0_future = video_latents[:, :, 1:]
         noisy = torch.cat([video_latents[:, :, :1], add_noise(x0_future, eps_v[:, :, 1:], t_v)], dim=2)

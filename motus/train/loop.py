@@ -348,29 +348,20 @@ class StageJob:
         return metrics
 
     def _fixed_t_losses(self, model: MotusModel, inputs: dict[str, Any]) -> dict[str, float]:
-        x0 = inputs["video_latents"]
-        b, _, f, _, _ = x0.shape
-        out = {}
+        """The model's own training loss at t = 0.25, 0.5, 0.75 (fixed noise per t), and their means."""
+        out: dict[str, float] = {}
         for t in (0.25, 0.5, 0.75):
-            g = self._noise(0, salt=int(t * 100))
-            eps = torch.randn(x0.shape, generator=g, device=x0.device)
-            tv = torch.full((b,), t, device=x0.device)
-            noisy = torch.cat([x0[:, :, :1], (1 - t) * x0[:, :, 1:] + t * eps[:, :, 1:]], dim=2)
-            t_frames = torch.cat([torch.zeros(b, 1, device=x0.device), tv[:, None].expand(b, f - 1)], dim=1)
-            a = inputs.get("actions")
-            noisy_a = eps_a = None
-            if a is not None:
-                eps_a = torch.randn(a.shape, generator=g, device=a.device)
-                noisy_a = (1 - t) * a + t * eps_a
             with autocast(self.precision, self.ctx.device):  # the model as it trains: same precision
-                vel = model(noisy, t_frames, inputs["text_embeds"], noisy_a, tv if a is not None else None,
-                            inputs.get("state"), inputs.get("understanding"))
-            out[f"val/video_loss_t{t}"] = float(((vel.video[:, :, 1:].float() - (eps - x0)[:, :, 1:]) ** 2).mean())
-            if a is not None:
-                out[f"val/action_loss_t{t}"] = float(((vel.action.float() - (eps_a - a)) ** 2).mean())
-        out["val/video_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/video_loss_t")]))
-        if a is not None:
-            out["val/action_loss"] = float(np.mean([v for k, v in out.items() if k.startswith("val/action_loss_t")]))
+                losses = model.training_loss(inputs["video_latents"], inputs["text_embeds"], inputs.get("actions"),
+                                             inputs.get("state"), inputs.get("understanding"),
+                                             generator=self._noise(0, salt=int(t * 100)), t=t)
+            for kind in ("video", "action"):
+                if f"{kind}_loss" in losses:
+                    out[f"val/{kind}_loss_t{t}"] = float(losses[f"{kind}_loss"])
+        for kind in ("video", "action"):
+            per_t = [v for k, v in out.items() if k.startswith(f"val/{kind}_loss_t")]
+            if per_t:
+                out[f"val/{kind}_loss"] = float(np.mean(per_t))
         return out
 
     def _mode_metrics(self, model: MotusModel, inputs: dict[str, Any], step: int) -> dict[str, float]:

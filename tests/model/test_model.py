@@ -351,3 +351,27 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(understandin
     torch.testing.assert_close(ckpt_loss, plain_loss)
     for a, b in zip(ckpt_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_training_loss_at_a_fixed_t_is_the_rectified_flow_loss_at_that_t():
+    """Validation asks the model for its loss at fixed t: x_t = (1-t) x0 + t eps, target eps - x0, clean first frame."""
+    from motus.model.flow import add_noise
+
+    torch.manual_seed(0)
+    m = MotusModel(tiny(), with_vlm=False, with_vae=False).eval()
+    b = make_batch(m.config)
+    with torch.no_grad():
+        out = m.training_loss(generator=torch.Generator().manual_seed(3), t=0.5, **b)
+        g = torch.Generator().manual_seed(3)
+        x0, a = b["video_latents"], b["actions"]
+        eps_v = torch.randn(x0.shape, generator=g)
+        eps_a = torch.randn(a.shape, generator=g)
+        half = torch.full((x0.shape[0],), 0.5)
+        noisy = torch.cat([x0[:, :, :1], add_noise(x0[:, :, 1:], eps_v[:, :, 1:], half)], dim=2)
+        t_frames = torch.cat([torch.zeros(x0.shape[0], 1), half[:, None].expand(-1, x0.shape[2] - 1)], dim=1)
+        vel = m(noisy, t_frames, b["text_embeds"], add_noise(a, eps_a, half), half, b.get("state"), None)
+    assert torch.equal(out["t_video"], half) and torch.equal(out["t_action"], half)
+    assert out["video_loss"].item() == pytest.approx(((vel.video[:, :, 1:] - (eps_v - x0)[:, :, 1:]) ** 2).mean().item())
+    assert out["action_loss"].item() == pytest.approx(((vel.action - (eps_a - a)) ** 2).mean().item())
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\], got 1.5"):
+        m.training_loss(t=1.5, **b)
