@@ -115,7 +115,8 @@ def default_actor() -> str:
 
 
 class Registry:
-    """The registry of one MLflow store (`tracking_uri`, default: settings' MOTUS_TRACKING_URI)."""
+    """The registry of one MLflow store (`tracking_uri`, default: settings' MOTUS_TRACKING_URI), judged by the
+    gates and priced by the costs of `params` (needed for evaluate/promote; lineage queries work without)."""
 
     def __init__(self, tracking_uri: str | None = None, params: Any = None, *, lock_ttl: float = 60.0,
                  lock_wait: float = 30.0):
@@ -132,10 +133,11 @@ class Registry:
 
     @property
     def params(self) -> Any:
+        """The params the registry was given (gates, prices, tiers); never read from the current folder, where a
+        registry process may have nothing or another project's params.yaml."""
         if self._params is None:
-            from ..config import load_params
-
-            self._params = load_params()
+            raise RegistryError("this registry was opened without params: gates and prices are unknown (pass "
+                                "the project's params, e.g. Registry(uri, load_params(path)))")
         return self._params
 
     def gate(self, name: str) -> Any:
