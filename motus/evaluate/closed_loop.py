@@ -104,7 +104,7 @@ class _RandomPolicy:
     needs_frame = False
 
     def __init__(self, hold: int, seed: int, sim):
-        from ..data.sources.aloha_sim import joint_limits
+        from ..sim.aloha import joint_limits
 
         self.hold = hold
         self.lo, self.hi = joint_limits(sim.model, margin=0.0)
@@ -123,7 +123,7 @@ class _ScriptedPolicy:
     needs_frame = False
 
     def __init__(self, task: str, seed: int, ee_sim):
-        from ..data.sources.aloha_sim import ScriptedAlohaPolicy
+        from ..sim.aloha import ScriptedAlohaPolicy
 
         self.policy = ScriptedAlohaPolicy(task, seed=seed, _sim=ee_sim)
 
@@ -194,20 +194,20 @@ class _Scenes:
         return self.exported
 
     def scene(self, task: str) -> tuple[Any, Any]:
-        from ..data.sources._mujoco_render import FastRenderer
-        from ..data.sources.aloha_sim import _JointSim
+        from ..sim.aloha import JointSim
+        from ..sim.render import FastRenderer
 
         if task not in self._sims:
-            self._sims[task] = _JointSim(task)
+            self._sims[task] = JointSim(task)
             h, w = self.settings.tasks[task].image_size
             self._renderers[task] = FastRenderer(self._sims[task].model, h, w)
         return self._sims[task], self._renderers[task]
 
     def ee_sim(self, task: str) -> Any:
-        from ..data.sources.aloha_sim import _EndEffectorSim
+        from ..sim.aloha import EndEffectorSim
 
         if task not in self._ee:
-            self._ee[task] = _EndEffectorSim(task)
+            self._ee[task] = EndEffectorSim(task)
         return self._ee[task]
 
     def policy(self, job: Rollout, sim: Any) -> Any:
@@ -235,7 +235,7 @@ ARM_ACTION_DIMS = np.array([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12])
 def run_rollout(job: Rollout, scenes: _Scenes) -> RolloutResult:
     from dm_control.rl.control import PhysicsError
 
-    from ..data.sources.aloha_sim import initial_object_poses, joint_limits
+    from ..sim.aloha import initial_object_poses, joint_limits
 
     t_start = time.perf_counter()
     setup = scenes.settings.tasks[job.task]
@@ -356,7 +356,7 @@ def task_setups(params: Any, exported_or_lineage: Any, tasks: Sequence[str]) -> 
     source: `sim: aloha, task: <task>`), its camera view and stored frame size."""
     import json
 
-    from ..data.sources.aloha_sim import INSTRUCTIONS, TASKS
+    from ..sim.aloha import INSTRUCTIONS, TASKS
 
     lineage = getattr(exported_or_lineage, "lineage", exported_or_lineage)
     root = Path(params.data.root)

@@ -10,8 +10,8 @@ from motus.pipeline.keys import code_files, module_closure
 def test_each_kind_of_step_runs_what_its_entry_imports():
     tier, evaluate, stage = code_files("tier"), code_files("evaluate"), code_files("stage")
     # sources named as "module:function" strings by the ingest registry are code the tier step runs
-    assert {"config.py", "data/ingest.py", "data/sources/aloha_sim.py", "data/sources/lerobot.py"} <= set(tier)
-    assert not any(p.startswith(("model/", "train/", "track/")) for p in tier)
+    assert {"config.py", "data/ingest.py", "sim/aloha.py", "data/sources/lerobot.py"} <= set(tier)
+    assert not any(p.startswith(("model/", "train/", "track/", "evaluate/")) for p in tier)
     # the evaluation builds its inputs with train/inputs.py; it never runs the stage recipe
     assert "train/inputs.py" in evaluate and "train/recipe.py" not in evaluate
     assert {"train/loop.py", "model/video_expert.py", "launch/worker.py", "contracts.py"} <= set(stage)

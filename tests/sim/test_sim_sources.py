@@ -122,9 +122,9 @@ def test_scripted_insertion_success_rate():
 
 def test_scripted_policy_closed_loop_matches_internal_copy():
     # stepping the policy with the real env state (physics=...) == its internal copy of gym-aloha's scene
-    from motus.data.sources.aloha_sim import _JointSim
+    from motus.sim.aloha import JointSim
 
-    env = _JointSim("insertion")
+    env = JointSim("insertion")
     env.reset(sim.initial_object_poses("insertion", 1))
     closed = sim.ScriptedAlohaPolicy("insertion", seed=1)
     actions = []
@@ -137,12 +137,12 @@ def test_scripted_policy_closed_loop_matches_internal_copy():
 
 
 def test_render_decimation_leaves_physics_unchanged():
-    from motus.data.sources._mujoco_render import decimate_meshes_for_rendering
-    from motus.data.sources.aloha_sim import _JointSim, _rollout
+    from motus.sim.aloha import JointSim, _rollout
+    from motus.sim.render import decimate_meshes_for_rendering
 
     runs = []
     for decimate in (False, True):
-        env = _JointSim("transfer_cube")
+        env = JointSim("transfer_cube")
         if decimate:
             before, after = decimate_meshes_for_rendering(env.model, 0.004)
             assert after < before / 2
@@ -156,9 +156,9 @@ def test_random_reachable_within_limits():
     eps = list(sim.aloha_random_reachable_episodes(2, seed=1, image_size=(16, 16), steps_per_target=5,
                                                    targets_per_episode=3))
     assert len(eps) == 2 and eps[0].episode_id != eps[1].episode_id
-    from motus.data.sources.aloha_sim import ARM_JOINT_ADDR, _JointSim
+    from motus.sim.aloha import ARM_JOINT_ADDR, JointSim
 
-    model = _JointSim("transfer_cube").model
+    model = JointSim("transfer_cube").model
     lo, hi = [], []
     for adr in ARM_JOINT_ADDR:
         j = int(np.where(model.jnt_qposadr == adr)[0][0])

@@ -11,35 +11,44 @@ Public API (all generators yield ``motus.data.episode.Episode`` with ``problems(
 * ``ScriptedAlohaPolicy(task, seed=None, object_poses=None, shadow=True)`` -- the scripted ALOHA expert as a
   step-by-step policy for closed-loop evaluation (see its docstring).
 
-Rendering is offscreen (``MUJOCO_GL=egl`` unless set; ``osmesa`` fallback) at the requested size with shadows,
+The simulators themselves live in `motus.sim` (public, used by evaluation too); these functions record their
+rollouts as `Episode`s. Rendering is offscreen (``MUJOCO_GL=egl`` unless set; ``osmesa`` fallback) at the requested size with shadows,
 reflections, skybox and multisampling off. Import this module before anything imports mujoco/dm_control if
 you rely on the automatic backend choice.
 """
 
 from __future__ import annotations
 
-from motus.data.sources._mujoco_render import GL_BACKEND, FastRenderer  # first: picks MUJOCO_GL
-from motus.data.sources.aloha_sim import (
-    INSTRUCTIONS as ALOHA_INSTRUCTIONS,
-)
-from motus.data.sources.aloha_sim import (
-    ScriptedAlohaPolicy,
-    aloha_episodes,
-    aloha_random_reachable_episodes,
-    initial_object_poses,
-    joint_limits,
-    scripted_success,
-)
-from motus.data.sources.metaworld_sim import (
-    DEFAULT_TASKS as METAWORLD_DEFAULT_TASKS,
-)
-from motus.data.sources.metaworld_sim import (
-    all_tasks as metaworld_tasks,
-)
-from motus.data.sources.metaworld_sim import (
-    metaworld_episodes,
-    task_instruction,
-)
+from collections.abc import Iterator
+from typing import Any
+
+from motus.data.episode import Episode
+from motus.sim import aloha as _aloha
+from motus.sim import metaworld as _metaworld
+from motus.sim.aloha import INSTRUCTIONS as ALOHA_INSTRUCTIONS
+from motus.sim.aloha import ScriptedAlohaPolicy, initial_object_poses, joint_limits, scripted_success
+from motus.sim.metaworld import DEFAULT_TASKS as METAWORLD_DEFAULT_TASKS
+from motus.sim.metaworld import all_tasks as metaworld_tasks
+from motus.sim.metaworld import task_instruction
+from motus.sim.render import GL_BACKEND, FastRenderer
+
+
+def _episodes(records: Iterator[dict[str, Any]]) -> Iterator[Episode]:
+    for r in records:
+        yield Episode(**r)
+
+
+def metaworld_episodes(*args: Any, **kwargs: Any) -> Iterator[Episode]:
+    return _episodes(_metaworld.metaworld_episodes(*args, **kwargs))
+
+
+def aloha_episodes(*args: Any, **kwargs: Any) -> Iterator[Episode]:
+    return _episodes(_aloha.aloha_episodes(*args, **kwargs))
+
+
+def aloha_random_reachable_episodes(*args: Any, **kwargs: Any) -> Iterator[Episode]:
+    return _episodes(_aloha.aloha_random_reachable_episodes(*args, **kwargs))
+
 
 __all__ = [
     "ALOHA_INSTRUCTIONS",

@@ -47,8 +47,7 @@ from typing import Any, Literal
 import mujoco
 import numpy as np
 
-from motus.data.episode import Episode
-from motus.data.sources._mujoco_render import FastRenderer  # chooses the GL backend (EGL, else OSMesa)
+from motus.sim.render import FastRenderer  # chooses the GL backend (EGL, else OSMesa)
 
 AlohaTask = Literal["transfer_cube", "insertion"]
 TASKS: tuple[str, ...] = ("transfer_cube", "insertion")
@@ -209,7 +208,7 @@ def _transfer_cube_plan(box: np.ndarray, left0: Waypoint, right0: Waypoint) -> _
         Waypoint(lt[1], meet + [-0.12, 0, 0.0], left_q, 1.0),
     ]
 
-    def approach(sim: _EndEffectorSim, plan: _Plan) -> None:  # go where the cube really is, once it's there
+    def approach(sim: EndEffectorSim, plan: _Plan) -> None:  # go where the cube really is, once it's there
         grasp = sim.body_pos("box") + [TC["left_dx"], 0, TC["left_dz"]]
         _replace_after(plan.left, lt[2], [
             Waypoint(lt[3], grasp, left_q, 1.0),
@@ -256,7 +255,7 @@ def _insertion_plan(poses: np.ndarray, left0: Waypoint, right0: Waypoint) -> _Pl
         Waypoint(t[4], right_pre, rq, 0.0),
     ]
 
-    def align(sim: _EndEffectorSim, plan: _Plan) -> None:
+    def align(sim: EndEffectorSim, plan: _Plan) -> None:
         # where the objects really are: move the peg tip onto the socket axis, then push it onto the pin
         tip = sim.body_point("peg", [-0.06, 0, 0])
         mouth = sim.body_point("socket", [0.06, 0, 0])
@@ -270,7 +269,7 @@ def _insertion_plan(poses: np.ndarray, left0: Waypoint, right0: Waypoint) -> _Pl
 
 
 # ------------------------------------------------------------------------------------- end-effector simulation
-class _EndEffectorSim:
+class EndEffectorSim:
     """The mocap (end-effector) scene of a task with stiff welds; plans and records joint trajectories."""
 
     def __init__(self, task: str):
@@ -425,13 +424,13 @@ class ScriptedAlohaPolicy:
     """
 
     def __init__(self, task: AlohaTask, seed: int | None = None, object_poses: np.ndarray | None = None,
-                 shadow: bool = True, _sim: _EndEffectorSim | None = None):
+                 shadow: bool = True, _sim: EndEffectorSim | None = None):
         if task not in TASKS:
             raise ValueError(f"unknown aloha task {task!r}; expected one of {TASKS}")
         self.task = task
-        self._sim = _sim if _sim is not None else _EndEffectorSim(task)
+        self._sim = _sim if _sim is not None else EndEffectorSim(task)
         self._use_shadow = shadow
-        self._shadow: _JointSim | None = None
+        self._shadow: JointSim | None = None
         self._shadow_live = False
         self.reset(seed=seed, object_poses=object_poses)
 
@@ -462,7 +461,7 @@ class ScriptedAlohaPolicy:
         sim, plan, t = self._sim, self._plan, self.t
         if physics is None and self._use_shadow and (t == 0 or self._shadow_live):
             if self._shadow is None:
-                self._shadow = _JointSim(self.task)
+                self._shadow = JointSim(self.task)
             if t == 0:
                 self._shadow.reset(self.object_poses)
                 self._shadow_live = True
@@ -499,7 +498,7 @@ class ScriptedAlohaPolicy:
 
 
 # --------------------------------------------------------------------------------------- joint-space replay
-class _JointSim:
+class JointSim:
     """The joint-position scene with gym-aloha's task (reward) and dm_control stepping, minus its rendering."""
 
     def __init__(self, task: str):
@@ -547,7 +546,7 @@ def _views(cameras: Sequence[str]) -> list[str]:
     return cams
 
 
-def _rollout(sim: _JointSim, renderer: FastRenderer | None, cameras: list[str], steps: int,
+def _rollout(sim: JointSim, renderer: FastRenderer | None, cameras: list[str], steps: int,
              act: Any, object_poses: np.ndarray | None,
              ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[float]]:
     """Reset the joint scene, then for t < steps: render, record qpos, ``a = act(t)``, step. ``act`` may read
@@ -571,7 +570,7 @@ def _rollout(sim: _JointSim, renderer: FastRenderer | None, cameras: list[str], 
 
 def aloha_episodes(task: AlohaTask, n: int, seed: int, image_size: tuple[int, int] = (64, 64),
                    cameras: Sequence[str] = ("top",), max_steps: int = 400,
-                   id_prefix: str = "aloha") -> Iterator[Episode]:
+                   id_prefix: str = "aloha") -> Iterator[dict[str, Any]]:
     """``n`` scripted gym-aloha demos of ``task`` on seeds ``seed, seed+1, ...`` (episode k uses seed+k, the
     seed ``AlohaEnv.reset`` would take). Frames [T,H,W,3] per camera (``top``, ``angle``, ``left_wrist``,
     ``right_wrist``, ``front_close``, ...), actions [T,14] joint targets, state [T,14] qpos, T = max_steps,
@@ -580,8 +579,8 @@ def aloha_episodes(task: AlohaTask, n: int, seed: int, image_size: tuple[int, in
         raise ValueError(f"unknown aloha task {task!r}; expected one of {TASKS}")
     cams = _views(cameras)
     h, w = image_size
-    ee = _EndEffectorSim(task)
-    sim = _JointSim(task)
+    ee = EndEffectorSim(task)
+    sim = JointSim(task)
     renderer = FastRenderer(sim.model, h, w)
     try:
         for k in range(n):
@@ -590,7 +589,7 @@ def aloha_episodes(task: AlohaTask, n: int, seed: int, image_size: tuple[int, in
             frames, state, actions, rewards = _rollout(
                 sim, renderer, cams, max_steps, lambda t, p=policy: p.step(physics=sim.physics), policy.object_poses)
             max_reward = max(rewards) if rewards else 0.0
-            yield Episode(
+            yield dict(
                 episode_id=f"{id_prefix}_{task}_s{ep_seed}",
                 frames=frames,
                 actions=actions,
@@ -611,7 +610,7 @@ def scripted_success(task: AlohaTask, seeds: Sequence[int], max_steps: int = 400
                      shadow: bool = True) -> dict[int, bool]:
     """Success (max reward reached) of ``ScriptedAlohaPolicy`` per seed, run as an evaluator would: the policy
     only gets the seed; the env is gym-aloha's joint-space scene (``AlohaEnv`` physics, without its rendering)."""
-    env = _JointSim(task)
+    env = JointSim(task)
     policy = ScriptedAlohaPolicy(task, seed=seeds[0] if len(seeds) else 0, shadow=shadow)
     out: dict[int, bool] = {}
     for s in seeds:
@@ -686,7 +685,7 @@ def _random_targets(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, co
 def aloha_random_reachable_episodes(n: int, seed: int, image_size: tuple[int, int] = (64, 64),
                                     cameras: Sequence[str] = ("top",), steps_per_target: int = 25,
                                     targets_per_episode: int = 4,
-                                    id_prefix: str = "aloha_rand") -> Iterator[Episode]:
+                                    id_prefix: str = "aloha_rand") -> Iterator[dict[str, Any]]:
     """Task-agnostic ALOHA motion (pyramid level 4): random joint targets inside the joint limits (``jnt_range``
     minus a 10 % safety margin, intersected with a box around the demos' working poses) that forward
     kinematics says keep both grippers >= 6 cm above the table and >= 15 cm apart, at most ``MAX_JOINT_SPEED``
@@ -695,7 +694,7 @@ def aloha_random_reachable_episodes(n: int, seed: int, image_size: tuple[int, in
     T = steps_per_target * targets_per_episode frames at 50 fps; no instruction."""
     cams = _views(cameras)
     h, w = image_size
-    sim = _JointSim("transfer_cube")
+    sim = JointSim("transfer_cube")
     lo, hi = joint_limits(sim.model)
     reach = _Reachability(sim.model)
     renderer = FastRenderer(sim.model, h, w)
@@ -720,7 +719,7 @@ def aloha_random_reachable_episodes(n: int, seed: int, image_size: tuple[int, in
                 prev_q, prev_g = targets[i], grips[i]
             actions = actions.astype(np.float32)
             frames, state, _, _ = _rollout(sim, renderer, cams, steps, lambda t, a=actions: a[t], None)
-            yield Episode(
+            yield dict(
                 episode_id=f"{id_prefix}_s{ep_seed}",
                 frames=frames,
                 actions=actions,

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from motus.data.episode import Episode
-from motus.data.sources._mujoco_render import FastRenderer, camera_is_upside_down
+from motus.sim.render import FastRenderer, camera_is_upside_down
 
 DEFAULT_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3",
                                   "drawer-open-v3", "button-press-v3")
@@ -138,7 +137,7 @@ def make_env(task: str) -> Any:
 
 def metaworld_episodes(tasks: list[str] | None, episodes_per_task: int, seed: int,
                        image_size: tuple[int, int] = (64, 64), camera: str = "corner", max_steps: int = 100,
-                       embodiment: str = "sawyer", id_prefix: str = "mw") -> Iterator[Episode]:
+                       embodiment: str = "sawyer", id_prefix: str = "mw") -> Iterator[dict[str, Any]]:
     """Scripted-expert Meta-World episodes: for each task (default ``DEFAULT_TASKS``), ``episodes_per_task``
     episodes of ``max_steps`` frames. Frames {camera: [T,H,W,3]}, actions [T,4], state [T,4] (hand xyz + gripper
     opening), fps 80 (Meta-World's control rate), ``extra`` = {task, seed, success, success_step, sim}."""
@@ -174,7 +173,7 @@ def metaworld_episodes(tasks: list[str] | None, episodes_per_task: int, seed: in
                     if success and success_step is None:
                         success_step = t
                 task = re.sub(r"-v\d+$", "", name)
-                yield Episode(
+                yield dict(
                     episode_id=f"{id_prefix}_{task.replace('-', '_')}_s{seed}_{k}",
                     frames={camera: frames},
                     actions=actions,
