@@ -16,7 +16,7 @@ import torch
 
 from ..model.latent_action import LatentActionVAE
 from .features import Feature, FeatureWriter, feature_dir
-from .flow import episode_flow_images, make_flow_model
+from .optical_flow import episode_flow_images, make_flow_model
 from .paths import ProjectPaths
 from .tier import Tier, folder_hash
 

@@ -14,10 +14,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .action_expert import ActionExpert
-from .flow import Generators, add_noise, draw, inference_schedule, sample_timesteps
 from .joint_attention import joint_attention
 from .modes import get_mode
 from .presets import MotusConfig
+from .rectified_flow import Generators, add_noise, draw, inference_schedule, sample_timesteps
 from .understanding_expert import UnderstandingExpert
 from .video_expert import VideoExpert
 from .vlm import FrozenVAE, FrozenVLM, UnderstandingContext, _require_dir

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from motus.model import MODES, MotusModel, build_config, full, tiny
-from motus.model.flow import inference_schedule, sample_timesteps, shift_time
 from motus.model.presets import FlowConfig
+from motus.model.rectified_flow import inference_schedule, sample_timesteps, shift_time
 
 
 def make_batch(cfg, b=2, seed=0):
@@ -355,7 +355,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(understandin
 
 def test_training_loss_at_a_fixed_t_is_the_rectified_flow_loss_at_that_t():
     """Validation asks the model for its loss at fixed t: x_t = (1-t) x0 + t eps, target eps - x0, clean first frame."""
-    from motus.model.flow import add_noise
+    from motus.model.rectified_flow import add_noise
 
     torch.manual_seed(0)
     m = MotusModel(tiny(), with_vlm=False, with_vae=False).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from motus.data.features import Feature, FeatureError, FeatureWriter, feature_dir
-from motus.data.flow import (
+from motus.data.optical_flow import (
     ROUND_TRIP_TOLERANCE,
     DISFlow,
     TorchScriptFlow,
