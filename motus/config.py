@@ -657,6 +657,22 @@ def load_params(path: str | Path | None = None) -> Params:
     return validate_params(data, shown)
 
 
+LATENT_ACTION_JOB = "latent-action"  # the latent-action VAE job: not a stage of params.yaml, a job all the same
+
+
+def stage_key(params: Params, stage: str | int) -> str:
+    """'3', 3 or 'stage3' -> the params.yaml key of that stage ('latent-action' stays itself): the one resolver
+    the CLI, the launchers and the worker share."""
+    if str(stage) == LATENT_ACTION_JOB or str(stage) in params.stages:
+        return str(stage)
+    matches = [k for k, s in params.stages.items() if str(s.stage) == str(stage)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ValueError(f"params.yaml: stages: no stage '{stage}' (stages: {', '.join(params.stages)})")
+    raise ValueError(f"params.yaml: stages: stage {stage} is defined {len(matches)} times ({matches}); name one")
+
+
 def resolved_dict(params: Params) -> dict[str, Any]:
     """The configuration with every default filled in, as JSON-friendly data (paths as str, tuples as lists)."""
     return params.model_dump(mode="json")

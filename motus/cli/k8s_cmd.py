@@ -30,14 +30,13 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
             elastic_min: int | None, elastic_max: int | None, checkpoint_remote: str | None,
             backoff_limit: int, params_path: Path | None) -> tuple[Any, dict, dict]:
     """(job model, job manifest, params ConfigMap); every problem becomes `error: ...`."""
-    from ..config import ConfigError, get_settings, load_params
+    from ..config import ConfigError, get_settings, load_params, stage_key
     from ..contracts import JobSpec
     from ..launch.kubernetes import (
         ClusterOptions,
         build_pytorchjob,
         cluster_spec,
         params_configmap,
-        resolve_stage,
         to_manifest,
     )
 
@@ -45,7 +44,7 @@ def _render(stage: str, pool: str, nodes: int, gpus_per_node: int | None, image:
         settings = get_settings()
         params_file = params_path or settings.params_file
         params = load_params(params_file)
-        key = resolve_stage(params, stage)
+        key = stage_key(params, stage)
         spec = cluster_spec(JobSpec(stage=key, run_dir=run_dir or Path("outputs/runs") / key,
                                     params_file=Path(params_file), nodes=nodes, pool=pool, image=image,
                                     init_from=init_from, max_steps=max_steps), params, settings)

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Params, Pool, Settings, config_hash
+from ..config import Params, Pool, Settings, config_hash, stage_key
 from ..contracts import JobSpec
 from ..track.accounting import device_hours
 from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
@@ -96,16 +96,6 @@ class ClusterOptions:
 
 def job_name(spec: JobSpec, params: Params) -> str:
     return f"motus-{spec.stage}-{config_hash(params)[:8]}".lower().replace("_", "-")
-
-
-def resolve_stage(params: Params, stage: str) -> str:
-    """'1' or 'stage1' -> the params.yaml stage key (as `motus train` accepts), without importing the model."""
-    if stage == "latent-action" or stage in params.stages:
-        return stage
-    keys = [k for k, s in params.stages.items() if str(s.stage) == str(stage)]
-    if len(keys) != 1:
-        raise ValueError(f"params.yaml: stages: no single stage '{stage}' (stages: {', '.join(params.stages)})")
-    return keys[0]
 
 
 def params_configmap_name(params: Params) -> str:
@@ -499,7 +489,7 @@ class KubernetesLauncher:
         from ..config import load_params
 
         params = load_params(spec.params_file)
-        full = cluster_spec(spec.with_updates(stage=resolve_stage(params, spec.stage)), params, self.settings)
+        full = cluster_spec(spec.with_updates(stage=stage_key(params, spec.stage)), params, self.settings)
         job = build_pytorchjob(full, params, self.opts)
         return job, params_configmap(Path(spec.params_file), params, self.opts.namespace)
 

@@ -29,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
-    from ..config import get_settings, load_params
-    from ..train.recipe import stage_key
+    from ..config import get_settings, load_params, stage_key
 
     settings = get_settings()
     params = load_params(args.params or settings.params_file)
-    stage = args.stage if args.stage == "latent-action" else stage_key(params, args.stage)
+    stage = stage_key(params, args.stage)
     from ..track.accounting import git_state
 
     tracker = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import stage_key
 from ..data.paths import ProjectPaths
 from ..model.presets import MotusConfig, config_from_params
 
@@ -48,18 +49,6 @@ class StageRecipe:
     def drops_action_io(self) -> bool:
         """Stage 3 reuses the Stage 2 trunk; the action input/output layers change meaning and are re-initialised."""
         return self.action_source == "real"
-
-
-def stage_key(params: Any, stage: str | int) -> str:
-    """'3', 3 or 'stage3' -> the params.yaml key of that stage."""
-    if str(stage) in params.stages:
-        return str(stage)
-    matches = [k for k, s in params.stages.items() if str(s.stage) == str(stage)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ValueError(f"no stage '{stage}' in params.yaml (stages: {', '.join(params.stages)})")
-    raise ValueError(f"stage {stage} is defined {len(matches)} times ({matches}); name one")
 
 
 def recipe_from_params(params: Any, stage: str | int) -> StageRecipe:

@@ -525,3 +525,13 @@ def test_model_section_builds_the_network_config():
     assert cfg.preset == params.model.preset
     assert cfg.action.action_dim == params.model.action_dim
     assert cfg.flow.shift == params.model.flow.shift
+
+
+def test_one_stage_resolver_for_the_cli_the_launchers_and_the_worker():
+    from motus.config import stage_key
+
+    params = load_params(SHIPPED)
+    assert stage_key(params, 3) == stage_key(params, "3") == stage_key(params, "stage3") == "stage3"
+    assert stage_key(params, "latent-action") == "latent-action"
+    with pytest.raises(ValueError, match="params.yaml: stages: no stage '9'"):
+        stage_key(params, 9)
