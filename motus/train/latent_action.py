@@ -27,9 +27,10 @@ from ..data.loader import split_episodes
 from ..data.tier import Tier
 from ..data.versioning import locked_hash
 from ..model.latent_action import LatentActionVAE, build_latent_action_config
-from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .distributed import JobContext, accounting, init_distributed, mean_across_ranks
-from .precision import autocast, check_resume
+from .engine import deepspeed_config, resume_latest
+from .precision import autocast
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
 from .tracking import NullTracker, Tracker
@@ -256,26 +257,15 @@ class LatentActionJob:
         self.tiers = lam_tiers(self.params)
         self.train_pairs = FlowPairs(self.params, self.tiers, "train", cfg.latent_dim, la.action_target)
         self.held_pairs = FlowPairs(self.params, self.tiers, "heldout", cfg.latent_dim, la.action_target)
-        if la.batch_size % self.ctx.world:
-            raise ValueError(f"latent_action.batch_size={la.batch_size} must be divisible by {self.ctx.world} processes")
         opt = torch.optim.AdamW(self.model.parameters(), lr=la.lr, betas=(0.9, 0.95), weight_decay=la.weight_decay)
         warm = la.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        # no DeepSpeed "bf16" section: bf16 is autocast over fp32 master weights (see motus/train/precision.py)
-        ds = {"train_batch_size": la.batch_size, "train_micro_batch_size_per_gpu": la.batch_size // self.ctx.world,
-              "gradient_accumulation_steps": 1, "gradient_clipping": la.grad_clip,
-              "zero_optimization": {"stage": la.zero_stage}, "steps_per_print": 10**9}
+        ds = deepspeed_config("latent_action", batch_size=la.batch_size, world=self.ctx.world,
+                              grad_clip=la.grad_clip, zero_stage=la.zero_stage)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
-        self.resumed_from = find_latest_complete(self.run_dir / "checkpoints")
-        self.start_step, self.wall_before = 0, 0.0
-        if self.resumed_from is not None:
-            check_resume(CheckpointManifest.read(self.resumed_from).extra.get("precision"), self.precision,
-                         self.resumed_from)
-            m = load_checkpoint(self.engine, self.resumed_from)
-            if m.config_hash != self.config_hash:
-                raise ValueError(f"{self.resumed_from} was written with another config; use a new --run-dir")
-            self.start_step, self.wall_before = m.step, m.wall_seconds
+        resumed = resume_latest(self.engine, self.run_dir, precision=self.precision, config_hash=self.config_hash)
+        self.resumed_from, self.start_step, self.wall_before = resumed.checkpoint, resumed.step, resumed.wall_seconds
 
     def run(self) -> dict[str, Any]:
         self.build()

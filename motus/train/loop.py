@@ -28,11 +28,12 @@ from ..data.versioning import locked_hash
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
-from .checkpoint import CheckpointManifest, find_latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import find_latest_complete, save_checkpoint
 from .distributed import PEAK_FLOPS, JobContext, accounting, init_distributed, job_hours, mean_across_ranks
+from .engine import deepspeed_config, resume_latest
 from .inputs import window_inputs
 from .parent import load_parent
-from .precision import autocast, check_resume
+from .precision import autocast
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
 from .recipe import StageRecipe, check_ready, lr_lambda, model_config_for, recipe_from_params
@@ -127,28 +128,10 @@ class StageJob:
         return opt, sched
 
     def ds_config(self) -> dict[str, Any]:
-        if self.s.batch_size % self.ctx.world:
-            raise ValueError(f"stages.{self.recipe.name}.batch_size={self.s.batch_size} must be divisible by the "
-                             f"{self.ctx.world} processes")
-        micro = self.s.batch_size // self.ctx.world
-        cfg: dict[str, Any] = {
-            "train_batch_size": self.s.batch_size,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.s.grad_clip,  # clipping lives in the engine, where DeepSpeed applies it
-            "zero_optimization": {"stage": self.s.zero_stage},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        if self.s.offload_optimizer:
-            # the optimizer partition and its step run on the host; torch's AdamW does that step (DeepSpeed's
-            # CPUAdam would need a compiled op), which DeepSpeed allows only with this flag
-            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": self.ctx.device.type == "cuda"}
-            cfg["zero_force_ds_cpu_optimizer"] = False
-        # No DeepSpeed "bf16" section, whatever the precision: it would cast the module to bf16. bf16 here is
-        # autocast over fp32 master weights (motus/train/precision.py), so the engine, its gradients and the
-        # optimizer states stay fp32 and a checkpoint restores on either precision's code path.
-        return cfg
+        return deepspeed_config(f"stages.{self.recipe.name}", batch_size=self.s.batch_size, world=self.ctx.world,
+                                grad_clip=self.s.grad_clip, zero_stage=self.s.zero_stage,
+                                offload_optimizer=self.s.offload_optimizer,
+                                pin_memory=self.ctx.device.type == "cuda")
 
     def initialize(self) -> None:
         import deepspeed
@@ -161,15 +144,8 @@ class StageJob:
         opt, sched = self._optimizer()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config())
-        self.start_step, self.wall_before = 0, 0.0
-        if self.resumed_from is not None:
-            check_resume(CheckpointManifest.read(self.resumed_from).extra.get("precision"), self.precision,
-                         self.resumed_from)
-            m = load_checkpoint(self.engine, self.resumed_from)
-            if m.config_hash != self.config_hash:
-                raise ValueError(f"{self.resumed_from} was written with config {m.config_hash[:12]}, this job's is "
-                                 f"{self.config_hash[:12]}: resume only runs the same config (use a new --run-dir)")
-            self.start_step, self.wall_before = m.step, m.wall_seconds
+        resumed = resume_latest(self.engine, self.run_dir, precision=self.precision, config_hash=self.config_hash)
+        self.resumed_from, self.start_step, self.wall_before = resumed.checkpoint, resumed.step, resumed.wall_seconds
 
     # -- one batch ----------------------------------------------------------------------------------------
     def _batch(self, step: int) -> dict[str, Any]:
