@@ -16,7 +16,7 @@ from motus.data.tier import Tier
 from motus.train.latent_action import linear_probe_r2, r2_score
 
 from ..support.project import shipped_params, write_project
-from .test_train import MOTUS, env_for, losses, project  # noqa: F401 - the shared project fixture
+from .test_train import MOTUS, env_for, losses
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def run(proj, *args):
     return r
 
 
-def test_flow_train_export_then_stage2(project):  # noqa: F811 - the fixture imported above
+def test_flow_train_export_then_stage2(project):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["latent_action"].update(steps=12, batch_size=16, checkpoint_every=6, validate_every=12)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -69,7 +69,7 @@ def lam_losses(run_dir) -> dict[int, float]:
     return out
 
 
-def test_latent_action_job_killed_then_resumed_matches_and_refuses_another_precision(project):  # noqa: F811
+def test_latent_action_job_killed_then_resumed_matches_and_refuses_another_precision(project):
     """Runs after the test above (same module project: flow features and the uninterrupted bf16 run exist)."""
     straight = lam_losses(project / "runs" / "lam")
     run_dir = project / "runs" / "lam-killed"
