@@ -75,7 +75,8 @@ def in_process_pipeline(root: Path, steps: int) -> tuple[float, float, float, fl
     os.environ.update(env(root))
     from motus.config import load_params
     from motus.train.checkpoint import load_checkpoint, save_checkpoint
-    from motus.train.loop import StageJob, init_distributed
+    from motus.train.distributed import init_distributed
+    from motus.train.loop import StageJob
 
     ctx = init_distributed()
     j = StageJob(load_params("params.yaml"), "stage3", root / "runs" / "inproc", ctx)
