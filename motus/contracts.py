@@ -88,6 +88,127 @@ class TierRef:
         return self.content_hash[:12]
 
 
+def _read_json(path: Path, what: str) -> Mapping[str, Any]:
+    if not path.is_file():
+        raise ContractError(f"{path}: not found; {what}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ContractError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(d, Mapping):
+        raise ContractError(f"{path}: not a JSON object")
+    return d
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TierManifest:
+    """A built tier's `manifest.json`: what it holds (counts, dims, views, statistics), where (its shards, each
+    with its sha256) and its identity (`content_hash`, over the episode index and the shards). Written by the
+    tier writer (`data/tier.py`); every other room reads these attributes, never the JSON."""
+
+    SCHEMA = 1  # the episode schema the tier's shards are written in
+
+    tier: str
+    level: int
+    content_hash: str
+    episodes: int
+    frames: int
+    shards: tuple[Mapping[str, Any], ...]
+    quarantined: int = 0
+    embodiment: str | None = None
+    embodiments: Mapping[str, int] = field(default_factory=dict)
+    action_dim: int | None = None
+    state_dim: int | None = None
+    fps: float | None = None
+    fps_values: tuple[float, ...] = ()
+    views: Mapping[str, Any] = field(default_factory=dict)  # {view: [height, width]}, in storage order
+    codec: str | None = None
+    action_stats: Mapping[str, Any] | None = None  # None when the tier has no actions
+    state_stats: Mapping[str, Any] | None = None
+    source: Mapping[str, Any] = field(default_factory=dict)
+    description: str | None = None
+    index_sha256: str | None = None
+    schema_version: int = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(shards=[dict(s) for s in self.shards], fps_values=list(self.fps_values),
+                 embodiments=dict(self.embodiments), views=dict(self.views), source=dict(self.source))
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = MANIFEST_FILE) -> TierManifest:
+        if d.get("schema_version") != cls.SCHEMA:
+            raise ContractError(f"{where}: schema_version {d.get('schema_version')} is not {cls.SCHEMA}")
+        for key in ("tier", "level", "content_hash", "episodes", "frames", "shards"):
+            _need(d, key, where)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values.update(shards=tuple(d["shards"]), fps_values=tuple(d.get("fps_values") or ()),
+                      embodiments=d.get("embodiments") or {}, views=d.get("views") or {}, source=d.get("source") or {})
+        return cls(**values)
+
+    @classmethod
+    def read(cls, folder: Path) -> TierManifest:
+        path = Path(folder) / MANIFEST_FILE
+        return cls.from_json(_read_json(path, f"is '{folder}' a built tier? (run `motus data ingest`)"), str(path))
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class FeatureManifest:
+    """A feature store's `manifest.json` (flow images, latent actions of one tier): its arrays' schema
+    ({name: {dtype, shape}}), shards, the `tier_hash` it was computed from (a different hash = stale), `meta`
+    (how it was computed) and its own `content_hash`. Written by `data/features.py`."""
+
+    SCHEMA = 1
+
+    feature: str
+    tier: str
+    tier_hash: str
+    content_hash: str
+    arrays: Mapping[str, Mapping[str, Any]]
+    shards: tuple[Mapping[str, Any], ...]
+    episodes: int = 0
+    compress: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    index_sha256: str | None = None
+    schema_version: int = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(shards=[dict(s) for s in self.shards], arrays={k: dict(v) for k, v in self.arrays.items()},
+                 meta=dict(self.meta))
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = MANIFEST_FILE) -> FeatureManifest:
+        if d.get("schema_version") != cls.SCHEMA:
+            raise ContractError(f"{where}: schema_version {d.get('schema_version')} is not {cls.SCHEMA}")
+        missing = [k for k in ("feature", "tier", "tier_hash", "shards", "arrays", "content_hash") if k not in d]
+        if missing:
+            raise ContractError(f"{where}: missing keys {missing}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values.update(shards=tuple(d["shards"]), meta=d.get("meta") or {})
+        return cls(**values)
+
+    @classmethod
+    def read(cls, folder: Path) -> FeatureManifest:
+        path = Path(folder) / MANIFEST_FILE
+        return cls.from_json(_read_json(path, f"is '{folder}' a built feature store?"), str(path))
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        return (Path(folder) / MANIFEST_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 @dataclass(frozen=True)

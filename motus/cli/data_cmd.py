@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,7 @@ def ingest(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (d
             bar.update(1)
             bar.set_postfix(valid=good, quarantined=bad)
 
+        started = time.perf_counter()
         try:
             m = ingest_tier(name, tier, Path(p.data.root) / name, progress=progress)
         except IngestError as e:
@@ -62,8 +64,8 @@ def ingest(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (d
             failed.append(name)
             continue
         bar.close()
-        typer.echo(f"{name}: {m['episodes']} episodes, {m['frames']} frames, {len(m['shards'])} shard(s), "
-                   f"{m['quarantined']} quarantined, {m['_ingest_seconds']}s -> {Path(p.data.root) / name}")
+        typer.echo(f"{name}: {m.episodes} episodes, {m.frames} frames, {len(m.shards)} shard(s), "
+                   f"{m.quarantined} quarantined, {time.perf_counter() - started:.1f}s -> {Path(p.data.root) / name}")
     if failed:
         raise typer.Exit(1)
 
@@ -113,8 +115,8 @@ def status(params: ParamsOption = None, cloud: bool = typer.Option(False, help="
             row["pushed"] = not any(name in k for k in remote) and "error" not in remote
         try:
             t = Tier(Path(p.data.root) / name)
-            row.update(built=True, episodes=t.manifest["episodes"], frames=t.manifest["frames"],
-                       quarantined=t.manifest["quarantined"], content_hash=t.content_hash[:12])
+            row.update(built=True, episodes=t.manifest.episodes, frames=t.manifest.frames,
+                       quarantined=t.manifest.quarantined, content_hash=t.content_hash[:12])
         except TierError:
             pass
         rows.append(row)
@@ -146,17 +148,17 @@ def show(tier: str, params: ParamsOption = None,
         raise typer.Exit(1) from None
     m = t.manifest
     if as_json:
-        typer.echo(json.dumps(m, indent=2))
+        typer.echo(json.dumps(m.to_json(), indent=2))
         return
-    typer.echo(f"tier {m['tier']} (level {m['level']}, {m['embodiment']}): {m['episodes']} episodes, {m['frames']} frames, "
-               f"{m['quarantined']} quarantined")
-    typer.echo(f"  action_dim {m['action_dim']}, state_dim {m['state_dim']}, fps {m['fps'] or m['fps_values']}, "
-               f"views {m['views']}, codec {m['codec']}")
-    typer.echo(f"  embodiments: {json.dumps(m['embodiments'])}")
-    typer.echo(f"  content hash {m['content_hash']}; {len(m['shards'])} shard(s), "
-               f"{sum(s['bytes'] for s in m['shards']) / 2**20:.1f} MB")
-    if m.get("action_stats"):
-        s = m["action_stats"]
+    typer.echo(f"tier {m.tier} (level {m.level}, {m.embodiment}): {m.episodes} episodes, {m.frames} frames, "
+               f"{m.quarantined} quarantined")
+    typer.echo(f"  action_dim {m.action_dim}, state_dim {m.state_dim}, fps {m.fps or list(m.fps_values)}, "
+               f"views {dict(m.views)}, codec {m.codec}")
+    typer.echo(f"  embodiments: {json.dumps(dict(m.embodiments))}")
+    typer.echo(f"  content hash {m.content_hash}; {len(m.shards)} shard(s), "
+               f"{sum(s['bytes'] for s in m.shards) / 2**20:.1f} MB")
+    if m.action_stats:
+        s = m.action_stats
         typer.echo(f"  actions mean {s['mean'][:4]}... std {s['std'][:4]}...")
     for rec in t.index[:episodes]:
         typer.echo(f"  - {rec['id']}: {rec['frames']} frames, {rec['embodiment']}, {rec['instructions'][:1]}")

@@ -210,22 +210,23 @@ def submit(
     """Validate and submit a stage job as a PyTorchJob (through the kubeflow-training TrainingClient)."""
     from ..launch.kubernetes import ClusterError, dump_yaml
 
-    job, manifest, cm = _render(stage, pool, nodes, gpus_per_node, image, name, namespace, run_dir, init_from,
+    job, pytorchjob, cm = _render(stage, pool, nodes, gpus_per_node, image, name, namespace, run_dir, init_from,
                                 max_steps, elastic_min, elastic_max, checkpoint_remote, backoff_limit, params)
-    _check([cm, manifest], list(crd or []))
+    _check([cm, pytorchjob], list(crd or []))
     if dry_run:
-        sys.stdout.write(dump_yaml([cm, manifest]))
+        sys.stdout.write(dump_yaml([cm, pytorchjob]))
         return
     launcher = _launcher(kubeconfig, context, namespace)
     try:
         launcher.submit(job, cm)
     except ClusterError as e:
         _fail(e)
-    queue = manifest["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")
-    typer.echo(f"submitted PyTorchJob {namespace}/{manifest['metadata']['name']}: {nodes} node(s) x "
-               f"{manifest['spec']['nprocPerNode']} process(es) on pool {pool}"
+    meta = pytorchjob["metadata"]
+    queue = meta["labels"].get("kueue.x-k8s.io/queue-name")
+    typer.echo(f"submitted PyTorchJob {namespace}/{meta['name']}: {nodes} node(s) x "
+               f"{pytorchjob['spec']['nprocPerNode']} process(es) on pool {pool}"
                + (f", queue {queue}" if queue else ""))
-    typer.echo(f"follow: motus k8s logs {manifest['metadata']['name']} --follow")
+    typer.echo(f"follow: motus k8s logs {meta['name']} --follow")
 
 
 @k8s_app.command()

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..contracts import ContractError, FeatureManifest
 from .episode import EPISODE_ID
 from .tier import (
     DEFAULT_SHARD_BYTES,
@@ -40,7 +41,7 @@ from .tier import (
     write_jsonl,
 )
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = FeatureManifest.SCHEMA
 NAME = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")  # feature, tier and array names: dot-free and path-safe
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -145,14 +146,14 @@ class FeatureWriter:
         self._ids.add(episode_id)
         self.index.append({"id": episode_id, "shard": self._shard_idx, "arrays": shapes})
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> FeatureManifest:
         self._finish_shard()
         if not self.index:
             self.abort()
             raise FeatureError(f"{self.out}: feature '{self.feature}' of tier '{self.tier_name}' has no episodes")
         manifest = self._manifest()
         write_jsonl(self.tmp / INDEX, self.index)
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
         swap_into_place(self.tmp, self.out)
         return manifest
 
@@ -169,25 +170,16 @@ class FeatureWriter:
         if exc_type is not None:
             self.abort()
 
-    def _manifest(self) -> dict[str, Any]:
+    def _manifest(self) -> FeatureManifest:
         index_hash = hashlib.sha256("".join(json.dumps(r, sort_keys=True) for r in self.index).encode()).hexdigest()
         header = json.dumps({"feature": self.feature, "tier_hash": self.tier_hash, "meta": self.meta,
                              "arrays": self.arrays, "compress": self.compress}, sort_keys=True)
         content = hashlib.sha256(
             (header + index_hash + "".join(s["sha256"] for s in self.shards)).encode()).hexdigest()
-        return {
-            "schema_version": FEATURE_SCHEMA_VERSION,
-            "feature": self.feature,
-            "tier": self.tier_name,
-            "tier_hash": self.tier_hash,
-            "episodes": len(self.index),
-            "arrays": self.arrays,
-            "compress": self.compress,
-            "shards": self.shards,
-            "meta": self.meta,
-            "index_sha256": index_hash,
-            "content_hash": content,
-        }
+        return FeatureManifest(feature=self.feature, tier=self.tier_name, tier_hash=self.tier_hash,
+                               episodes=len(self.index), arrays=self.arrays, compress=self.compress,
+                               shards=tuple(self.shards), meta=self.meta, index_sha256=index_hash,
+                               content_hash=content)
 
 
 class Feature:
@@ -195,19 +187,10 @@ class Feature:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mpath = self.path / MANIFEST
-        if not mpath.exists():
-            raise FeatureError(f"{mpath}: not found; is '{self.path}' a built feature store?")
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise FeatureError(f"{mpath}: invalid JSON ({e})") from None
-        if self.manifest.get("schema_version") != FEATURE_SCHEMA_VERSION:
-            raise FeatureError(f"{mpath}: schema_version {self.manifest.get('schema_version')} "
-                               f"is not {FEATURE_SCHEMA_VERSION}")
-        missing = [k for k in ("feature", "tier", "tier_hash", "shards", "arrays") if k not in self.manifest]
-        if missing:
-            raise FeatureError(f"{mpath}: missing keys {missing}")
+            self.manifest = FeatureManifest.read(self.path)
+        except ContractError as e:
+            raise FeatureError(str(e)) from None
         ipath = self.path / INDEX
         if not ipath.exists():
             raise FeatureError(f"{ipath}: not found")
@@ -217,31 +200,31 @@ class Feature:
             raise FeatureError(f"{ipath}: invalid JSON ({e})") from None
         self._by_id = {r["id"]: r for r in self.index}
         self._members: dict[int, dict[str, tarfile.TarInfo]] = {}
-        self._ext = "npz" if self.manifest.get("compress") else "npy"
+        self._ext = "npz" if self.manifest.compress else "npy"
 
     @property
     def name(self) -> str:
-        return self.manifest["feature"]
+        return self.manifest.feature
 
     @property
     def tier(self) -> str:
-        return self.manifest["tier"]
+        return self.manifest.tier
 
     @property
     def tier_hash(self) -> str:
-        return self.manifest["tier_hash"]
+        return self.manifest.tier_hash
 
     @property
     def content_hash(self) -> str:
-        return self.manifest["content_hash"]
+        return self.manifest.content_hash
 
     @property
     def meta(self) -> dict[str, Any]:
-        return self.manifest.get("meta", {})
+        return dict(self.manifest.meta)
 
     @property
     def array_names(self) -> list[str]:
-        return sorted(self.manifest["arrays"])
+        return sorted(self.manifest.arrays)
 
     @property
     def episode_ids(self) -> list[str]:
@@ -254,7 +237,7 @@ class Feature:
         return episode_id in self._by_id
 
     def _shard_file(self, shard: int) -> Path:
-        return self.path / self.manifest["shards"][shard]["name"]
+        return self.path / self.manifest.shards[shard]["name"]
 
     def _shard_members(self, shard: int) -> dict[str, tarfile.TarInfo]:
         if shard not in self._members:
@@ -283,7 +266,7 @@ class Feature:
         rec = self._by_id.get(episode_id)
         if rec is None:
             raise KeyError(f"feature '{self.name}' of tier '{self.tier}' has no episode '{episode_id}'")
-        if name not in self.manifest["arrays"]:
+        if name not in self.manifest.arrays:
             raise KeyError(f"feature '{self.name}' has no array '{name}' (has {self.array_names})")
         member = f"{episode_id}.{name}.{self._ext}"
         data = self._read(rec["shard"], member)
@@ -302,7 +285,7 @@ class Feature:
     def verify(self) -> list[str]:
         """Shards whose bytes no longer match the manifest (empty = intact)."""
         bad = []
-        for s in self.manifest["shards"]:
+        for s in self.manifest.shards:
             p = self.path / s["name"]
             if not p.exists():
                 bad.append(f"{p}: missing")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..contracts import TierManifest
 from .episode import Episode
 from .sources import SourceError, SourceUnreadable
 from .tier import TierSpec, TierWriter
@@ -105,7 +103,7 @@ def _episode_problems(ep: Episode, tier: Any, options: dict[str, Any]) -> list[s
 
 
 def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
-                ) -> dict[str, Any]:
+                ) -> TierManifest:
     """Build one tier from its `params.yaml` section (a `motus.config.Tier`). Returns the manifest."""
     options = dict(tier.source.options)
     writer = TierWriter(out_dir, TierSpec(
@@ -113,7 +111,6 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
         codec=options.get("codec", "mp4"), pad_state=bool(options.get("pad_actions", False)), shard_bytes=int(float(options.get("shard_mb", 256)) * 2**20),
         source={"kind": tier.source.kind, "options": tier.source.options}, description=tier.description))
     good = bad = 0
-    started = time.perf_counter()
     try:
         try:
             stream = open_source(tier.source.kind, options)
@@ -152,10 +149,5 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
     except BaseException:
         writer.abort()
         raise
-    manifest["_ingest_seconds"] = round(time.perf_counter() - started, 3)
     return manifest
 
-
-def action_stats_arrays(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    s = manifest.get("action_stats")
-    return None if not s else (np.asarray(s["mean"], np.float32), np.asarray(s["std"], np.float32))

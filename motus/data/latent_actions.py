@@ -72,7 +72,7 @@ def export_latent_actions(params: Any, lam_export: Path, tier_name: str, batch: 
     lam_hash = folder_hash(lam_export)
     writer = FeatureWriter(feature_dir(features_root(params), LATENT, tier_name), LATENT, tier_name, tier.content_hash,
                            meta={"latent_action_model": str(lam_export), "latent_action_model_hash": lam_hash,
-                                 "flow_feature_hash": flows.manifest["content_hash"]})
+                                 "flow_feature_hash": flows.content_hash})
     for rec in tier.index:
         imgs = flows.get(rec["id"], FLOW)
         parts = []
@@ -90,7 +90,7 @@ class LatentActionSource:
 
     def __init__(self, params: Any, tier_name: str):
         self.feature = Feature(feature_dir(features_root(params), LATENT, tier_name))
-        arrays = self.feature.manifest.get("arrays", {})
+        arrays = self.feature.manifest.arrays
         shape = arrays.get(LATENT, {}).get("shape") or arrays.get(LATENT, {}).get("trailing_shape")
         self.dim = int(shape[-1]) if shape else int(self.feature.get(self.feature.episode_ids[0], LATENT).shape[1])
 

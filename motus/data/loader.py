@@ -240,7 +240,7 @@ class TierWindows(Dataset):
         self.tier, self.spec, self.split = tier, spec, split
         self.heldout_fraction, self.stride, self.cache_size = float(heldout_fraction), stride, cache_size
         m = tier.manifest
-        views = list(m.get("views") or {})
+        views = list(m.views)
         if not views:
             raise ValueError(f"tier '{tier.name}': the manifest lists no camera views")
         self.view = spec.view if spec.view is not None else views[0]
@@ -250,16 +250,16 @@ class TierWindows(Dataset):
         # Stage 2: actions come from the latent-action feature ([T-1, d] per episode, already in normalised
         # units) instead of the tier, so unlabelled video trains the action expert too
         self.latent_actions = latent_actions
-        self.tier_action_dim: int | None = (latent_actions.dim if latent_actions is not None else m.get("action_dim"))
+        self.tier_action_dim: int | None = (latent_actions.dim if latent_actions is not None else m.action_dim)
         self.labelled = self.tier_action_dim is not None
         if self.labelled and spec.action_dim is not None and self.tier_action_dim > spec.action_dim:
             raise ValueError(f"tier '{tier.name}' has {self.tier_action_dim}-d actions, wider than "
                              f"WindowSpec.action_dim={spec.action_dim}")
         method = spec.normalization
-        self._action_stats = (_stats_used(m.get("action_stats"), method, "action", tier.name)
+        self._action_stats = (_stats_used(m.action_stats, method, "action", tier.name)
                               if self.labelled and latent_actions is None else None)
-        self._state_stats = (_stats_used(m.get("state_stats"), method, "state", tier.name)
-                             if m.get("state_stats") is not None else None)
+        self._state_stats = (_stats_used(m.state_stats, method, "state", tier.name)
+                             if m.state_stats is not None else None)
 
         ids = [r["id"] for r in tier.index]
         self.train_ids, self.heldout_ids = split_episodes(tier.name, ids, self.heldout_fraction)

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .episode import SCHEMA_VERSION, Episode
+from ..contracts import MANIFEST_FILE, ContractError, TierManifest
+from .episode import Episode
 from .video import decode_frames, encode_frames
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 INDEX = "episodes.jsonl"
 QUARANTINE = "quarantine.jsonl"
 SHARD_DIR = "shards"
@@ -255,7 +256,7 @@ class TierWriter:
     def add_quarantined(self, record: dict[str, Any]) -> None:
         self.quarantine.append(record)
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> TierManifest:
         self._finish_shard()
         if not self.index:
             self.abort()
@@ -263,7 +264,7 @@ class TierWriter:
         manifest = self._manifest()
         write_jsonl(self.tmp / INDEX, self.index)
         write_jsonl(self.tmp / QUARANTINE, self.quarantine)
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
         swap_into_place(self.tmp, self.out)
         return manifest
 
@@ -273,34 +274,33 @@ class TierWriter:
             self._tar = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _manifest(self) -> dict[str, Any]:
+    def _manifest(self) -> TierManifest:
         index_hash = hashlib.sha256("".join(json.dumps(r, sort_keys=True) for r in self.index).encode()).hexdigest()
         content = hashlib.sha256(
             (index_hash + "".join(s["sha256"] for s in self.shards)).encode()).hexdigest()
         embodiments = sorted(self.embodiments)
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "tier": self.spec.name,
-            "level": self.spec.level,
-            "embodiment": embodiments[0] if len(embodiments) == 1 else self.spec.embodiment,
-            "embodiments": self.embodiments,
-            "action_dim": self.spec.action_dim,
-            "state_dim": self.state_dim,
-            "fps": sorted(self.fps_values)[0] if len(self.fps_values) == 1 else None,
-            "fps_values": sorted(self.fps_values),
-            "episodes": len(self.index),
-            "frames": self.frames,
-            "quarantined": len(self.quarantine),
-            "views": self.views,
-            "codec": self.spec.codec,
-            "shards": self.shards,
-            "action_stats": self.action_stats.to_dict(),
-            "state_stats": self.state_stats.to_dict(),
-            "source": self.spec.source or {},
-            "description": self.spec.description,
-            "index_sha256": index_hash,
-            "content_hash": content,
-        }
+        return TierManifest(
+            tier=self.spec.name,
+            level=self.spec.level,
+            embodiment=embodiments[0] if len(embodiments) == 1 else self.spec.embodiment,
+            embodiments=self.embodiments,
+            action_dim=self.spec.action_dim,
+            state_dim=self.state_dim,
+            fps=sorted(self.fps_values)[0] if len(self.fps_values) == 1 else None,
+            fps_values=tuple(sorted(self.fps_values)),
+            episodes=len(self.index),
+            frames=self.frames,
+            quarantined=len(self.quarantine),
+            views=self.views,
+            codec=self.spec.codec,
+            shards=tuple(self.shards),
+            action_stats=self.action_stats.to_dict(),
+            state_stats=self.state_stats.to_dict(),
+            source=self.spec.source or {},
+            description=self.spec.description,
+            index_sha256=index_hash,
+            content_hash=content,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -311,40 +311,35 @@ class Tier:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        mpath = self.path / MANIFEST
-        if not mpath.exists():
-            raise TierError(f"{mpath}: not found; is '{self.path}' a built tier? (run `motus data ingest`)")
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise TierError(f"{mpath}: invalid JSON ({e})") from None
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise TierError(f"{mpath}: schema_version {self.manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+            self.manifest = TierManifest.read(self.path)
+        except ContractError as e:
+            raise TierError(str(e)) from None
         self.index = [json.loads(line) for line in (self.path / INDEX).read_text().splitlines() if line]
         self._by_id = {r["id"]: r for r in self.index}
         self._members: dict[int, dict[str, tarfile.TarInfo]] = {}
 
     @property
     def name(self) -> str:
-        return self.manifest["tier"]
+        return self.manifest.tier
 
     @property
     def content_hash(self) -> str:
-        return self.manifest["content_hash"]
+        return self.manifest.content_hash
 
     def __len__(self) -> int:
         return len(self.index)
 
     def _shard_members(self, shard: int) -> dict[str, tarfile.TarInfo]:
         if shard not in self._members:
-            p = self.path / self.manifest["shards"][shard]["name"]
+            p = self.path / self.manifest.shards[shard]["name"]
             with tarfile.open(p) as tar:
                 self._members[shard] = {m.name: m for m in tar.getmembers()}
         return self._members[shard]
 
     def _read(self, shard: int, name: str) -> bytes:
         info = self._shard_members(shard)[name]
-        with open(self.path / self.manifest["shards"][shard]["name"], "rb") as f:
+        with open(self.path / self.manifest.shards[shard]["name"], "rb") as f:
             f.seek(info.offset_data)
             return f.read(info.size)
 
@@ -388,7 +383,7 @@ class Tier:
     def verify(self) -> list[str]:
         """Shards whose bytes no longer match the manifest (empty = intact)."""
         bad = []
-        for s in self.manifest["shards"]:
+        for s in self.manifest.shards:
             p = self.path / s["name"]
             if not p.exists():
                 bad.append(f"{p}: missing")

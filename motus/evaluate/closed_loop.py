@@ -354,8 +354,7 @@ def success_rates(results: Sequence[RolloutResult]) -> dict[tuple[str, str], flo
 def task_setups(params: Any, exported_or_lineage: Any, tasks: Sequence[str]) -> dict[str, TaskSetup]:
     """For each task, the tier of the model's lineage that holds its demonstrations (matched by the tier's
     source: `sim: aloha, task: <task>`), its camera view and stored frame size."""
-    import json
-
+    from ..contracts import TierManifest
     from ..sim.aloha import INSTRUCTIONS, TASKS
 
     lineage = getattr(exported_or_lineage, "lineage", exported_or_lineage)
@@ -363,14 +362,14 @@ def task_setups(params: Any, exported_or_lineage: Any, tasks: Sequence[str]) -> 
     found: dict[str, TaskSetup] = {}
     tiers = sorted(t.name for t in lineage.tiers)
     for tier in tiers:
-        manifest_path = root / tier / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        source = manifest.get("source") or (params.tiers[tier].source.model_dump() if tier in params.tiers else {})
+        manifest = TierManifest.read(root / tier) if TierManifest.exists(root / tier) else None
+        source = (manifest.source if manifest is not None and manifest.source else
+                  params.tiers[tier].source.model_dump() if tier in params.tiers else {})
         opts = source.get("options") or {}
         task = opts.get("task")
         if opts.get("sim") != "aloha" or task not in TASKS or task in found:
             continue
-        views = manifest.get("views") or {}
+        views = dict(manifest.views) if manifest is not None else {}
         view = params.data.window.view or (next(iter(views)) if views else (opts.get("cameras") or ["top"])[0])
         size = views.get(view) or opts.get("image_size") or [64, 64]
         found[task] = TaskSetup(task, tier, view, (int(size[0]), int(size[1])), INSTRUCTIONS[task])

@@ -31,6 +31,7 @@ from typing import Any
 from ..contracts import LINEAGE_FILE
 from ..train.checkpoint import (
     MANIFEST,
+    CheckpointManifest,
     find_latest_complete,
     list_step_dirs,
     step_dir_name,
@@ -77,10 +78,13 @@ def remote_complete_steps(s3: Any, remote: str) -> list[int]:
         name, _, rest = rel.partition("/")
         if rest != MANIFEST or not name.startswith("step-"):
             continue
-        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        files = manifest.get("files") or {}
-        if all(sizes.get(_key(root, name, f)) == meta.get("bytes") for f, meta in files.items()):
-            steps.append(int(manifest["step"]))
+        try:
+            manifest = CheckpointManifest.from_dict(json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+        except (ValueError, TypeError) as e:  # a damaged mirror entry is not a complete step; say which one
+            log.warning("s3://%s/%s: unreadable checkpoint manifest, step skipped (%s)", bucket, key, e)
+            continue
+        if all(sizes.get(_key(root, name, f)) == meta.get("bytes") for f, meta in manifest.files.items()):
+            steps.append(manifest.step)
     return sorted(steps)
 
 

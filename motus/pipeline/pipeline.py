@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import get_settings, load_params, resolved_dict
-from ..contracts import LineageRecord, device_hours
+from ..contracts import MANIFEST_FILE, LineageRecord, device_hours
 from ..data.paths import ProjectPaths
 from .keys import StepInputs, code_files, explain, flatten
 from .ledger import Ledger
@@ -261,7 +261,7 @@ class Pipeline:
 
     @staticmethod
     def _hash_of(cls, path: Path) -> str | None:
-        if not (path / "manifest.json").exists():
+        if not (path / MANIFEST_FILE).is_file():
             return None
         return cls(path).content_hash
 
@@ -434,7 +434,7 @@ class Pipeline:
         self._dvc(f"ingest@{step.target}")
         tier = Tier(self.data_root / step.target)
         return {"content_hash": tier.content_hash, "dvc_hash": locked_hashes(self.root).get(step.target),
-                "level": tier.manifest["level"], "episodes": tier.manifest.get("episodes")}
+                "level": tier.manifest.level, "episodes": tier.manifest.episodes}
 
     def _flow(self, step: Step, key: str) -> dict[str, Any]:
         from ..data.features import Feature

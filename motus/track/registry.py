@@ -49,7 +49,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ..contracts import ContractError, LineageRecord
+from ..contracts import ContractError, FeatureManifest, LineageRecord
 from .evaluations import EVALUATION_RUN_TAG
 from .gates import GateError, Verdict, gate_hash, judge
 from .lineage import export_hash, locate, read_export_lineage
@@ -428,7 +428,7 @@ class Registry:
                 src = json.loads(d.dataset.source)
                 where = src.get("uri") or src.get("path") or ""
                 folder = Path(where.removeprefix("file://"))
-                meta = json.loads((folder / "manifest.json").read_text()).get("meta", {})
+                meta = FeatureManifest.read(folder).meta
                 model_hash = meta.get("latent_action_model_hash")
             profile = {}
             with contextlib.suppress(Exception):

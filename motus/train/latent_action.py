@@ -75,7 +75,7 @@ class FlowPairs:
         for t, tier in self.tiers.items():
             train_ids, held = split_episodes(t, [r["id"] for r in tier.index], params.data.heldout_fraction)
             chosen = set(train_ids if split == "train" else held)
-            if tier.manifest.get("action_dim"):
+            if tier.manifest.action_dim:
                 self._fit_groups(t, tier)
             for rec in tier.index:
                 if rec["id"] not in chosen or rec["frames"] < 2:
@@ -103,7 +103,7 @@ class FlowPairs:
         """Statistics per (tier, embodiment) over the whole tier (both splits: a unit, not a label)."""
         by: dict[str, list[tuple[str, np.ndarray, np.ndarray | None, int]]] = {}
         for rec in tier.index:
-            native = rec.get("native_action_dim") or tier.manifest.get("action_dim")
+            native = rec.get("native_action_dim") or tier.manifest.action_dim
             if not native or native > self.latent_dim or rec["frames"] < 2:
                 continue
             actions, state = tier.read_arrays(rec["id"])
@@ -279,7 +279,7 @@ class LatentActionJob:
                 tr.log_params({"latent_action": la.model_dump(mode="json"), "tiers": self.tiers})
                 for t in self.tiers:
                     f = self.train_pairs.flows[t]
-                    tr.log_dataset(f"flow/{t}", f.manifest["content_hash"], str(f.path.resolve()))
+                    tr.log_dataset(f"flow/{t}", f.content_hash, str(f.path.resolve()))
         micro = la.batch_size // ctx.world
         end = min(la.steps, self.max_steps or la.steps)
         t_start = time.perf_counter()
@@ -342,12 +342,12 @@ class LatentActionJob:
     def export(self, checkpoint: Path | None, hours: float) -> Path:
         out = self.run_dir / "export"
         self.engine.module.save_pretrained(out)
-        tiers = tuple(TierRef(name=t, level=tier.manifest["level"], content_hash=tier.content_hash,
+        tiers = tuple(TierRef(name=t, level=tier.manifest.level, content_hash=tier.content_hash,
                               dvc_hash=locked_hash(tier.path)) for t, tier in sorted(self.train_pairs.tiers.items()))
         record = LineageRecord(
             job=LATENT_ACTION_JOB, registered_model=self.la.registered_model, config_hash=self.config_hash,
             tiers=tiers, run_id=self.tracker.run_id, checkpoint=str(checkpoint) if checkpoint else None,
-            features={f"flow/{t}": self.train_pairs.flows[t].manifest["content_hash"] for t in self.tiers},
+            features={f"flow/{t}": self.train_pairs.flows[t].content_hash for t in self.tiers},
             device_hours=hours, precision=self.precision, device_type=self.ctx.device_type,
             code_commit=self.code.get("commit"), code_dirty=self.code.get("dirty"))
         self.tracker.log_artifact(record.write(out), "export")

@@ -240,17 +240,17 @@ class StageJob:
             for ref in self._tier_refs():
                 tier = self.tiers[ref.name]
                 tr.log_dataset(ref.name, ref.content_hash, str((self.data_root / ref.name).resolve()),
-                               extra={"level": ref.level, "episodes": tier.manifest["episodes"],
+                               extra={"level": ref.level, "episodes": tier.manifest.episodes,
                                       "weight": ref.weight, "dvc_hash": ref.dvc_hash})
             for name, src in self.latent_sources.items():
-                tr.log_dataset(f"latent_actions/{name}", src.feature.manifest["content_hash"],
-                               str(src.feature.path.resolve()), extra=src.feature.manifest.get("meta", {}))
+                tr.log_dataset(f"latent_actions/{name}", src.feature.content_hash,
+                               str(src.feature.path.resolve()), extra=src.feature.meta)
         else:
             tr.set_tags({"resumed_from": str(self.resumed_from)})
 
     def _tier_refs(self) -> tuple[TierRef, ...]:
         """The tiers this job reads, by content hash (and DVC hash where the tier is versioned)."""
-        return tuple(TierRef(name=n, level=t.manifest["level"], content_hash=t.content_hash,
+        return tuple(TierRef(name=n, level=t.manifest.level, content_hash=t.content_hash,
                              dvc_hash=locked_hash(t.path), weight=self.recipe.tiers[n])
                      for n, t in sorted(self.tiers.items()))
 
@@ -385,7 +385,7 @@ class StageJob:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self.text.state_dict().items()}, str(out / "text.safetensors"))
-        features = {f"latent_actions/{n}": src.feature.manifest["content_hash"]
+        features = {f"latent_actions/{n}": src.feature.content_hash
                     for n, src in self.latent_sources.items()}
         record = LineageRecord(
             job=STAGE_JOB, registered_model=self.s.registered_model, config_hash=self.config_hash,

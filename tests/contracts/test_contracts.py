@@ -12,8 +12,10 @@ from motus.contracts import (
     LINEAGE_FILE,
     STAGE_JOB,
     ContractError,
+    FeatureManifest,
     LineageRecord,
     ModelRef,
+    TierManifest,
     TierRef,
 )
 from motus.track.tags import lineage_tags, tier_hash_keys, tiers_from_tags
@@ -100,3 +102,26 @@ def test_tag_codec_says_one_hash_per_tier_and_reads_old_tags():
                "motus.tier.t2.level": "", "motus.tier.t2.digest": B, "motus.tier.t2.content_hash": B}
     assert tiers_from_tags(schema0) == [TierRef("t1", 6, A, D), TierRef("t2", None, B, None)]
     assert tier_hash_keys("t1") == ("motus.tier.t1.content_hash", "motus.tier.t1.dvc_hash", "motus.tier.t1.digest")
+
+
+def test_tier_and_feature_manifests_round_trip_and_name_what_is_wrong(tmp_path):
+    shards = ({"name": "shards/shard-000000.tar", "sha256": A, "bytes": 10, "episodes": 2},)
+    tier = TierManifest(tier="t1", level=6, content_hash=A, episodes=2, frames=40, shards=shards,
+                        embodiments={"aloha": 2}, fps=50.0, fps_values=(50.0,), views={"top": [64, 64]},
+                        action_dim=14, action_stats={"mean": [0.0] * 14}, state_stats=None)
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "manifest.json").write_text(json.dumps(tier.to_json()))
+    assert TierManifest.exists(tmp_path / "t1") and TierManifest.read(tmp_path / "t1") == tier
+    assert tier.to_json()["state_stats"] is None  # a tier without state says so, it does not invent {}
+    feat = FeatureManifest(feature="flow", tier="t1", tier_hash=A, content_hash=B, shards=shards, episodes=2,
+                           arrays={"flow": {"dtype": "|u1", "shape": [16, 16, 3]}}, meta={"stride": 3})
+    assert FeatureManifest.from_json(json.loads(json.dumps(feat.to_json()))) == feat
+    with pytest.raises(ContractError, match=r"t2/manifest.json: not found; is .* a built tier"):
+        TierManifest.read(tmp_path / "t2")
+    broken = {k: v for k, v in tier.to_json().items() if k != "content_hash"}
+    with pytest.raises(ContractError, match="manifest.json: missing 'content_hash'"):
+        TierManifest.from_json(broken)
+    with pytest.raises(ContractError, match="schema_version 7 is not 1"):
+        FeatureManifest.from_json({**feat.to_json(), "schema_version": 7})
+    with pytest.raises(ContractError, match=r"missing keys \['tier_hash'\]"):
+        FeatureManifest.from_json({k: v for k, v in feat.to_json().items() if k != "tier_hash"})

@@ -96,6 +96,16 @@ def test_lineage_records_are_read_only_by_their_owner():
     assert strays == [], "\n".join(strays)
 
 
+def test_manifests_are_read_as_types():
+    """Tier, feature and checkpoint manifests are parsed by the types that own them (contracts.py,
+    train/checkpoint.py); everything else reads attributes, never `manifest["key"]` of a raw dict."""
+    hits = subprocess.run(["grep", "-rnE", r"manifest(\[|\.get\()", str(MOTUS)], capture_output=True,
+                          text=True).stdout
+    owners = {MOTUS / "contracts.py", MOTUS / "train" / "checkpoint.py"}
+    strays = [line for line in hits.splitlines() if Path(line.split(":", 1)[0]) not in owners]
+    assert strays == [], "\n".join(strays)
+
+
 def test_diffusers_is_pinned_to_the_tested_minor_range():
     """video_expert.py drives Wan internals; an unbounded range would let an upgrade change them silently."""
     text = (REPO / "pyproject.toml").read_text()

@@ -137,17 +137,17 @@ def test_mean_std_normalisation_uses_manifest_and_round_trips(tiers):
     raw = TierWindows(tier, SPEC, split="all")
     spec = WindowSpec(chunk=8, video_action_ratio=4, downsample=2, image_size=(HW, HW), normalization="mean_std")
     ds = TierWindows(tier, spec, split="all")
-    stats = tier.manifest["action_stats"]
+    stats = tier.manifest.action_stats
     norm = ds.normalization
     assert norm["method"] == "mean_std" and norm["actions"] == {"mean": stats["mean"], "std": stats["std"]}
-    assert norm["state"]["mean"] == tier.manifest["state_stats"]["mean"]
+    assert norm["state"]["mean"] == tier.manifest.state_stats["mean"]
     for idx in (0, 37, len(ds) - 1):
         a, r = ds[idx]["actions"], raw[idx]["actions"]
         expect = (r - torch.tensor(stats["mean"])) / torch.tensor(stats["std"])
         torch.testing.assert_close(a, expect)
         torch.testing.assert_close(ds.denormalize_actions(a), r, atol=1e-3, rtol=1e-5)
         np.testing.assert_allclose(denormalize_actions(a.numpy(), norm), r.numpy(), atol=1e-3, rtol=1e-5)
-        st = tier.manifest["state_stats"]
+        st = tier.manifest.state_stats
         torch.testing.assert_close(ds[idx]["state"], (raw[idx]["state"] - torch.tensor(st["mean"]))
                                    / torch.tensor(st["std"]))
 
@@ -157,7 +157,7 @@ def test_min_max_stays_in_range_and_round_trips_inside(tiers):
     spec = WindowSpec(chunk=8, video_action_ratio=4, downsample=2, image_size=(HW, HW), normalization="min_max",
                       action_dim=D + 1)
     ds, raw = TierWindows(tier, spec, split="all"), TierWindows(tier, SPEC, split="all")
-    q01, q99 = (np.array(tier.manifest["action_stats"][k]) for k in ("q01", "q99"))
+    q01, q99 = (np.array(tier.manifest.action_stats[k]) for k in ("q01", "q99"))
     assert ds.normalization["actions"] == {"q01": list(q01), "q99": list(q99)}
     for idx in range(0, len(ds), 7):
         a = ds[idx]["actions"]

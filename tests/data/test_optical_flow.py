@@ -173,8 +173,8 @@ def test_feature_round_trip_multiple_shards(tmp_path, compress):
     eps = _episodes()
     out, manifest = _write(tmp_path / "a", eps, shard_bytes=2000, compress=compress, meta={"max_magnitude": 4.0})
     assert out == tmp_path / "a" / "flow" / "sim"
-    assert len(manifest["shards"]) > 1 and manifest["episodes"] == 5
-    assert manifest["arrays"] == {"flow": {"dtype": "|u1", "shape": [16, 16, 3]},
+    assert len(manifest.shards) > 1 and manifest.episodes == 5
+    assert manifest.arrays == {"flow": {"dtype": "|u1", "shape": [16, 16, 3]},
                                   "latent_actions": {"dtype": "<f4", "shape": [14]}}
     f = Feature(out)
     assert f.episode_ids == list(eps) and f.tier_hash == "abc123" and f.meta == {"max_magnitude": 4.0}
@@ -195,12 +195,12 @@ def test_feature_deterministic_and_verify(tmp_path):
     eps = _episodes()
     _, m1 = _write(tmp_path / "a", eps, shard_bytes=3000, compress=True)
     out, m2 = _write(tmp_path / "b", eps, shard_bytes=3000, compress=True)
-    assert m1["content_hash"] == m2["content_hash"]
-    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    assert m1.content_hash == m2.content_hash
+    assert [s["sha256"] for s in m1.shards] == [s["sha256"] for s in m2.shards]
     _, m3 = _write(tmp_path / "c", eps, shard_bytes=3000, compress=True, meta={"max_magnitude": 2.0})
-    assert m3["content_hash"] != m1["content_hash"]
+    assert m3.content_hash != m1.content_hash
 
-    shard = out / m2["shards"][1]["name"]
+    shard = out / m2.shards[1]["name"]
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))

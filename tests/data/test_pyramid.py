@@ -42,21 +42,21 @@ def pyramid(tmp_path_factory):
 @pytest.mark.slow
 def test_every_level_is_built_from_simulator_episodes(pyramid):
     params, root, built = pyramid
-    assert sorted({m["level"] for m in built.values()}) == [2, 3, 4, 5, 6]
+    assert sorted({m.level for m in built.values()}) == [2, 3, 4, 5, 6]
     for name, m in built.items():
         cfg = params.tiers[name]
-        assert m["level"] == cfg.level and m["action_dim"] == cfg.action_dim and m["episodes"] >= 1
-        assert m["quarantined"] == 0, Tier(root / name).quarantined()
+        assert m.level == cfg.level and m.action_dim == cfg.action_dim and m.episodes >= 1
+        assert m.quarantined == 0, Tier(root / name).quarantined()
         t = Tier(root / name)
         ep = t.read_episode(t.index[0]["id"])
         assert ep.problems(action_dim=cfg.action_dim) == []
         assert ep.frames[next(iter(ep.frames))].shape[1:] == (64, 64, 3)
         if cfg.action_dim is None:
-            assert ep.actions is None and m["action_stats"] is None
+            assert ep.actions is None and m.action_stats is None
         else:
             assert ep.actions.shape[1] == cfg.action_dim and np.isfinite(ep.actions).all()
     # level 5 mixes two embodiments; Sawyer's 4-d actions are padded into the 14-d space
-    emb = built["multi-robot"]["embodiments"]
+    emb = built["multi-robot"].embodiments
     assert set(emb) == {"sawyer", "aloha"} and emb["sawyer"]["action_dim"] == 4 and emb["aloha"]["action_dim"] == 14
     # level 6 demonstrations come from a policy that actually succeeds
     t = Tier(root / "target-aloha-transfer")

@@ -39,11 +39,11 @@ def test_tier_roundtrip_manifest_and_determinism(tmp_path):
     for e in eps:
         w.add(e)
     m = w.close()
-    assert len(m["shards"]) > 1  # the size target splits shards
-    assert m["episodes"] == 5 and m["frames"] == 60 and m["action_dim"] == 14 and m["state_dim"] == 14
+    assert len(m.shards) > 1  # the size target splits shards
+    assert m.episodes == 5 and m.frames == 60 and m.action_dim == 14 and m.state_dim == 14
     allact = np.concatenate([e.actions for e in eps])
-    np.testing.assert_allclose(m["action_stats"]["mean"], allact.mean(0), atol=1e-5)
-    np.testing.assert_allclose(m["action_stats"]["std"], allact.std(0), atol=1e-5)
+    np.testing.assert_allclose(m.action_stats["mean"], allact.mean(0), atol=1e-5)
+    np.testing.assert_allclose(m.action_stats["std"], allact.std(0), atol=1e-5)
     t = Tier(tmp_path / "t")
     for e in eps:
         back = t.read_episode(e.episode_id)
@@ -55,9 +55,9 @@ def test_tier_roundtrip_manifest_and_determinism(tmp_path):
     w2 = TierWriter(tmp_path / "t2", spec)
     for e in eps:
         w2.add(e)
-    assert w2.close()["content_hash"] == m["content_hash"]
+    assert w2.close().content_hash == m.content_hash
     # tampering is detected
-    shard = tmp_path / "t" / m["shards"][0]["name"]
+    shard = tmp_path / "t" / m.shards[0]["name"]
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     assert "sha256 differs" in Tier(tmp_path / "t").verify()[0]
 
@@ -142,7 +142,7 @@ def test_malformed_episodes_are_quarantined_and_every_good_one_survives(tmp_path
     assert len(expected) >= 10
     for eid, reason in expected.items():
         assert reason in q.get(eid, ""), (eid, q.get(eid))
-    assert m["quarantined"] == len(expected)
+    assert m.quarantined == len(expected)
     assert (tmp_path / "robot" / "quarantine.jsonl").exists()
 
 
@@ -173,7 +173,7 @@ def test_narrow_actions_are_padded_only_when_asked(tmp_path):
     a, _ = t.read_arrays("ep0001")
     assert a.shape == (12, 14) and np.all(a[:, 4:] == 0)
     assert {r["native_action_dim"] for r in t.index} == {4, 14}
-    assert m["episodes"] == 2
+    assert m.episodes == 2
 
 
 # ------------------------------------------------------------------------------------------- DVC
