@@ -21,6 +21,7 @@ def test_auto_is_fp32_on_cpu_and_bf16_on_cuda():
     assert resolve("auto", torch.device("cuda", 0)) == "bf16"  # resolving does not touch the device
     assert resolve("fp32", CPU) == "fp32"
     assert resolve("bf16", CPU, supported=True) == "bf16"
+    assert resolve("bf16", CPU) == "bf16"  # every CPU: natively (AVX512-BF16, AMX) or widened to fp32 and rounded
 
 
 def test_unknown_or_unsupported_precision_is_a_named_error():
