@@ -256,18 +256,21 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA
 
+    # What a worker process reads from the spec. Placement (nodes, processes, pool, image) is the launcher's:
+    # the process learns its world from the environment torchrun or the operator sets. `env` is delivered as
+    # the environment too (values on a command line show in `ps` and in pod specs).
+    WORKER_FIELDS = ("stage", "run_dir", "params_file", "init_from", "max_steps", "precision", "track",
+                     "schema_version")
+
     def worker_args(self) -> list[str]:
-        """The worker's command line (`python -m motus.launch.worker ...`), the same on every launcher."""
-        args = ["--stage", self.stage, "--run-dir", str(self.run_dir), "--params", str(self.params_file)]
-        if self.init_from:
-            args += ["--init-from", str(self.init_from)]
-        if self.max_steps:
-            args += ["--max-steps", str(self.max_steps)]
-        if self.precision:
-            args += ["--precision", self.precision]
-        if not self.track:
-            args.append("--no-track")
-        return args
+        """The worker's command line (`python -m motus.launch.worker --spec JSON`), the same on every launcher
+        and every pool: the submitted spec's WORKER_FIELDS, so the worker runs exactly what was submitted."""
+        d = self.to_json()
+        return ["--spec", json.dumps({k: d[k] for k in self.WORKER_FIELDS}, sort_keys=True, separators=(",", ":"))]
+
+    def for_worker(self) -> JobSpec:
+        """This spec as the worker receives it (placement and env left to the launcher)."""
+        return JobSpec.from_json({k: v for k, v in self.to_json().items() if k in self.WORKER_FIELDS})
 
     def with_updates(self, **changes: Any) -> JobSpec:
         return replace(self, **changes)

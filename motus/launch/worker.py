@@ -13,11 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+from ..contracts import ContractError, JobSpec
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="motus.launch.worker", description=__doc__)
-    ap.add_argument("--stage", required=True, help="A params.yaml stage, or 'latent-action' for the VAE job.")
-    ap.add_argument("--run-dir", required=True, type=Path)
+    ap.add_argument("--spec", default=None,
+                    help="The job as a JobSpec JSON object (or @FILE): what every launcher passes.")
+    ap.add_argument("--stage", help="Without --spec: a params.yaml stage, or 'latent-action' for the VAE job.")
+    ap.add_argument("--run-dir", type=Path)
     ap.add_argument("--params", type=Path, default=None)
     ap.add_argument("--init-from", default=None)
     ap.add_argument("--max-steps", type=int, default=None)
@@ -25,28 +29,34 @@ def main(argv: list[str] | None = None) -> int:
                     help="Overrides params.yaml's precision for this job.")
     ap.add_argument("--no-track", action="store_true")
     args = ap.parse_args(argv)
+    spec = _spec(ap, args)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
-    from ..config import get_settings, load_params, stage_key
+    from ..config import ConfigError, get_settings, load_params, stage_key
 
     settings = get_settings()
-    params = load_params(args.params or settings.params_file)
-    stage = stage_key(params, args.stage)
+    try:
+        params = load_params(spec.params_file)
+        stage = stage_key(params, spec.stage)
+    except (ConfigError, ValueError) as e:  # a job that cannot start says why in one line, on every rank
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = spec.run_dir
     from ..track.accounting import git_state
 
     tracker = None
     git = git_state(Path.cwd())
     code = {"commit": git["commit"], "dirty": git["dirty"]}
-    if rank == 0 and not args.no_track:
+    if rank == 0 and spec.track:
         from ..track import MlflowTracker
 
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        run_file = args.run_dir / "run.json"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_file = run_dir / "run.json"
         run_id = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
         tracker = MlflowTracker(settings.tracking_uri, experiment=params.project.name,
-                                run_name=f"{stage}-{args.run_dir.name}", run_id=run_id,
+                                run_name=f"{stage}-{run_dir.name}", run_id=run_id,
                                 tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
         if run_id is None:
             tracker.log_params({"code": {"commit": git["commit"], "dirty": git["dirty"]}})
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "latent-action":
             from ..train.latent_action import run_latent_action
 
-            out = run_latent_action(params, args.run_dir, tracker, max_steps=args.max_steps, precision=args.precision,
+            out = run_latent_action(params, run_dir, tracker, max_steps=spec.max_steps, precision=spec.precision,
                                     code=code)
             status = "FINISHED"
             if rank == 0:
@@ -64,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ..train.loop import run_stage  # the Motus model (diffusers, seconds to import): stage jobs only
 
-        result = run_stage(params, stage, args.run_dir, tracker, init_from=args.init_from, max_steps=args.max_steps,
-                           precision=args.precision, code=code)
+        result = run_stage(params, stage, run_dir, tracker, init_from=spec.init_from, max_steps=spec.max_steps,
+                           precision=spec.precision, code=code)
         status = "FINISHED"
         if rank == 0:
             print(json.dumps({"stage": result.stage, "steps": result.steps, "export": str(result.export_dir),
@@ -75,6 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish(status)
+
+
+def _spec(ap: argparse.ArgumentParser, args: argparse.Namespace) -> JobSpec:
+    """The job this process runs: `--spec` (what launchers pass), or a spec built from the single flags (a
+    person starting one worker by hand)."""
+    if args.spec is not None:
+        flags = [f for f in ("stage", "run_dir", "params", "init_from", "max_steps", "precision")
+                 if getattr(args, f) is not None] + (["no_track"] if args.no_track else [])
+        if flags:
+            ap.error(f"--spec carries the whole job; drop {', '.join('--' + f.replace('_', '-') for f in flags)}")
+        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
+        try:
+            return JobSpec.from_json(json.loads(text), "--spec")
+        except (json.JSONDecodeError, ContractError) as e:
+            ap.error(f"--spec: {e}")
+    if args.stage is None or args.run_dir is None:
+        ap.error("give --spec, or --stage and --run-dir")
+    from ..config import get_settings
+
+    return JobSpec(stage=args.stage, run_dir=args.run_dir, params_file=args.params or get_settings().params_file,
+                   init_from=args.init_from, max_steps=args.max_steps, precision=args.precision,
+                   track=not args.no_track)
 
 
 if __name__ == "__main__":

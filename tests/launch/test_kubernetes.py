@@ -4,6 +4,7 @@ and the object-store checkpoint mirror a restarted job resumes from."""
 from __future__ import annotations
 
 import datetime as dt
+import dataclasses
 import json
 import os
 import re
@@ -78,9 +79,11 @@ def test_rendered_job_for_every_pool_and_stage_validates(params, stage, pool):
         assert shm["emptyDir"]["medium"] == "Memory"
         # the local launcher's worker command, unchanged but for the params file's in-pod path
         local = local_command(spec)
-        tail = local[local.index("motus.launch.worker") + 1:]
-        tail[tail.index("--params") + 1] = k8s.PARAMS_PATH
-        assert main["command"] == ["python", "-m", "torch.distributed.run", "-m", "motus.launch.worker", *tail]
+        local_spec = JobSpec.from_json(json.loads(local[local.index("--spec") + 1]))
+        head, pod_spec = main["command"][:-1], JobSpec.from_json(json.loads(main["command"][-1]))
+        assert head == ["python", "-m", "torch.distributed.run", "-m", "motus.launch.worker", "--spec"]
+        assert pod_spec == local_spec.with_updates(params_file=Path(k8s.PARAMS_PATH)) == dataclasses.replace(
+            spec.for_worker(), params_file=Path(k8s.PARAMS_PATH))
         # credentials only by reference
         for c in pod["containers"] + pod.get("initContainers", []):
             for e in c["env"]:

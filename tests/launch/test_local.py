@@ -41,3 +41,27 @@ def test_a_failed_and_a_killed_job_are_told_apart(tmp_path, monkeypatch):
     assert killed.state == "Killed" and not killed.ok
     monkeypatch.setattr(local, "command", lambda s, port=None: [sys.executable, "-c", "pass"])
     assert launcher.wait(launcher.submit(spec)).ok
+
+
+def test_the_worker_reads_the_submitted_spec_and_nothing_else(tmp_path):
+    """Every launcher passes the JobSpec itself; its env travels as the environment, never on a command line."""
+    import json
+    import subprocess
+    import sys
+
+    spec = JobSpec(stage="stage3", run_dir=tmp_path / "r", params_file=tmp_path / "p.yaml", init_from="models:/m/2",
+                   max_steps=5, precision="bf16", track=False, env={"MOTUS_TOKEN": "secret-value"})
+    args = spec.worker_args()
+    assert args[0] == "--spec" and "secret-value" not in " ".join(args)
+    assert JobSpec.from_json(json.loads(args[1])) == spec.for_worker()
+    assert spec.for_worker() == spec.with_updates(env={})  # placement: this spec has the defaults
+    assert environment(spec)["MOTUS_TOKEN"] == "secret-value"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "motus.launch.worker", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    mixed = run(*args, "--max-steps", "9")
+    assert mixed.returncode == 2 and "--spec carries the whole job; drop --max-steps" in mixed.stderr
+    bad = run("--spec", json.dumps({"stage": "stage3"}))
+    assert bad.returncode == 2 and "--spec: --spec: missing 'run_dir'" in bad.stderr
+    missing = run(*args)  # a well-formed spec whose params file does not exist: named, not a traceback
+    assert missing.returncode == 2 and f"error: {tmp_path / 'p.yaml'}: file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
