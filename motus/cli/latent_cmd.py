@@ -42,7 +42,7 @@ def flow(tiers: TiersArg = None, params: ParamsOption = None) -> None:
         bar = tqdm(desc=f"flow {name}", unit="ep")
         m = build_flow_feature(p, name, progress=lambda bar=bar: bar.update(1))
         bar.close()
-        typer.echo(f"flow/{name}: {m['episodes']} episodes, content {m['content_hash'][:12]}")
+        typer.echo(f"flow/{name}: {m.episodes} episodes, content {m.content_hash[:12]}")
 
 
 @latent_app.command()
@@ -90,4 +90,4 @@ def export(tiers: TiersArg = None,
         raise typer.Exit(1)
     for name in tiers or lam_tiers(p):
         m = export_latent_actions(p, model, name)
-        typer.echo(f"latent_actions/{name}: {m['episodes']} episodes, content {m['content_hash'][:12]}")
+        typer.echo(f"latent_actions/{name}: {m.episodes} episodes, content {m.content_hash[:12]}")
