@@ -1,0 +1,76 @@
+"""The per-model mutex of the registry, on any MLflow store.
+
+It uses only what every store makes atomic: creating a registered model fails when one with that name exists.
+The lock is the registered model `<name>.lock` (tags: owner, acquired_at); releasing it deletes it. A holder
+that died leaves it behind, so a lock older than `ttl` seconds is broken (deleted) by the next contender, with
+a warning. The TTL must exceed the longest critical section (milliseconds to seconds); a contender waits up to
+`wait` seconds. Known limit: two contenders breaking the same stale lock at the same instant can both believe
+they hold it for one critical section; stale locks only exist after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+
+from mlflow.exceptions import MlflowException
+
+from .store import LOCK_SUFFIX, RegistryError, Store, default_actor, error_code
+
+log = logging.getLogger(__name__)
+
+
+class LockTimeout(RegistryError):
+    """The model's lock stayed taken for longer than the registry waits."""
+
+
+class ModelLock:
+    def __init__(self, store: Store, *, ttl: float = 60.0, wait: float = 30.0):
+        self.store, self.ttl, self.wait = store, ttl, wait
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, owner: str | None = None) -> Iterator[None]:
+        client = self.store.client
+        lock_name = name + LOCK_SUFFIX
+        owner = f"{owner or default_actor()}#{secrets.token_hex(4)}"
+        deadline = time.monotonic() + self.wait
+        delay = 0.02
+        while True:
+            try:
+                client.create_registered_model(
+                    lock_name, tags={"motus.lock.owner": owner, "motus.lock.acquired_at": f"{time.time():.3f}"},
+                    description=f"registry lock of {name}; deleted on release")
+                break
+            except MlflowException as e:
+                if error_code(e) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            self._break_if_stale(lock_name)
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"registry lock '{lock_name}' is still taken after {self.wait:.0f}s "
+                                  f"(it is broken automatically when older than {self.ttl:.0f}s)")
+            time.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock_name)
+
+    def _break_if_stale(self, lock_name: str) -> None:
+        try:
+            rm = self.store.client.get_registered_model(lock_name)
+        except MlflowException:
+            return  # released in between
+        tags = dict(rm.tags or {})
+        try:
+            age = time.time() - float(tags.get("motus.lock.acquired_at", "0"))
+        except ValueError:
+            age = float("inf")
+        if age > self.ttl:
+            log.warning("breaking stale registry lock %s held by %s for %.0fs", lock_name,
+                        tags.get("motus.lock.owner", "?"), age)
+            with contextlib.suppress(MlflowException):
+                self.store.client.delete_registered_model(lock_name)
