@@ -231,10 +231,11 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
     import boto3
     from mlflow import MlflowClient
 
-    from ..support.project import S3_CREDENTIALS, add_flows
+    from ..support.project import MINIMAL_TIERS, S3_CREDENTIALS, add_flows
     from ..support.servers import fresh_postgres_database, mlflow_server, prefect_server, s3_server
 
-    proj = make_project(tmp_path / "proj")
+    # what this test proves is the services (the spine above proves the recipe): the fewest tiers, short stages
+    proj = make_project(tmp_path / "proj", steps=2, tiers=MINIMAL_TIERS)
     add_flows(proj)
     with (s3_server() as s3, fresh_postgres_database("motus_mlflow") as mlflow_db,
           fresh_postgres_database("motus_prefect") as prefect_db):

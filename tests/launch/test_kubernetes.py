@@ -3,8 +3,8 @@ and the object-store checkpoint mirror a restarted job resumes from."""
 
 from __future__ import annotations
 
-import datetime as dt
 import dataclasses
+import datetime as dt
 import json
 import os
 import re

@@ -53,12 +53,19 @@ PIPELINE_TIERS = {"stage1": {"sim-metaworld": 0.5, "task-agnostic-aloha": 0.5},
                   "stage3": {"target-aloha-transfer": 0.5, "target-aloha-insertion": 0.5}}
 
 
-def small_params(steps: int = 6) -> dict:
-    """The pipeline's small recipe: four tiers with two episodes each, `steps`-step stages, a short evaluation."""
+# The fewest tiers the whole recipe runs on (one ALOHA tier before Stage 3, one target tier): for tests of the
+# services around the pipeline rather than of the pipeline's data steps.
+MINIMAL_TIERS = {"stage1": {"task-agnostic-aloha": 1.0}, "stage2": {"task-agnostic-aloha": 1.0},
+                 "stage3": {"target-aloha-transfer": 1.0}}
+
+
+def small_params(steps: int = 6, tiers: dict[str, dict[str, float]] = PIPELINE_TIERS) -> dict:
+    """The pipeline's small recipe: `tiers` (per stage) with two episodes each, `steps`-step stages, a short
+    evaluation."""
     raw = short_stages(shipped_params(), steps)
-    for stage, tiers in PIPELINE_TIERS.items():
-        raw["stages"][stage]["tiers"] = dict(tiers)
-    used = {t for tiers in PIPELINE_TIERS.values() for t in tiers}
+    for stage, mix in tiers.items():
+        raw["stages"][stage]["tiers"] = dict(mix)
+    used = {t for mix in tiers.values() for t in mix}
     raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in used}
     for t in raw["tiers"].values():
         t["source"]["options"] = shrink(t["source"]["options"])
@@ -93,9 +100,9 @@ def write_project(root: Path, raw: dict[str, Any], *, ingest: bool | list[str] =
     return root
 
 
-def make_project(root: Path, steps: int = 6) -> Path:
+def make_project(root: Path, steps: int = 6, tiers: dict[str, dict[str, float]] = PIPELINE_TIERS) -> Path:
     """The pipeline's project: the small recipe in a checkout, tiers left for the pipeline to build."""
-    return write_project(root, small_params(steps), ingest=False, checkout=True)
+    return write_project(root, small_params(steps, tiers), ingest=False, checkout=True)
 
 
 def project_env(root: Path, uri: str | None = None, **extra: str) -> dict:
