@@ -95,10 +95,10 @@ def _spec(ap: argparse.ArgumentParser, args: argparse.Namespace) -> JobSpec:
                  if getattr(args, f) is not None] + (["no_track"] if args.no_track else [])
         if flags:
             ap.error(f"--spec carries the whole job; drop {', '.join('--' + f.replace('_', '-') for f in flags)}")
-        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
         try:
+            text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
             return JobSpec.from_json(json.loads(text), "--spec")
-        except (json.JSONDecodeError, ContractError) as e:
+        except (OSError, json.JSONDecodeError, ContractError) as e:
             ap.error(f"--spec: {e}")
     if args.stage is None or args.run_dir is None:
         ap.error("give --spec, or --stage and --run-dir")

@@ -60,6 +60,8 @@ def test_the_worker_reads_the_submitted_spec_and_nothing_else(tmp_path):
                                     capture_output=True, text=True)
     mixed = run(*args, "--max-steps", "9")
     assert mixed.returncode == 2 and "--spec carries the whole job; drop --max-steps" in mixed.stderr
+    nofile = run("--spec", f"@{tmp_path / 'none.json'}")
+    assert nofile.returncode == 2 and "--spec: [Errno 2] No such file" in nofile.stderr
     bad = run("--spec", json.dumps({"stage": "stage3"}))
     assert bad.returncode == 2 and "--spec: --spec: missing 'run_dir'" in bad.stderr
     missing = run(*args)  # a well-formed spec whose params file does not exist: named, not a traceback
