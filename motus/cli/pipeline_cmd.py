@@ -118,6 +118,10 @@ def run(params: ParamsOption = None, from_step: FromOption = None, until_step: U
     os.environ["MOTUS_PROFILE"] = profile
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The local profile's temporary Prefect server migrates a fresh SQLite database before it answers; on a busy
+    # 2-core machine that took longer than Prefect's 20 s allowance (CI: "Timed out while attempting to connect
+    # to ephemeral Prefect API server"). A slow start is not a failure; a server that never answers still is.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _check_profile(profile)
     pipe = _pipeline(params)  # validates the params and the step names before Prefect starts
     _valid_steps(pipe, from_step, until_step)
