@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-track", action="store_true")
     args = ap.parse_args(argv)
     spec = _spec(ap, args)
+    # Motus compiles nothing, but DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose module
+    # torch.compile()s a kernel at import: 2.5 s of every job on a 2-core CPU, for an optimizer never used. With
+    # dynamo off that decorator is a no-op. A job that wants dynamo sets TORCHDYNAMO_DISABLE=0 in its env.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s", stream=sys.stdout)
