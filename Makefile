@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: setup
 	MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/motus pipeline run
 
+# The suite on TEST_WORKERS xdist workers (0: one process). Tests sharing an expensive fixture stay on one
+# worker (tests/conftest.py derives the groups), so each trained chain or project is built once.
+TEST_WORKERS ?= 3
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 lint: setup
 	$(BIN)/ruff check motus tests benchmarks

@@ -1,4 +1,5 @@
 import contextlib
+import hashlib
 import os
 
 import pytest
@@ -22,3 +23,67 @@ def chains(tmp_path_factory):
         url = stack.enter_context(mlflow_server(db, root / "pg-artifacts"))
         yield train_chains(base, {"sqlite": (f"sqlite:///{root}/sqlite/mlflow.db", root / "sqlite"),
                                   "postgres": (url, root / "postgres")})
+
+
+# ------------------------------------------------------------------------------------ parallel runs (xdist)
+#
+# `make test` runs the suite on several xdist workers with `--dist loadgroup`. Tests that share an expensive
+# fixture (anything of this suite wider than one test: the session's trained chain, a module's trained project,
+# the package's stage-job project, the wheelhouse bundle) must run on one worker, or each worker builds it
+# again. The groups are derived, not hand-kept: tests that share any such fixture instance, directly or through
+# another fixture, are joined into one group, in collection order (order-dependent tests stay in order).
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _shared_fixtures(item) -> list[str]:
+    """Keys of the suite's own non-function-scoped fixture instances this test uses."""
+    keys = []
+    for name in item.fixturenames:
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            source = os.path.abspath(fixturedef.func.__code__.co_filename)
+            if fixturedef.scope == "function" or not source.startswith(TESTS):
+                continue
+            where = {"session": "", "package": os.path.dirname(source), "module": str(item.path),
+                     "class": item.nodeid.rsplit("::", 1)[0]}[fixturedef.scope]
+            keys.append(f"{name}@{where}")
+    return keys
+
+
+def xdist_groups(items) -> dict[str, str]:
+    """nodeid -> group name, for the tests that share a fixture instance with another test."""
+    parent: dict[str, str] = {}
+
+    def root(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    shared = {item.nodeid: _shared_fixtures(item) for item in items}
+    for keys in shared.values():
+        for k in keys[1:]:
+            parent[root(k)] = root(keys[0])
+    # a name every worker computes alike (workers must collect identical ids; str hashes are salted per process)
+    return {nodeid: f"{root(keys[0]).split('@')[0]}-{hashlib.sha1(root(keys[0]).encode()).hexdigest()[:8]}"
+            for nodeid, keys in shared.items() if keys}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker with `--dist loadgroup`: suffix each grouped test's id with `@<group>`, which is how
+    xdist's scheduler reads groups. Written here rather than through `xdist_group` marks because pytest-xdist 3.8
+    writes the suffix to `_nodeid` while pytest >= 9.2 reads a node's id from `_id`, so marks alone are silently
+    ignored (measured: one group of 7 tests spread over 3 workers)."""
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    groups = xdist_groups(items)
+    for item in items:
+        group = groups.get(item.nodeid)
+        if group is None or "@" in item.nodeid:
+            continue
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
+        else:  # pytest < 9.2
+            item._nodeid = f"{item.nodeid}@{group}"

@@ -143,6 +143,7 @@ def project(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five pipeline runs; ~8 min alone, up to twice that beside two other workers
 def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(project, tmp_path_factory):
     proj = project
     # 1. the whole recipe, from nothing
