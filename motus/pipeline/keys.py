@@ -23,19 +23,9 @@ from typing import Any
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the installed `motus` package
 
-# The module each kind of step runs; what it runs is that module and everything it imports, found by reading
-# the imports (module-level and inside functions: a lazy import is still code the step may run).
-# Registries that name a module as "motus.pkg.module:function" (the ingest step's source kinds) count as imports.
-ENTRY: dict[str, tuple[str, ...]] = {
-    "tier": ("motus.config", "motus.data.ingest", "motus.data.versioning"),
-    "flow": ("motus.config", "motus.data.latent_actions"),
-    "latent-action": ("motus.launch.worker", "motus.train.latent_action"),
-    "latent-actions": ("motus.config", "motus.data.latent_actions"),
-    "stage": ("motus.launch.worker", "motus.train.loop"),
-    "evaluate": ("motus.evaluate.run", "motus.track.evaluations"),
-}
-
-
+# What a step runs is its kind's modules (`StepKind.modules`) and everything they import, found by reading the
+# imports (module-level and inside functions: a lazy import is still code the step may run). Registries that name
+# a module as "motus.pkg.module:function" (the ingest step's source kinds) count as imports.
 _REFERENCE = re.compile(r"^motus(\.\w+)+:\w+$")
 
 
@@ -95,10 +85,10 @@ def module_closure(entries: tuple[str, ...], root: Path = PACKAGE) -> list[Path]
     return sorted(set(seen.values()))
 
 
-def code_files(kind: str, root: Path = PACKAGE) -> dict[str, str]:
-    """{package-relative path: sha256} of the Python files a step of this kind runs (see `ENTRY`)."""
+def code_files(modules: tuple[str, ...], root: Path = PACKAGE) -> dict[str, str]:
+    """{package-relative path: sha256} of the Python files that running `modules` may run."""
     return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in module_closure(ENTRY[kind], root)}
+            for f in module_closure(modules, root)}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -15,8 +15,9 @@ import yaml
 
 from motus.config import validate_params
 from motus.pipeline import build_steps, is_infrastructure_error
-from motus.pipeline.keys import StepInputs, code_files, explain
+from motus.pipeline.keys import StepInputs, explain
 from motus.pipeline.pipeline import GateFailed, InfrastructureError, PipelineError
+from motus.pipeline.steps import KINDS
 
 from ..support.project import MOTUS, REPO, make_project, project_env
 
@@ -37,7 +38,7 @@ def test_steps_come_after_what_they_need():
 
 
 def test_keys_are_stable_and_changes_are_named():
-    code = code_files("tier")
+    code = KINDS["tier"].code()
     assert "config.py" in code and any(p.startswith("data/") for p in code)
     a = StepInputs(code, {"tiers.x.source.options.seed": 1}, {"tier:x": "a" * 64}, "motus-vgm/1")
     same = StepInputs(dict(code), {"tiers.x.source.options.seed": 1}, {"tier:x": "a" * 64}, "motus-vgm/1")

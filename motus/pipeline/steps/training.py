@@ -1,0 +1,171 @@
+"""The training steps: the latent-action VAE job and a stage job. Each runs one job through the launcher the
+settings name (MOTUS_LAUNCHER), in a folder derived from its content key (so a killed pipeline rerun resumes
+the same job from its latest checkpoint), and registers the export: its output is a model version."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...contracts import JobSpec, LineageRecord, device_hours
+from ..errors import InfrastructureError, PipelineError
+from .base import Context, Step, StepKind
+
+
+class JobStep(StepKind):
+    """A step that trains: one job, then the export registered as a version of its model."""
+
+    outputs = ("model", "version", "run_id", "run_dir", "device_hours")
+
+    def job_stage(self, step: Step) -> str:
+        """The stage name the worker runs (a params.yaml stage key, or `latent-action`)."""
+        raise NotImplementedError
+
+    def planned_steps(self, pipe: Context, step: Step) -> int:
+        raise NotImplementedError
+
+    def init_from(self, pipe: Context, step: Step) -> str | None:
+        return None
+
+    def run(self, pipe: Context, step: Step, key: str) -> dict[str, Any]:
+        run_dir = run_job(pipe, self.job_stage(step), key, self.planned_steps(pipe, step), self.init_from(pipe, step))
+        ref = pipe.registry.register(run_dir / "export")
+        lineage = LineageRecord.read(run_dir / "export")
+        return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
+                "device_hours": lineage.device_hours}
+
+    def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
+        try:
+            pipe.registry.resolve(f"models:/{out['model']}/{out['version']}")
+        except Exception:  # noqa: BLE001 - a version that cannot be resolved is not reusable: train it again
+            return False
+        return True
+
+    def as_parent(self, step: Step, out: Mapping[str, Any]) -> str | None:
+        return f"{out['model']}/{out['version']}"
+
+    def describe(self, out: Mapping[str, Any]) -> str:
+        return f"{out['model']} v{out['version']}"
+
+    def estimate(self, pipe: Context, step: Step) -> float | None:
+        """Device hours = measured seconds per step (the latest run of this job) x planned steps x devices."""
+        try:
+            client = pipe.ledger.client
+            exp = client.get_experiment_by_name(pipe.params.project.name)
+            if exp is None:
+                return None
+            runs = client.search_runs([exp.experiment_id], f"tags.stage = '{self.job_stage(step)}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+            if not runs:
+                return None
+            per_step = runs[0].data.metrics.get("perf/step_time_s")
+            devices = float(runs[0].data.tags.get("devices", pipe.nproc))
+            return None if per_step is None else device_hours(1, int(devices),
+                                                              per_step * self.planned_steps(pipe, step))
+        except Exception:  # noqa: BLE001 - an estimate is best effort
+            return None
+
+
+class LatentActionStep(JobStep):
+    """The latent-action VAE, trained on the optical flow of its tiers."""
+
+    kind = "latent-action"
+    modules = ("motus.launch.worker", "motus.train.latent_action")
+
+    def job_stage(self, step: Step) -> str:
+        return "latent-action"
+
+    def planned_steps(self, pipe: Context, step: Step) -> int:
+        return pipe.params.latent_action.steps
+
+    def config(self, pipe: Context, step: Step) -> dict[str, Any]:
+        r = pipe.resolved
+        return {"latent_action": r["latent_action"], "project": {"seed": r["project"]["seed"]},
+                "data": {"heldout_fraction": r["data"]["heldout_fraction"]}, "precision": r["precision"]}
+
+
+class StageStep(JobStep):
+    """A stage of the Motus model; Stages 2 and 3 start from their parent's champion."""
+
+    kind = "stage"
+    modules = ("motus.launch.worker", "motus.train.loop")
+
+    def job_stage(self, step: Step) -> str:
+        return step.target
+
+    def planned_steps(self, pipe: Context, step: Step) -> int:
+        return pipe.params.stages[step.target].steps
+
+    def config(self, pipe: Context, step: Step) -> dict[str, Any]:
+        r = pipe.resolved
+        s = r["stages"][step.target]
+        return {"stages": {step.target: s}, "model": r["model"], "project": {"seed": r["project"]["seed"]},
+                "precision": r["precision"],  # the global one; a stage's own is inside its section
+                "data": {k: r["data"][k] for k in ("window", "heldout_fraction")},
+                "tiers": {t: {"level": r["tiers"][t]["level"]} for t in s["tiers"]}}
+
+    def init_from(self, pipe: Context, step: Step) -> str | None:
+        parent = pipe.params.stages[step.target].parent
+        if not parent:
+            return None
+        champion = pipe.outputs[f"gate:{parent}"]["champion"]
+        return str(pipe.registry.fetch(f"models:/{parent}/{champion}"))
+
+
+def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | None = None) -> Path:
+    """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder."""
+    from ...launch.factory import launcher_for
+    from ...launch.launcher import KILLED
+
+    run_dir = pipe.out_dir / "runs" / f"{stage}-{key[:12]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = JobSpec(stage=stage, run_dir=run_dir, params_file=pipe.params_file, procs_per_node=pipe.nproc,
+                   init_from=init_from, env={"MOTUS_TRACKING_URI": pipe.tracking_uri})
+    log = run_dir / "job.log"
+    resumed = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    pipe.echo(f"  {stage}: {'resuming' if resumed else 'starting'} in {run_dir} (log: {log})")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(pipe.echo, stage, total, run_dir, stop), daemon=True)
+    watcher.start()
+    launcher = launcher_for(pipe.settings, log=log)
+    try:
+        handle = launcher.submit(spec)
+        try:
+            outcome = launcher.wait(handle)
+        except KeyboardInterrupt:
+            launcher.cancel(handle)
+            raise
+    finally:
+        stop.set()
+        watcher.join(timeout=2)
+    if not outcome.ok:
+        cause = root_cause(launcher.logs(handle))
+        if outcome.state == KILLED:  # killed from outside (OOM killer, preemption): retryable
+            raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
+        raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
+    return run_dir
+
+
+def _watch(echo, stage: str, total: int, run_dir: Path, stop: threading.Event) -> None:
+    """Progress of a running job from its metrics.jsonl, every few seconds."""
+    path, seen = run_dir / "metrics.jsonl", None
+    while not stop.wait(5.0):
+        try:
+            last = json.loads(path.read_text().splitlines()[-1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if last.get("step") != seen:
+            seen = last.get("step")
+            loss = last.get("train/loss", last.get("loss"))
+            echo(f"  {stage}: step {seen}/{total}" + (f" loss {loss:.4f}" if isinstance(loss, float) else ""))
+
+
+def root_cause(log: str) -> str:
+    """The exception a job died of, from its log (not torchrun's summary of it)."""
+    found = [m.group(1) for m in re.finditer(r"^(?:\[rank\d+\]: )?([\w.]*(?:Error|Exception)\b: .+)$", log, re.M)
+             if "ChildFailedError" not in m.group(1)]
+    return found[-1] if found else (log.strip().splitlines() or ["no output"])[-1]
