@@ -31,7 +31,7 @@ ENTRY: dict[str, tuple[str, ...]] = {
     "flow": ("motus.config", "motus.data.latent_actions"),
     "latent-action": ("motus.launch.worker", "motus.train.latent_action"),
     "latent-actions": ("motus.config", "motus.data.latent_actions"),
-    "stage": ("motus.launch.worker", "motus.train.loop"),
+    "stage": ("motus.launch.worker", "motus.train.stage"),
     "evaluate": ("motus.evaluate.run", "motus.track.evaluations"),
 }
 
