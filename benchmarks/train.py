@@ -76,17 +76,17 @@ def in_process_pipeline(root: Path, steps: int) -> tuple[float, float, float, fl
     from motus.config import load_params
     from motus.train.checkpoint import load_checkpoint, save_checkpoint
     from motus.train.distributed import init_distributed
-    from motus.train.loop import StageJob
+    from motus.train.stage import StageJob
+    from motus.train.trainer import Trainer
 
     ctx = init_distributed()
     j = StageJob(load_params("params.yaml"), "stage3", root / "runs" / "inproc", ctx)
-    j.build()
-    j.initialize()
+    engine = Trainer(j).start()
 
     def step(inputs, s):
-        out = j.engine.module.training_loss(**inputs, generator=j._noise(s))
-        j.engine.backward(out["loss"])
-        j.engine.step()
+        out = engine.module.training_loss(**inputs, generator=j._noise(s))
+        engine.backward(out["loss"])
+        engine.step()
 
     real, mem = [], []
     fixed = j._inputs(j._batch(0))
@@ -99,9 +99,9 @@ def in_process_pipeline(root: Path, steps: int) -> tuple[float, float, float, fl
         mem.append(time.perf_counter() - t)
     ck = root / "runs" / "inproc" / "checkpoints"
     t = time.perf_counter()
-    path = save_checkpoint(j.engine, ck, 1, stage="stage3", data_position=0, config_hash=j.config_hash, parent=None,
+    path = save_checkpoint(engine, ck, 1, stage="stage3", data_position=0, config_hash=j.config_hash, parent=None,
                            wall_seconds=0.0)
-    load_checkpoint(j.engine, path)
+    load_checkpoint(engine, path)
     ck_s = time.perf_counter() - t
     nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     target = root / "dd.bin"

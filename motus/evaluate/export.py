@@ -1,6 +1,6 @@
 """A model export, loaded for inference: the network, its frozen parts, lineage, and its window geometry.
 
-An export (what `motus.train.loop.StageJob.export` writes) holds `motus_config.json` + `model.safetensors`,
+An export (what `motus.train.stage.StageJob.export` writes) holds `motus_config.json` + `model.safetensors`,
 the frozen VAE/VLM/text encoder when they have no local weights path, and the lineage record (tiers and their
 action/state normalisation). Everything the evaluator feeds the model is built through
 `motus.train.inputs.window_inputs`, the function training uses.

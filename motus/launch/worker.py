@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(json.dumps(out))
             return 0
-        from ..train.loop import run_stage  # the Motus model (diffusers, seconds to import): stage jobs only
+        from ..train.stage import run_stage  # the Motus model (diffusers, seconds to import): stage jobs only
 
         result = run_stage(params, stage, run_dir, tracker, init_from=spec.init_from, max_steps=spec.max_steps,
                            precision=spec.precision, code=code)
         status = "FINISHED"
         if rank == 0:
-            print(json.dumps({"stage": result.stage, "steps": result.steps, "export": str(result.export_dir),
+            print(json.dumps({"stage": result.name, "steps": result.steps, "export": str(result.export_dir),
                               "device_hours": result.device_hours, "final_loss": result.losses[-1][1]
                               if result.losses else None}))
         return 0

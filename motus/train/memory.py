@@ -3,7 +3,7 @@
 `estimate_training_memory(cfg, stage=3, batch_size=2, zero_stage=2, offload=True)` -> `MemoryEstimate`;
 `check_fits(estimate, device_bytes)` raises a ValueError naming the settings and the next one to try.
 
-The model it follows is this platform's training step (motus/train/loop.py, motus/train/precision.py):
+The model it follows is this platform's training step (motus/train/stage.py, motus/train/precision.py):
 fp32 module parameters that are also the master weights, the forward under torch.autocast(bfloat16) with the
 timestep MLPs in fp32 and the residual stream in fp32, fp32 gradients, torch AdamW (fp32 exp_avg and
 exp_avg_sq), DeepSpeed ZeRO 0-3 with optional offload of the optimizer to the CPU. The frozen VLM (bf16), the
@@ -236,7 +236,7 @@ def estimate_training_memory(
     n, z, bf16 = int(world_size), int(zero_stage), precision == "bf16"
     counts = _parameter_counts(json.dumps(cfg.to_dict(), sort_keys=True))
     experts = trained_experts(stage)
-    uses_vlm = stage > 1  # Stage 1 builds no VLM (motus/train/loop.py: uses_understanding)
+    uses_vlm = stage > 1  # Stage 1 builds no VLM (motus/train/stage.py: uses_understanding)
     p_train = sum(counts[e] for e in experts)
     groups = [counts["video"], sum(counts[e] for e in experts if e != "video")]  # the loop's two param groups
     if uses_vlm and not frozen_vlm:
@@ -318,7 +318,7 @@ def estimate_training_memory(
         + (f", the VLM in bf16 ({gb(frozen['vlm'])})" if "vlm" in frozen else
            ", no VLM (Stage 1 feeds no understanding tokens)" if not uses_vlm else "")
         + (f", the umT5-XXL encoder in bf16 ({gb(frozen['text_encoder'])})" if "text_encoder" in frozen else
-           "; T5 pre-encoded (not on the device; note motus/train/loop.py as written runs T5 on the device: "
+           "; T5 pre-encoded (not on the device; note motus/train/stage.py as written runs T5 on the device: "
            "pass pre_encoded_text=False to count it)"),
         f"tokens per sample: video {tokens.video}, action {tokens.action}, "
         f"understanding {tokens.understanding} "

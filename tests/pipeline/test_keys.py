@@ -15,7 +15,7 @@ def test_each_kind_of_step_runs_what_its_entry_imports():
     assert not any(p.startswith(("model/", "train/", "track/", "evaluate/")) for p in tier)
     # the evaluation builds its inputs with train/inputs.py; it never runs the stage recipe
     assert "train/inputs.py" in evaluate and "train/recipe.py" not in evaluate
-    assert {"train/loop.py", "model/video_expert.py", "launch/worker.py", "contracts.py"} <= set(stage)
+    assert {"train/stage.py", "train/trainer.py", "model/video_expert.py", "launch/worker.py", "contracts.py"} <= set(stage)
     assert "pipeline/pipeline.py" not in stage and "cli/__init__.py" not in stage
     assert all(len(h) == 64 for h in stage.values())
 

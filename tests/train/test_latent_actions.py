@@ -136,8 +136,9 @@ def test_trained_latent_beats_untrained_on_held_out_episodes(sawyer_project, mon
     and architecture."""
     import torch
 
+    from motus.data.flow_pairs import FlowPairs
     from motus.model.latent_action import LatentActionVAE, build_latent_action_config
-    from motus.train.latent_action import FlowPairs, quality
+    from motus.train.latent_action import quality
 
     proj = sawyer_project
     run(proj, "latent-action", "flow")

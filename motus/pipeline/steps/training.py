@@ -92,7 +92,7 @@ class StageStep(JobStep):
     """A stage of the Motus model; Stages 2 and 3 start from their parent's champion."""
 
     kind = "stage"
-    modules = ("motus.launch.worker", "motus.train.loop")
+    modules = ("motus.launch.worker", "motus.train.stage")
 
     def job_stage(self, step: Step) -> str:
         return step.target

@@ -1,9 +1,8 @@
-"""One stage job, top to bottom: data -> DeepSpeed engine -> steps -> validation -> checkpoints -> export.
+"""The stage train module: a stage of the Motus model (its data, its loss, its validation, its export), run by
+the generic trainer (`motus.train.trainer`), which owns the engine, the loop, checkpoints and accounting.
 
 Every process of a job runs `run_stage`; rank 0 alone reports to the tracker and writes the export. What a
-step sees is a pure function of (seed, step, rank) — the data stream position and the flow-matching noise —
-so a job killed and resumed from its latest complete checkpoint continues with exactly the losses an
-uninterrupted run would have had.
+step sees is a pure function of (seed, step, rank): the data stream position and the flow-matching noise.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,53 +26,46 @@ from ..data.versioning import locked_hash
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
-from .checkpoint import find_latest_complete, save_checkpoint
-from .distributed import PEAK_FLOPS, JobContext, accounting, init_distributed, job_hours, mean_across_ranks
-from .engine import deepspeed_config, resume_latest
+from .distributed import PEAK_FLOPS, JobContext, init_distributed, job_hours
+from .engine import deepspeed_config
 from .inputs import window_inputs
 from .parent import load_parent
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
 from .recipe import StageRecipe, check_ready, lr_lambda, model_config_for, recipe_from_params
-from .tracking import NullTracker, Tracker
+from .tracking import Tracker
+from .trainer import Cadence, Trainer, TrainModule, TrainResult
 
 log = logging.getLogger("motus.train")
 
 
 
-@dataclass
-class StageResult:
-    stage: str
-    steps: int
-    run_dir: Path
-    export_dir: Path | None
-    last_checkpoint: Path | None
-    losses: list[tuple[int, float]]
-    wall_seconds: float
-    device_hours: float
-    resumed_from: Path | None
+StageResult = TrainResult  # what run_stage returns (the stage's name is the job's)
 
 
 # --------------------------------------------------------------------------------------------- the job
 
-class StageJob:
+class StageJob(TrainModule):
+    reported = ("loss", "video_loss", "action_loss")
+    plotted = ("loss", "video_loss", "action_loss")
+
     def __init__(self, params: Any, stage: str | int, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,
                  init_from: str | None = None, max_steps: int | None = None, precision: str | None = None,
                  code: dict[str, Any] | None = None):
-        self.params, self.ctx = params, ctx
-        self.code = dict(code or {})  # {commit, dirty} of the code that runs, from the launcher
         self.recipe: StageRecipe = recipe_from_params(params, stage)
-        self.s = self.recipe.settings
-        setting, source = precision_setting(params, self.s, precision, f"stages.{self.recipe.name}")
-        self.precision = resolve_precision(setting, ctx.device, source=source)
-        self.run_dir = Path(run_dir)
-        self.tracker = tracker if (tracker is not None and ctx.rank == 0) else NullTracker()
+        self.s = s = self.recipe.settings
+        setting, source = precision_setting(params, s, precision, f"stages.{self.recipe.name}")
+        super().__init__(params, run_dir, ctx, tracker, precision=resolve_precision(setting, ctx.device, source=source),
+                         cadence=Cadence(s.steps, s.batch_size, s.validate_every, s.checkpoint_every, s.log_every,
+                                         s.keep_checkpoints),
+                         config_hash=config_hash(params), max_steps=max_steps, parent=init_from, code=code)
+        self.name = self.recipe.name
         self.init_from = init_from
-        self.max_steps = max_steps  # stop early (tests, smoke runs) without changing the schedule
-        self.seed = params.project.seed
-        self.config_hash = config_hash(params)
         self.data_root = Path(params.data.root)
+        self.flops_per_step: float | None = None
+        self._flops_counted = False
+        self.normalization: dict[str, Any] = {}
 
     # -- building -----------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -112,7 +103,7 @@ class StageJob:
         self.stream = MixedWindows(self.train_sets, self.recipe.tiers, seed=self.seed)
         self.normalization = {t: ds.normalization for t, ds in self.train_sets.items()}
 
-    def _optimizer(self):
+    def optimizer(self):
         video_lr = self.s.video_lr or self.s.lr
         groups = [
             {"name": "video", "params": [p for p in self.model.video.parameters() if p.requires_grad], "lr": video_lr},
@@ -133,19 +124,11 @@ class StageJob:
                                 offload_optimizer=self.s.offload_optimizer,
                                 pin_memory=self.ctx.device.type == "cuda")
 
-    def initialize(self) -> None:
-        import deepspeed
-
-        self.resumed_from = find_latest_complete(self.run_dir / "checkpoints")
-        if self.init_from and self.resumed_from is None:
+    def before_engine(self, fresh: bool) -> None:
+        if self.init_from and fresh:
             report = load_parent(self.model, self.init_from, drop_action_io=self.recipe.drops_action_io)
             log.info("started from %s (%d tensors, %d action I/O tensors re-initialised)", self.init_from,
                      len(report["loaded"]), len(report["dropped"]))
-        opt, sched = self._optimizer()
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=opt, lr_scheduler=sched, config=self.ds_config())
-        resumed = resume_latest(self.engine, self.run_dir, precision=self.precision, config_hash=self.config_hash)
-        self.resumed_from, self.start_step, self.wall_before = resumed.checkpoint, resumed.step, resumed.wall_seconds
 
     # -- one batch ----------------------------------------------------------------------------------------
     def _batch(self, step: int) -> dict[str, Any]:
@@ -167,72 +150,27 @@ class StageJob:
         return torch.Generator(device=self.ctx.device).manual_seed(
             (self.seed * 1_000_003 + step * 7919 + self.ctx.rank * 104_729 + salt) % (2**63))
 
-    # -- the loop -----------------------------------------------------------------------------------------
-    def run(self) -> StageResult:
-        self.build()
-        self.initialize()
-        s, ctx, tr = self.s, self.ctx, self.tracker
-        if ctx.rank == 0:
-            self._log_start()
-        end = min(s.steps, self.max_steps or s.steps)
-        losses: list[tuple[int, float]] = []
-        history: dict[str, list[tuple[int, float]]] = {"loss": [], "video_loss": [], "action_loss": []}
-        t_start = time.perf_counter()
-        flops_per_step = None
-        last_ckpt = self.resumed_from
-        for step in range(self.start_step, end):
-            t0 = time.perf_counter()
-            inputs = self._inputs(self._batch(step))
-            if flops_per_step is None:
-                flops_per_step = self._count_flops(inputs, step)
-            with autocast(self.precision, ctx.device):
-                out = self.engine.module.training_loss(**inputs, generator=self._noise(step))
-            self.engine.backward(out["loss"])
-            self.engine.step()
-            dt = time.perf_counter() - t0
-            vals = {k: float(out[k].detach()) for k in ("loss", "video_loss", "action_loss") if k in out}
-            vals = mean_across_ranks(vals, ctx)
-            done = step + 1
-            losses.append((done, vals["loss"]))
-            for k, v in vals.items():
-                history[k].append((done, v))
-            if ctx.rank == 0 and (done % s.log_every == 0 or done == end):
-                self._log_step(done, vals, dt, flops_per_step, t_start)
-            if done % s.validate_every == 0 or done == s.steps:
-                self.validate(done)
-            if done % s.checkpoint_every == 0 or done == s.steps:
-                wall = self.wall_before + time.perf_counter() - t_start
-                last_ckpt = save_checkpoint(
-                    self.engine, self.run_dir / "checkpoints", done, stage=self.recipe.name,
-                    data_position=done * s.batch_size, config_hash=self.config_hash, parent=self.init_from,
-                    wall_seconds=wall, keep_last=s.keep_checkpoints,
-                    extra={"mlflow_run_id": tr.run_id, "normalization": self.normalization,
-                           "precision": self.precision})
-        wall = self.wall_before + time.perf_counter() - t_start
-        hours = job_hours(ctx, wall)
-        export = None
-        if end == s.steps:
-            export = self.export(last_ckpt, hours, wall)
-        if ctx.rank == 0:
-            history = {k: v for k, v in history.items() if v}
-            tr.log_loss_curve(history)
-            self._log_accounting(wall)
-        if ctx.world > 1:
-            dist.barrier()
-        return StageResult(self.recipe.name, end, self.run_dir, export, last_ckpt, losses, wall, hours,
-                           self.resumed_from)
+    # -- one step -------------------------------------------------------------------------------------------
+    def loss(self, engine: Any, step: int) -> dict[str, torch.Tensor]:
+        inputs = self._inputs(self._batch(step))
+        if not self._flops_counted:  # once per process: MFU is an estimate
+            self.flops_per_step, self._flops_counted = self._count_flops(engine, inputs, step), True
+        with autocast(self.precision, self.ctx.device):
+            return engine.module.training_loss(**inputs, generator=self._noise(step))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"normalization": self.normalization}
 
     # -- reporting ----------------------------------------------------------------------------------------
-    def _log_start(self) -> None:
+    def log_start(self, engine: Any, resumed_from: Path | None) -> None:
         tr, s = self.tracker, self.s
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = resolved_dict(self.params)
         (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
         tr.set_tags({"stage": self.recipe.name, "stage.number": str(self.recipe.stage), "config_hash": self.config_hash,
                      "precision": self.precision,
                      "device": self.ctx.device_type, "world_size": str(self.ctx.world), "nodes": str(self.ctx.nodes),
                      "parent": str(self.init_from or ""), "registered_model": s.registered_model})
-        if self.resumed_from is None:
+        if resumed_from is None:
             tr.log_params({"params": resolved, "job": {"stage": self.recipe.name, "world_size": self.ctx.world,
                                                        "device": self.ctx.device_type, "init_from": self.init_from,
                                                        "precision": self.precision}})
@@ -246,7 +184,7 @@ class StageJob:
                 tr.log_dataset(f"latent_actions/{name}", src.feature.content_hash,
                                str(src.feature.path.resolve()), extra=src.feature.meta)
         else:
-            tr.set_tags({"resumed_from": str(self.resumed_from)})
+            tr.set_tags({"resumed_from": str(resumed_from)})
 
     def _tier_refs(self) -> tuple[TierRef, ...]:
         """The tiers this job reads, by content hash (and DVC hash where the tier is versioned)."""
@@ -254,12 +192,12 @@ class StageJob:
                              dvc_hash=locked_hash(t.path), weight=self.recipe.tiers[n])
                      for n, t in sorted(self.tiers.items()))
 
-    def _count_flops(self, inputs: dict[str, Any], step: int) -> float | None:
+    def _count_flops(self, engine: Any, inputs: dict[str, Any], step: int) -> float | None:
         from torch.utils.flop_counter import FlopCounterMode
 
         try:
             with FlopCounterMode(display=False) as fc, torch.no_grad(), autocast(self.precision, self.ctx.device):
-                self.engine.module.training_loss(**inputs, generator=self._noise(step, salt=1))
+                engine.module.training_loss(**inputs, generator=self._noise(step, salt=1))
             return 3.0 * fc.get_total_flops()  # forward + backward ~ 3x forward
         except Exception:  # noqa: BLE001 - MFU is an estimate; never fail a job over it
             return None
@@ -275,38 +213,31 @@ class StageJob:
             self._measured_peak = 2 * 512**3 * 10 / (time.perf_counter() - t)
         return self._measured_peak
 
-    def _log_step(self, step: int, vals: dict[str, float], dt: float, flops: float | None, t_start: float) -> None:
+    def step_metrics(self, engine: Any, optimizer: Any, step: int, vals: dict[str, float], dt: float,
+                     elapsed: float) -> dict[str, float]:
         m = {f"train/{k}": v for k, v in vals.items()}
-        for g in self.optimizer.param_groups:
+        for g in optimizer.param_groups:
             m[f"lr/{g.get('name', 'group')}"] = g["lr"]
-        gn = self.engine.get_global_grad_norm()
+        gn = engine.get_global_grad_norm()
         if gn is not None:
             m["train/grad_norm"] = float(gn)
         m["perf/step_time_s"] = dt
         m["perf/samples_per_s"] = self.s.batch_size / dt
-        if flops:
-            m["perf/mfu"] = flops / dt / self._peak_flops()  # per-process FLOPs over one device's peak
-        elapsed = self.wall_before + time.perf_counter() - t_start
+        if self.flops_per_step:
+            m["perf/mfu"] = self.flops_per_step / dt / self._peak_flops()  # per-process FLOPs over one device's peak
         m["cost/device_hours"] = job_hours(self.ctx, elapsed)
-        self.tracker.log_metrics(m, step)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **m}) + "\n")
         log.info("step %d loss %.4f (%.2fs)", step, vals["loss"], dt)
-
-    def _log_accounting(self, wall: float) -> None:
-        metrics, tags = accounting(self.ctx, wall, self.params)
-        self.tracker.log_metrics(metrics, self.s.steps)
-        self.tracker.set_tags(tags)
+        return m
 
     # -- validation ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self, step: int) -> dict[str, float]:
+    def validate(self, engine: Any, step: int) -> dict[str, float]:
         """Held-out windows: flow loss per modality at fixed t, VLA action MSE, world-model video MSE/PSNR."""
         if self.ctx.rank != 0:
             if self.ctx.world > 1:
                 dist.barrier()
             return {}
-        model = self.engine.module
+        model = engine.module
         was_training = model.training
         model.eval()
         items = []
@@ -368,12 +299,10 @@ class StageJob:
         self.tracker.log_image(grid, f"validation/frames_step{step:06d}.png")
 
     # -- export -------------------------------------------------------------------------------------------
-    def export(self, checkpoint: Path | None, hours: float, wall: float) -> Path | None:
+    def export(self, engine: Any, checkpoint: Path | None, hours: float, wall: float) -> Path | None:
         """Model-only export (`save_pretrained` layout) + lineage facts: what the registry will hold."""
-        if self.ctx.rank != 0:
-            return None
         out = self.run_dir / "export"
-        model = self.engine.module
+        model = engine.module
         # tiny random bases have no path to come back from: ship them with the export
         model.vae = self.vae
         model.vlm = self.vlm
@@ -405,7 +334,7 @@ def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | N
               code: dict[str, Any] | None = None) -> StageResult:
     ctx = init_distributed()
     try:
-        return StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps, precision, code).run()
+        return Trainer(StageJob(params, stage, run_dir, ctx, tracker, init_from, max_steps, precision, code)).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
