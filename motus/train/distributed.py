@@ -54,8 +54,12 @@ def init_distributed() -> JobContext:
         device = torch.device("cuda", local_rank)
     else:
         device_type, device = "cpu", torch.device("cpu")
-        # processes on one machine share its cores; oversubscription slows every process many times over
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # processes on one machine share its cores; oversubscription slows every process many times over. An
+        # OMP_NUM_THREADS set by whoever started the job (a scheduler, a test runner) knows more about the machine's
+        # other work than this process does, so it wins.
+        given = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(given) if given.isdigit() and int(given) > 0
+                              else max(1, (os.cpu_count() or 1) // local_world))
     return JobContext(rank, world, local_rank, max(1, world // local_world), device, device_type)
 
 
