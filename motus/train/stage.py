@@ -39,8 +39,6 @@ from .trainer import Cadence, Trainer, TrainModule, TrainResult
 
 log = logging.getLogger("motus.train")
 
-
-
 StageResult = TrainResult  # what run_stage returns (the stage's name is the job's)
 
 
