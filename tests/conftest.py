@@ -89,8 +89,7 @@ def pytest_collection_modifyitems(config, items):
         return
     groups = xdist_groups(items)
     # slow units first (a group with a `slow` test, or a slow test of its own), so that the longest work does not
-    # start last and leave the other workers idle; a stable sort keeps each group's own order. (`make test` turns
-    # off xdist's own reordering, which puts groups by size first and every single test, however slow, last.)
+    # start last and leave the other workers idle; a stable sort keeps each group's own order
     slow = {groups.get(i.nodeid, i.nodeid) for i in items if i.get_closest_marker("slow")}
     items.sort(key=lambda i: groups.get(i.nodeid, i.nodeid) not in slow)
     for item in items:
