@@ -88,10 +88,6 @@ def pytest_collection_modifyitems(config, items):
     if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
         return
     groups = xdist_groups(items)
-    # slow units first (a group with a `slow` test, or a slow test of its own), so that the longest work does not
-    # start last and leave the other workers idle; a stable sort keeps each group's own order
-    slow = {groups.get(i.nodeid, i.nodeid) for i in items if i.get_closest_marker("slow")}
-    items.sort(key=lambda i: groups.get(i.nodeid, i.nodeid) not in slow)
     for item in items:
         group = groups.get(item.nodeid)
         if group is None or "@" in item.nodeid:
