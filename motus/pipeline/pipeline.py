@@ -32,7 +32,7 @@ from .errors import GateFailed, InfrastructureError, PipelineError, is_infrastru
 from .keys import StepInputs, explain, flatten
 from .ledger import Ledger
 from .steps import KINDS, Step, StepKind, build_steps
-from .steps.gate import GateStep, verdict_reasons
+from .steps.gate import verdict_reasons
 from .steps.training import root_cause
 
 __all__ = ["GateFailed", "InfrastructureError", "Pipeline", "PipelineError", "PlanRow", "Step", "StepResult",
@@ -149,7 +149,7 @@ class Pipeline:
         self.outputs = {}
         for step in self.steps:
             kind = self.kind_of(step)
-            if isinstance(kind, GateStep):
+            if not kind.cached:
                 action, why, out = kind.plan(self, step)
                 if out is not None:
                     self.outputs[step.name] = out
@@ -187,7 +187,7 @@ class Pipeline:
             if step is first:
                 return
             kind = self.kind_of(step)
-            if isinstance(kind, GateStep):
+            if not kind.cached:
                 self.outputs[step.name] = kind.current(self, step)
                 continue
             inputs = self.inputs(step)

@@ -76,6 +76,14 @@ class StepKind:
     def run(self, pipe: Context, step: Step, key: str) -> dict[str, Any]:
         raise NotImplementedError
 
+    def plan(self, pipe: Context, step: Step) -> tuple[str, str, dict[str, Any] | None]:
+        """An uncached step (`cached = False`): (action, why, its output when already decided), deciding nothing."""
+        raise NotImplementedError
+
+    def current(self, pipe: Context, step: Step) -> dict[str, Any]:
+        """An uncached step before `--from`: its output as the world has it now."""
+        raise NotImplementedError
+
     def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
         """Do a cached record's outputs still exist? With `repair`, fetch what can be fetched (DVC pull)."""
         return False
