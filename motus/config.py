@@ -713,6 +713,12 @@ class Settings(BaseSettings):
     pool: str | None = Field(None, description="params.yaml pool the kubernetes launcher submits to by default.")
     k8s_poll_s: float = Field(10.0, gt=0, description="How often the kubernetes launcher reads a job's state.")
     profile: Literal["local", "production"] = Field("local", description="Which deployment this is.")
+    warm_jobs: bool = Field(True, description="Local CPU jobs are forked from a warm runner that has already "
+                            "imported torch, DeepSpeed, diffusers and MLflow (motus.launch.runner); false: every "
+                            "job process imports them itself.")
+    runner_dir: Path | None = Field(None, description="Where warm runners keep their sockets, pid files and logs "
+                                    "(default: <tmp>/motus-runners-<uid>).")
+    runner_idle_s: float = Field(120.0, gt=0, description="A warm runner exits after this long without jobs.")
 
 
 def settings_errors(exc: ValidationError) -> list[tuple[str, str]]:

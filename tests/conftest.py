@@ -1,7 +1,9 @@
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -40,11 +42,29 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def pytest_configure(config):
     """On an xdist worker: one compute thread per process (the worker's torch and every job it starts). Several
     workers share the cores; OpenMP pools sized for the whole machine then spin against each other (measured on
-    2 cores, 3 workers: a 10 s in-process training test took 225 s)."""
+    2 cores, 3 workers: a 10 s in-process training test took 225 s).
+
+    Every session (each xdist worker is one) forks its tests' training jobs from warm runners of its own
+    (motus.launch.runner, the default for local CPU jobs), kept in a folder that `pytest_unconfigure` stops and
+    removes. Set here rather than by a fixture: an autouse session fixture would join every test into one xdist
+    group."""
     if hasattr(config, "workerinput"):
         os.environ["OMP_NUM_THREADS"] = "1"
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        return  # the xdist controller runs no tests
+    config._motus_runners = tempfile.mkdtemp(prefix="mr")  # short: a socket path has 107 bytes
+    os.environ["MOTUS_RUNNER_DIR"] = config._motus_runners
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_motus_runners", None)
+    if folder:
+        from motus.launch.runner import Runners
+
+        Runners(folder).stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shared_fixtures(item) -> list[str]:

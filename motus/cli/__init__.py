@@ -12,6 +12,7 @@ from .latent_cmd import latent_app
 from .model_cmd import model_app
 from .pipeline_cmd import pipeline_app
 from .registry_cmd import lineage_app, registry_app
+from .runner_cmd import runner_app
 from .train_cmd import train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -26,6 +27,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(k8s_app, name="k8s")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(runner_app, name="runner")
 
 
 @app.command()

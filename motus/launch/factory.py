@@ -13,8 +13,9 @@ def launcher_for(settings: Any, *, log: Path | None = None, **cluster: Any) -> L
     job's output (None: this terminal); `cluster`: kubeconfig / context / namespace for the kubernetes one."""
     if settings.launcher == "local":
         from .local import LocalLauncher
+        from .runner import Runners
 
-        return LocalLauncher(log=log)
+        return LocalLauncher(log=log, runners=Runners.from_settings(settings))
     if settings.launcher == "kubernetes":
         from .kubernetes import KubernetesLauncher
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..contracts import JobSpec
 from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
+from .runner import Runners, warm_command
 
 
 def free_port() -> int:
@@ -53,20 +54,30 @@ def environment(spec: JobSpec) -> dict[str, str]:
 
 class LocalLauncher:
     """The job's processes on this machine (the worker, or torchrun and its workers) in a process group of
-    their own, so a cancel (or Ctrl-C / SIGTERM while waiting) reaches every one of them. `log`: a file the job's output is appended to (None: this
-    terminal)."""
+    their own, so a cancel (or Ctrl-C / SIGTERM while waiting) reaches every one of them. `log`: a file the
+    job's output is appended to (None: this terminal). `runners`: where CPU jobs are forked warm (see
+    `motus.launch.runner`; None: every worker process imports cold)."""
 
     kind = "local"
 
-    def __init__(self, log: Path | None = None):
+    def __init__(self, log: Path | None = None, runners: Runners | None = None):
         self.log = Path(log) if log else None
+        self.runners = runners
         self._procs: dict[str, subprocess.Popen] = {}
 
     def submit(self, spec: JobSpec) -> JobHandle:
         Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+        cmd, env = command(spec), environment(spec)
         out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child holds it for its lifetime
+        if self.runners is not None:
+            sock, why = self.runners.ensure(env)  # a job that cannot go warm starts cold, as it always did
+            if sock is not None:
+                cmd = warm_command(cmd, sock)
+            elif why:
+                note = f"motus runner: starting the job cold: {why}\n"
+                out.write(note.encode()) if out else sys.stderr.write(note)
         try:
-            proc = subprocess.Popen(command(spec), env=environment(spec), start_new_session=True, stdout=out,
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
                                     stderr=subprocess.STDOUT if out else None)
         finally:
             if out is not None:
