@@ -33,7 +33,7 @@ demo: setup
 
 # The suite on TEST_WORKERS xdist workers (0: one process). Tests sharing an expensive fixture stay on one
 # worker (tests/conftest.py derives the groups), so each trained chain or project is built once.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: setup
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
