@@ -35,7 +35,7 @@ demo: setup
 # worker (tests/conftest.py derives the groups), so each trained chain or project is built once.
 TEST_WORKERS ?= 4
 test: setup
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 lint: setup
 	$(BIN)/ruff check motus tests benchmarks
