@@ -116,17 +116,23 @@ def scheduling_order(items, groups: dict[str, str]) -> list:
     return [item for _, unit in ranked for item in unit]
 
 
-# Critical path first: the spine alone is most of the suite's wall time when it shares the cores evenly (measured
-# on 2 cores, 4 workers: 810 s of a 901 s run, ~8 min alone). A worker lowers its own priority before its first test
-# outside tests/e2e (a process may always lower its own), so the e2e runs, scheduled first, get the cores they ask
-# for and the other workers fill the rest; jobs and servers a worker starts inherit its priority.
+# Critical paths first: the spine alone was most of the suite's wall time when it shared the cores evenly
+# (measured on 2 cores, 4 workers: 810 s of a 901 s run), and with the spine ahead the session's trained chain and
+# its readers became the tail (380 s of set-up). A worker lowers its own priority before its first test that is
+# neither in tests/e2e nor a reader of the chain (a process may always lower its own), so those units, scheduled
+# first, get the cores they ask for and the other workers fill the rest; jobs and servers a worker starts
+# inherit its priority.
 BACKGROUND_NICE = 10
+
+
+def on_critical_path(item) -> bool:
+    return item.nodeid.startswith(FIRST) or "chains" in item.fixturenames
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     config = item.config
-    if (hasattr(config, "workerinput") and config.getvalue("loadgroup") and not item.nodeid.startswith(FIRST)
+    if (hasattr(config, "workerinput") and config.getvalue("loadgroup") and not on_critical_path(item)
             and not getattr(config, "_motus_background", False)):
         config._motus_background = True
         os.nice(BACKGROUND_NICE)
