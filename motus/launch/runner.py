@@ -116,9 +116,9 @@ class Runners:
 
     def ensure(self, env: dict[str, str]) -> tuple[Path | None, str]:
         """(socket, "") of the runner for `env`, started if none is running; (None, "") for a job that is not a
-        CPU job (a CUDA context does not survive fork); (None, why) when no runner can serve it."""
-        if env.get("DS_ACCELERATOR") != "cpu":
-            return None, ""
+        CPU job on Linux (a CUDA context does not survive fork); (None, why) when no runner can serve it."""
+        if env.get("DS_ACCELERATOR") != "cpu" or not sys.platform.startswith("linux"):
+            return None, ""  # (fork, SCM_RIGHTS and /proc as used here: Linux only)
         key = runner_key(env)
         sock = self.folder / f"{key}.sock"
         if len(str(sock)) > MAX_SOCKET_PATH:
