@@ -68,14 +68,16 @@ class LocalLauncher:
     def submit(self, spec: JobSpec) -> JobHandle:
         Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
         cmd, env = command(spec), environment(spec)
-        out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child holds it for its lifetime
+        note = ""
         if self.runners is not None:
             sock, why = self.runners.ensure(env)  # a job that cannot go warm starts cold, as it always did
             if sock is not None:
                 cmd = warm_command(cmd, sock)
             elif why:
                 note = f"motus runner: starting the job cold: {why}\n"
-                out.write(note.encode()) if out else sys.stderr.write(note)
+        out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child holds it for its lifetime
+        if note:
+            out.write(note.encode()) if out else sys.stderr.write(note)
         try:
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
                                     stderr=subprocess.STDOUT if out else None)

@@ -292,15 +292,17 @@ def serve(sock: Path, idle_s: float) -> int:
         if not jobs and time.monotonic() - last > idle_s:
             stopping = True
         if stopping and listener.fileno() >= 0:
+            # no longer serving: the socket and the pid file go now, not when the last job ends, so the next
+            # launcher starts a new runner instead of waiting on this one
             listener.close()
             with contextlib.suppress(OSError):
                 if sock.stat().st_ino == inode:  # not a newer runner's
                     sock.unlink()
-        if stopping and not jobs:
             pid_file = sock.with_suffix(".pid")
             with contextlib.suppress(OSError, ValueError):
                 if int(pid_file.read_text()) == os.getpid():
                     pid_file.unlink()
+        if stopping and not jobs:
             print(f"motus runner {os.getpid()}: stopped", flush=True)
             return 0
         ready = []
