@@ -87,8 +87,9 @@ def _runner_pid(pid_file: Path) -> int | None:
     """The pid in `pid_file` if that process is alive and is a runner (a reused pid is not)."""
     try:
         pid = int(pid_file.read_text())
-        os.kill(pid, 0)
     except (OSError, ValueError):
+        return None
+    if not alive(pid):
         return None
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
@@ -162,22 +163,27 @@ class Runners:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for pid in pids:
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and alive(pid):
                 time.sleep(0.05)
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, exited but not yet reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # someone else's process: alive
+        pass
     try:  # a zombie (exited, not yet reaped by the launcher that started it) is not running
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1] != "Z"
-    except (OSError, IndexError):
+    except FileNotFoundError:  # ended meanwhile
+        return False
+    except (OSError, IndexError):  # no /proc here
         return True
 
 

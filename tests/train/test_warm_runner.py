@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from motus.launch.runner import Runners
+from motus.launch.runner import Runners, alive
 
 from ..support.project import MOTUS, project_env
 
@@ -42,15 +42,11 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def gone(pid: int, within_s: float = 15.0) -> bool:
     deadline = time.time() + within_s
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1] == "Z":
-                return True
-        except (ProcessLookupError, FileNotFoundError):
-            return True
+    while alive(pid):
+        if time.time() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def started_job(proc: subprocess.Popen) -> tuple[int, int]:
@@ -116,7 +112,7 @@ def test_a_warm_job_is_the_cold_job(project, runner_dir):
     assert job.wait(60) != 0
     assert "killed (exit -15)" in job.stderr.read()
 
-    # stopped: the runner is gone with its socket; the next job starts a new one
+    # stopped: the runner is gone with its socket and pid file
     assert Runners(runner_dir).stop() == [runner_pid] and gone(runner_pid)
     assert not list(runner_dir.glob("*.sock")) and Runners(runner_dir).running() == []
 
