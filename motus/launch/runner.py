@@ -68,10 +68,13 @@ def import_env(env: dict[str, str]) -> dict[str, str]:
 
 def runner_key(env: dict[str, str]) -> str:
     """What a runner's imports depend on: the interpreter, the installed packages (their folders' mtimes change
-    with every install), every motus source file, and the import-time environment."""
+    with every install), every motus source file, and the import-time environment; and the caller's
+    scheduling priority, which forked jobs inherit from the runner (a job launched at normal priority must not
+    run `nice`d because a background caller happened to start the runner)."""
     import motus
 
     h = hashlib.sha256(sys.executable.encode())
+    h.update(f"nice={os.getpriority(os.PRIO_PROCESS, 0)}".encode())
     for p in sorted({p for p in sys.path if p.endswith("-packages")}):
         with contextlib.suppress(OSError):
             h.update(f"{p}:{os.stat(p).st_mtime_ns}".encode())

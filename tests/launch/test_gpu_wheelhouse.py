@@ -100,22 +100,51 @@ def test_wheels_are_for_the_node_and_only_what_it_lacks(bundle):
         assert wh.wheel_fits_node(path), path.name
 
 
+# Installed in the node-like interpreter: finds the allowed packages (modules and metadata) in this venv's
+# site-packages, which is not on its sys.path, so nothing else there exists for it.
+_NODE_ONLY = """import importlib.abc, importlib.machinery, importlib.metadata as md, re, sys
+
+SITE = {site!r}
+TOPS = frozenset({tops!r})
+DISTS = frozenset({dists!r})
+
+
+class NodeOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if path is None and name in TOPS:
+            return importlib.machinery.PathFinder.find_spec(name, [SITE], target)
+        return None
+
+    def find_distributions(self, context=md.DistributionFinder.Context()):
+        here = md.DistributionFinder.Context(name=context.name, path=[SITE])
+        for dist in importlib.machinery.PathFinder.find_distributions(here):
+            if re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower() in DISTS:
+                yield dist
+
+
+sys.meta_path.append(NodeOnly())
+"""
+
+
 def node_like_python(bundle: Path, dest: Path) -> Path:
-    """A virtualenv that sees only the node's packages and the bundle's (this venv's copies, linked into one
-    folder) plus this checkout: a stand-in for the bare GPU node, on this machine's Python."""
+    """A virtualenv that sees only the node's packages and the bundle's (this venv's copies) plus this checkout:
+    a stand-in for the bare GPU node, on this machine's Python. The packages keep their real paths, so a C++
+    extension JIT-built here (DeepSpeed's CPU comm op) has the suite's build command and is reused; a copy at
+    other paths would be rebuilt into the shared extension folder, and every later job would rebuild it back."""
     allowed = wh.NODE_PACKAGES | {parse_wheel_filename(p.name)[0] for p in wheels(bundle)} - {"motus"}
-    site = dest / "site"
-    site.mkdir(parents=True)
+    tops: set[str] = set()
     for dist in importlib.metadata.distributions():
         if canonicalize_name(dist.metadata["Name"]) in allowed:
-            root = Path(dist.locate_file(""))
-            for top in {f.parts[0] for f in dist.files or []} - {"..", "__pycache__"}:
-                if (root / top).exists() and not (site / top).exists():
-                    (site / top).symlink_to(root / top)
+            tops |= {f.parts[0].removesuffix(".py") for f in dist.files or []
+                     if (len(f.parts) > 1 and not f.parts[0].endswith((".dist-info", ".data")))
+                     or f.parts[0].endswith(".py")} - {"..", "__pycache__"}
     base = Path(getattr(sys, "_base_executable", sys.executable))
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(dest / "node")], check=True, timeout=120)
     node_site = next((dest / "node" / "lib").glob("python3.*/site-packages"))
-    (node_site / "node.pth").write_text(f"{REPO}\n{site}\n")
+    site = str(Path(importlib.util.find_spec("torch").origin).parents[1])
+    (node_site / "_motus_node_only.py").write_text(_NODE_ONLY.format(site=site, tops=sorted(tops),
+                                                                     dists=sorted(allowed)))
+    (node_site / "node.pth").write_text(f"{REPO}\nimport _motus_node_only\n")
     return dest / "node" / "bin" / "python"
 
 

@@ -36,6 +36,11 @@ def test_a_runner_is_keyed_by_what_its_imports_read(tmp_path, monkeypatch):
     for change in ({"DS_ACCELERATOR": "cuda"}, {"PYTHONPATH": "/src"}, {"HF_HUB_OFFLINE": "0"},
                    {"TORCHDYNAMO_DISABLE": "0"}):
         assert runner_key({**CPU, **change}) != base, change
+    # forked jobs inherit the runner's priority: a `nice`d caller gets a runner of its own
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: niceness + 1)
+    assert runner_key(CPU) != base
+    monkeypatch.undo()
     # an edited motus source file is a new runner, never a stale one
     import motus
 
