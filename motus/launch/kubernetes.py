@@ -155,7 +155,8 @@ def _env(spec: JobSpec, opts: ClusterOptions) -> list[Any]:
 def worker_command(spec: JobSpec) -> list[str]:
     """The local launcher's worker command, without the torchrun flags the operator supplies as PET_* env."""
     cluster_spec = dataclasses.replace(spec, params_file=Path(PARAMS_PATH))
-    return ["python", "-m", "torch.distributed.run", "-m", "motus.launch.worker", *cluster_spec.worker_args()]
+    # motus.launch.node is torchrun with exit codes restartPolicy ExitCode can act on (an eviction restarts)
+    return ["python", "-m", "motus.launch.node", "-m", "motus.launch.worker", *cluster_spec.worker_args()]
 
 
 def build_pytorchjob(spec: JobSpec, params: Params, opts: ClusterOptions | None = None) -> Any:

@@ -15,8 +15,38 @@ from pathlib import Path
 
 from ..contracts import ContractError, JobSpec
 
+# The exit code of a process whose peer went away (another node of the job was evicted or crashed): not this
+# job's fault, so it is in the range the Training Operator's restartPolicy ExitCode retries (128-255).
+PEER_LOST = 200
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """A collective failed because another process of a multi-process job is gone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", None)
+    return (backend_error is not None and isinstance(e, backend_error)) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_GONE))
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception as e:
+        if not peer_lost(e):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"motus worker: a peer of this job is gone ({type(e).__name__}); exiting {PEER_LOST} so the "
+              "job restarts and resumes from its latest checkpoint", file=sys.stderr)
+        return PEER_LOST
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="motus.launch.worker", description=__doc__)
     ap.add_argument("--spec", default=None,
                     help="The job as a JobSpec JSON object (or @FILE): what every launcher passes.")

@@ -81,7 +81,7 @@ def test_rendered_job_for_every_pool_and_stage_validates(params, stage, pool):
         local = local_command(spec)
         local_spec = JobSpec.from_json(json.loads(local[local.index("--spec") + 1]))
         head, pod_spec = main["command"][:-1], JobSpec.from_json(json.loads(main["command"][-1]))
-        assert head == ["python", "-m", "torch.distributed.run", "-m", "motus.launch.worker", "--spec"]
+        assert head == ["python", "-m", "motus.launch.node", "-m", "motus.launch.worker", "--spec"]
         assert pod_spec == local_spec.with_updates(params_file=Path(k8s.PARAMS_PATH)) == dataclasses.replace(
             spec.for_worker(), params_file=Path(k8s.PARAMS_PATH))
         # credentials only by reference
