@@ -215,6 +215,14 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
+class Placement(_Section):
+    """Where the kubernetes launcher runs a training job; the local launcher ignores it. Not part of a step's
+    content key: where a job runs does not change what it computes (the global batch is split over the ranks)."""
+
+    pool: str | None = Field(None, description="params.yaml pool the job is queued on; None = MOTUS_POOL.")
+    nodes: int = Field(1, ge=1, description="Nodes: 1 Master + nodes-1 Workers, each using all of the pool's GPUs.")
+
+
 class Stage(_Section):
     """A training recipe: which tiers, which experts train, where actions come from, which parent."""
 
@@ -255,6 +263,7 @@ class Stage(_Section):
     log_every: int = Field(1, ge=1, description="Steps between metric logs.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     precision: Precision | None = Field(None, description="auto | bf16 | fp32 for this stage; None = the global `precision`.")
+    cluster: Placement = Field(default_factory=Placement, description="Pool and nodes on a cluster.")
 
     @model_validator(mode="after")
     def _actions_need_a_source(self) -> Stage:
@@ -362,6 +371,7 @@ class LatentActionSection(_Section):
     validate_every: int = Field(100, ge=1)
     registered_model: str = Field("motus-lam", min_length=1)
     flow: FlowSettings = Field(default_factory=FlowSettings)
+    cluster: Placement = Field(default_factory=Placement, description="Pool and nodes on a cluster.")
 
 
 class CostConfig(_Section):
@@ -448,6 +458,14 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             )
         else:
             registered[model_name] = name
+
+    pools = mapping(data.get("pools"))
+    placed = [(f"stages.{n}", st) for n, st in stages.items()] + [("latent_action", mapping(data.get("latent_action")))]
+    for where, section in placed:
+        pool = mapping(section.get("cluster")).get("pool")
+        if isinstance(pool, str) and pool not in pools:
+            known = ", ".join(sorted(map(str, pools))) or "none defined"
+            problems.append((f"{where}.cluster.pool", f"unknown pool '{pool}' (known pools: {known})"))
 
     model_action_dim = model.get("action_dim", ModelConfig.model_fields["action_dim"].default)
     for name, stage in stages.items():

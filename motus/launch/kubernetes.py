@@ -325,6 +325,19 @@ def job_gpu_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float 
     return device_hours(nodes, gpus, max(0.0, (end - start).total_seconds()))
 
 
+def job_device_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
+    """Nodes x processes per node (a GPU pool: its GPUs; a CPU pool: one) x wall hours from the job's own start
+    and completion times; None before it started."""
+    status = job.get("status") or {}
+    start = _parse_time(status.get("startTime"))
+    if start is None:
+        return None
+    end = _parse_time(status.get("completionTime")) or now or dt.datetime.now(dt.timezone.utc)
+    spec = job.get("spec") or {}
+    nodes = sum(int(r.get("replicas", 1)) for r in (spec.get("pytorchReplicaSpecs") or {}).values())
+    return device_hours(nodes, max(1, int(spec.get("nprocPerNode") or 1)), max(0.0, (end - start).total_seconds()))
+
+
 def job_state(job: dict[str, Any]) -> str:
     """The latest true condition (Created, Running, Restarting, Succeeded, Failed, Suspended) or Pending."""
     conds = [c for c in ((job.get("status") or {}).get("conditions") or []) if c.get("status") == "True"]
@@ -421,11 +434,15 @@ class ClusterClient:
         except RuntimeError as e:
             raise ClusterError(f"listing PyTorchJobs in {self.namespace}: {_why(e)}") from None
 
-    def logs(self, name: str, follow: bool = False, worker: int | None = None) -> dict[str, str]:
-        """Logs of the Master pod (or Worker `worker`); with `follow` the SDK streams them to stdout as they come."""
+    def logs(self, name: str, follow: bool = False, worker: int | None = None,
+             all_pods: bool = False) -> dict[str, str]:
+        """Logs of the Master pod (or Worker `worker`, or every pod); with `follow` the SDK streams them to stdout
+        as they come."""
         self.ping()
         kw = dict(is_master=True) if worker is None else dict(is_master=False, replica_type="worker",
                                                                replica_index=worker)
+        if all_pods:
+            kw = dict(is_master=False)
         try:
             logs, _ = self.client.get_job_logs(name, namespace=self.namespace, follow=follow, **kw)
         except RuntimeError as e:
@@ -514,7 +531,21 @@ class KubernetesLauncher:
         return JobOutcome(KILLED, 124, f"still {state} after {timeout_s}s")
 
     def logs(self, handle: JobHandle) -> str:
-        return "\n".join(f"[{pod}] {text}" for pod, text in self.client.logs(handle.name).items())
+        """Every pod's log (a Worker's exception is only in its own), the Master's first."""
+        return "\n".join(f"[{pod}] {text}" for pod, text in self.client.logs(handle.name, all_pods=True).items())
+
+    def record(self, handle: JobHandle) -> dict[str, Any]:
+        """The job's identity and its device-hours from its own start and completion times."""
+        job = self.client.get(handle.name)
+        meta, ann = job.get("metadata") or {}, (job.get("metadata") or {}).get("annotations") or {}
+        status = job.get("status") or {}
+        master = ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}
+        image = next(iter(((master.get("template") or {}).get("spec") or {}).get("containers") or []), {}).get("image")
+        return {"launcher": self.kind, "namespace": meta.get("namespace"), "name": meta.get("name"),
+                "uid": meta.get("uid"), "pool": (meta.get("labels") or {}).get("motus/pool"),
+                "nodes": ann.get("motus/nodes"), "gpus_per_node": ann.get("motus/gpus-per-node"), "image": image,
+                "start": status.get("startTime"), "completion": status.get("completionTime"),
+                "device_hours": job_device_hours(job)}
 
     def cancel(self, handle: JobHandle) -> None:
         self.client.cancel(handle.name)

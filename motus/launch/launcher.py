@@ -54,6 +54,11 @@ class Launcher(Protocol):
 
     def cancel(self, handle: JobHandle) -> None: ...
 
+    def record(self, handle: JobHandle) -> dict[str, Any]:
+        """Where a finished job ran, for the version it produced (empty when there is nothing beyond the
+        lineage record to say)."""
+        ...
+
 
 def run_to_end(launcher: Launcher, spec: JobSpec, timeout_s: float | None = None) -> JobOutcome:
     """Submit and wait; Ctrl-C cancels the job (the local launcher forwards it to its processes itself)."""

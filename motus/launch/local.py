@@ -108,6 +108,9 @@ class LocalLauncher:
     def logs(self, handle: JobHandle) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
+    def record(self, handle: JobHandle) -> dict[str, object]:
+        return {}  # this machine: the lineage record already says what ran where
+
     def cancel(self, handle: JobHandle) -> None:
         proc = self._procs.get(handle.name)
         if proc is not None and proc.poll() is None:

@@ -28,13 +28,24 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
             detail = f"content {out['content_hash'][:12]}"
         steps.append({"step": r.step, "kind": r.kind, "status": r.status, "seconds": round(r.seconds, 2),
                       "compute_seconds": round(r.compute_seconds, 2), "device_hours": out.get("device_hours")
-                      if r.status == "ran" else None, "detail": detail, "error": r.error})
+                      if r.status == "ran" else None, "pool": out.get("pool") if r.status == "ran" else None,
+                      "detail": detail, "error": r.error})
     status = "completed" if stopped is None else ("stopped at a gate" if stopped == "gate" else "failed")
     return {"status": status, "error": error, "wall_seconds": round(wall_seconds, 2),
             "device_hours": sum(s["device_hours"] or 0.0 for s in steps),
+            "device_hours_by_pool": _by_pool(steps),
             "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
             "steps": steps, "champions": pipe.champions(), "tracking_uri": pipe.tracking_uri,
             "pipeline_run": pipe.pipeline_run}
+
+
+def _by_pool(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Device-hours of this run's cluster jobs per pool (local jobs have no pool)."""
+    pools: dict[str, float] = {}
+    for s in steps:
+        if s.get("pool") and s["device_hours"]:
+            pools[s["pool"]] = pools.get(s["pool"], 0.0) + s["device_hours"]
+    return pools
 
 
 def write_report(pipe: Any, report: dict[str, Any]) -> Path:
@@ -63,7 +74,9 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     console.print(t)
     champs = ", ".join(f"{m}: {'v' + str(v) if v else 'none'}" for m, v in report["champions"].items())
     console.print(f"champions: {champs}")
-    console.print(f"device hours this run: {report['device_hours']:.4f}")
+    pools = report.get("device_hours_by_pool") or {}
+    per_pool = f" ({', '.join(f'{p}: {h:.4f}' for p, h in sorted(pools.items()))})" if pools else ""
+    console.print(f"device hours this run: {report['device_hours']:.4f}{per_pool}")
     if report.get("error"):
         console.print(f"[red]{report['error']}[/red]")
     uri = report.get("tracking_uri", "")

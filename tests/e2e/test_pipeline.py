@@ -224,23 +224,41 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
 
 
 @pytest.mark.slow
-def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
+def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjob(tmp_path):
     """Every service of the production profile, started here on 127.0.0.1: PostgreSQL databases for MLflow and
-    Prefect, an S3 server (DVC remote + MLflow artifacts), the MLflow and Prefect servers; the recipe deployed to
-    a process work pool and run by a real worker."""
+    Prefect, an S3 server (DVC remote, MLflow artifacts, checkpoint mirror), the MLflow and Prefect servers; the
+    recipe deployed to a process work pool and run by a real worker, with MOTUS_LAUNCHER=kubernetes: every
+    training step is a 2-node PyTorchJob on the stand-in cluster, whose pods are real processes working in the
+    project folder (the workspace volume a Prefect worker in the cluster would share with the jobs)."""
     import asyncio
+    import sys
 
     import boto3
     from mlflow import MlflowClient
 
-    from ..support.project import MINIMAL_TIERS, S3_CREDENTIALS, add_flows
+    from ..support.k8s_standin import Image, KubeApiStandIn
+    from ..support.project import MINIMAL_TIERS, REPO, S3_CREDENTIALS, add_flows
     from ..support.servers import fresh_postgres_database, mlflow_server, prefect_server, s3_server
 
-    # what this test proves is the services (the spine above proves the recipe): the fewest tiers, short stages
+    # what this test proves is the services and the cluster path (the spine proves the recipe): the fewest
+    # tiers, short stages, every training job on two nodes of a CPU pool
     proj = make_project(tmp_path / "proj", steps=2, tiers=MINIMAL_TIERS)
     add_flows(proj)
+    raw = yaml.safe_load((proj / "params.yaml").read_text())
+    raw["pools"]["cpu"] = {"gpu": "cpu", "gpus_per_node": 0, "queue": "motus-cpu"}
+    for section in (*raw["stages"].values(), raw["latent_action"]):
+        section["cluster"] = {"pool": "cpu", "nodes": 2}
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    image = "registry.example/motus-train:test"
+    node_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                "PYTHONSAFEPATH": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
     with (s3_server() as s3, fresh_postgres_database("motus_mlflow") as mlflow_db,
-          fresh_postgres_database("motus_prefect") as prefect_db):
+          fresh_postgres_database("motus_prefect") as prefect_db,
+          KubeApiStandIn(run_pods=True, volumes={"motus-workspace": proj},
+                         images={image: Image(sys.executable, node_env)}) as cluster):
+        cluster.add_secret("motus", "motus-s3", {k: v for k, v in S3_CREDENTIALS.items() if k.startswith("AWS_")})
+        kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
         bucket = boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
                                                        if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
         bucket.create_bucket(Bucket="motus")
@@ -249,7 +267,8 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
               prefect_server(prefect_db, tmp_path / "prefect-home") as api):
             env = project_env(proj, MOTUS_TRACKING_URI=tracking, MOTUS_DATA_REMOTE="s3://motus/dvc",
                               MOTUS_S3_ENDPOINT_URL=s3, PREFECT_API_URL=api, MOTUS_PROFILE="production",
-                              **S3_CREDENTIALS)
+                              MOTUS_LAUNCHER="kubernetes", MOTUS_IMAGE=image, KUBECONFIG=str(kubeconfig),
+                              MOTUS_K8S_POLL_S="0.5", **S3_CREDENTIALS)
             r = subprocess.run([str(MOTUS), "pipeline", "deploy", "--pool", "motus-process", "--eval-seeds", "1"],
                                cwd=proj, env=env, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr
@@ -280,3 +299,22 @@ def test_production_profile_runs_the_deployment_on_a_process_worker(tmp_path):
             keys = [o["Key"] for o in bucket.list_objects_v2(Bucket="motus").get("Contents", [])]
             assert any(k.startswith("dvc/") for k in keys), "the tiers were not pushed to the S3 DVC remote"
             assert any(k.startswith("mlflow/") for k in keys), "no MLflow artifact reached S3"
+
+            # every training step ran as a 2-node PyTorchJob on the cpu pool, and its version says which
+            jobs = {name: job for (ns, name), job in cluster.jobs.items()}
+            assert len(jobs) == 4 and all(cluster.state("motus", n) == "Succeeded" for n in jobs), \
+                {n: cluster.state("motus", n) for n in jobs}
+            for name in jobs:
+                pods = {p for (_, p), pod in cluster.pods.items() if pod["metadata"]["labels"][
+                    "training.kubeflow.org/job-name"] == name}
+                assert pods == {f"{name}-master-0", f"{name}-worker-0"}, pods
+            for model in ("motus-lam", "motus-vgm", "motus-latent-action", "motus-aloha"):
+                tags = client.get_model_version(model, "1").tags
+                assert tags["motus.job.name"] in jobs and tags["motus.job.pool"] == "cpu", tags
+                assert tags["motus.job.nodes"] == "2" and float(tags["motus.job.device_hours"]) > 0, tags
+                assert tags["motus.job.uid"] == jobs[tags["motus.job.name"]]["metadata"]["uid"]
+            # the Master mirrored its checkpoints and export to S3 (what a job on another volume resumes from)
+            assert any(k.startswith("runs/") and "/export/" in k for k in keys), "no export in the S3 mirror"
+            report = json.loads((proj / "outputs" / "pipeline" / "last-run.json").read_text())
+            assert report["device_hours_by_pool"]["cpu"] == pytest.approx(
+                sum(s["device_hours"] or 0 for s in report["steps"] if s.get("pool") == "cpu"))

@@ -31,12 +31,19 @@ class JobStep(StepKind):
     def init_from(self, pipe: Context, step: Step) -> str | None:
         return None
 
+    def placement(self, pipe: Context, step: Step) -> Any:
+        raise NotImplementedError
+
     def run(self, pipe: Context, step: Step, key: str) -> dict[str, Any]:
-        run_dir = run_job(pipe, self.job_stage(step), key, self.planned_steps(pipe, step), self.init_from(pipe, step))
+        run_dir, job = run_job(pipe, self.job_stage(step), key, self.planned_steps(pipe, step),
+                               self.init_from(pipe, step), self.placement(pipe, step))
         ref = pipe.registry.register(run_dir / "export")
+        if job:  # where it ran (a cluster job's identity and its measured device-hours) goes on the version
+            pipe.registry.tag_version(ref, {f"motus.job.{k}": str(v) for k, v in job.items()})
         lineage = LineageRecord.read(run_dir / "export")
+        hours = float(job["device_hours"]) if job.get("device_hours") is not None else lineage.device_hours
         return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
-                "device_hours": lineage.device_hours}
+                "device_hours": hours, **({"pool": job["pool"]} if job.get("pool") else {})}
 
     def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
         try:
@@ -82,9 +89,12 @@ class LatentActionStep(JobStep):
     def planned_steps(self, pipe: Context, step: Step) -> int:
         return pipe.params.latent_action.steps
 
+    def placement(self, pipe: Context, step: Step) -> Any:
+        return pipe.params.latent_action.cluster
+
     def config(self, pipe: Context, step: Step) -> dict[str, Any]:
         r = pipe.resolved
-        return {"latent_action": r["latent_action"], "project": {"seed": r["project"]["seed"]},
+        return {"latent_action": _without_placement(r["latent_action"]), "project": {"seed": r["project"]["seed"]},
                 "data": {"heldout_fraction": r["data"]["heldout_fraction"]}, "precision": r["precision"]}
 
 
@@ -100,9 +110,12 @@ class StageStep(JobStep):
     def planned_steps(self, pipe: Context, step: Step) -> int:
         return pipe.params.stages[step.target].steps
 
+    def placement(self, pipe: Context, step: Step) -> Any:
+        return pipe.params.stages[step.target].cluster
+
     def config(self, pipe: Context, step: Step) -> dict[str, Any]:
         r = pipe.resolved
-        s = r["stages"][step.target]
+        s = _without_placement(r["stages"][step.target])
         return {"stages": {step.target: s}, "model": r["model"], "project": {"seed": r["project"]["seed"]},
                 "precision": r["precision"],  # the global one; a stage's own is inside its section
                 "data": {k: r["data"][k] for k in ("window", "heldout_fraction")},
@@ -116,8 +129,15 @@ class StageStep(JobStep):
         return str(pipe.registry.fetch(f"models:/{parent}/{champion}"))
 
 
-def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | None = None) -> Path:
-    """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder."""
+def _without_placement(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's section without `cluster`: where a job runs is not part of what it computes (its content key)."""
+    return {k: v for k, v in section.items() if k != "cluster"}
+
+
+def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | None = None,
+            placement: Any = None) -> tuple[Path, dict[str, Any]]:
+    """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder; returns the
+    folder and what the launcher says about where the job ran (`Launcher.record`)."""
     from ...launch.factory import launcher_for
     from ...launch.launcher import KILLED
 
@@ -126,14 +146,19 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
     spec = JobSpec(stage=stage, run_dir=run_dir, params_file=pipe.params_file, procs_per_node=pipe.nproc,
                    init_from=init_from, env={"MOTUS_TRACKING_URI": pipe.tracking_uri})
     log = run_dir / "job.log"
+    launcher = launcher_for(pipe.settings, log=log)
+    if launcher.kind == "kubernetes":
+        spec = cluster_job(pipe, spec, placement)
     resumed = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    pipe.echo(f"  {stage}: {'resuming' if resumed else 'starting'} in {run_dir} (log: {log})")
+    where = f" on {spec.pool} ({spec.nodes} node{'s' if spec.nodes > 1 else ''})" if spec.pool else ""
+    pipe.echo(f"  {stage}: {'resuming' if resumed else 'starting'}{where} in {run_dir} (log: {log})")
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(pipe.echo, stage, total, run_dir, stop), daemon=True)
     watcher.start()
-    launcher = launcher_for(pipe.settings, log=log)
     try:
         handle = launcher.submit(spec)
+        if launcher.kind == "kubernetes":
+            pipe.echo(f"  {stage}: PyTorchJob {handle.detail.get('namespace')}/{handle.name} queued on {spec.pool}")
         try:
             outcome = launcher.wait(handle)
         except KeyboardInterrupt:
@@ -143,11 +168,28 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
         stop.set()
         watcher.join(timeout=2)
     if not outcome.ok:
-        cause = root_cause(launcher.logs(handle))
+        logs = launcher.logs(handle)
+        if launcher.kind != "local":
+            log.write_text(logs)
+        cause = root_cause(logs)
         if outcome.state == KILLED:  # killed from outside (OOM killer, preemption): retryable
             raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
         raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
-    return run_dir
+    return run_dir, launcher.record(handle)
+
+
+def cluster_job(pipe: Context, spec: JobSpec, placement: Any) -> JobSpec:
+    """The spec as a cluster runs it: the run folder relative to the project (the workspace volume, the pods'
+    working directory), the stage's pool (else MOTUS_POOL) and nodes."""
+    try:
+        rel = Path(spec.run_dir).resolve().relative_to(pipe.root.resolve())
+    except ValueError:
+        raise PipelineError(f"MOTUS_LAUNCHER=kubernetes: the run folder {spec.run_dir} is outside the project "
+                            f"{pipe.root}, which is the jobs' workspace volume; keep the pipeline's outputs in the "
+                            "project") from None
+    pool = (placement.pool if placement is not None else None) or pipe.settings.pool
+    nodes = placement.nodes if placement is not None else 1
+    return spec.with_updates(run_dir=rel, pool=pool, nodes=nodes, procs_per_node=1)
 
 
 def _watch(echo, stage: str, total: int, run_dir: Path, stop: threading.Event) -> None:

@@ -109,6 +109,11 @@ class Registry:
             export_dir, actor, prices=dict(params.costs.device_hour) if params is not None else {},
             tier_levels={n: t.level for n, t in params.tiers.items()} if params is not None else {})
 
+    def tag_version(self, ref: ModelVersionRef, tags: dict[str, str]) -> None:
+        """Add tags to a version (where its job ran); existing tags of other names are kept."""
+        for k, v in tags.items():
+            self.client.set_model_version_tag(ref.name, str(ref.version), k, v)
+
     def fetch(self, uri_or_ref: str | ModelVersionRef, dst: Path | None = None) -> Path:
         """The version's export, downloaded to `dst` (default: a new temporary folder); its hash is checked."""
         ref = self.resolve(uri_or_ref) if isinstance(uri_or_ref, str) else uri_or_ref
