@@ -325,6 +325,17 @@ def job_gpu_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float 
     return device_hours(nodes, gpus, max(0.0, (end - start).total_seconds()))
 
 
+def _devices(job: dict[str, Any]) -> int:
+    spec = job.get("spec") or {}
+    nodes = sum(int(r.get("replicas", 1)) for r in (spec.get("pytorchReplicaSpecs") or {}).values())
+    return nodes * max(1, int(spec.get("nprocPerNode") or 1))
+
+
+def _seconds_between(a: Any, b: Any) -> float | None:
+    start, end = _parse_time(a), _parse_time(b)
+    return None if start is None or end is None else max(0.0, (end - start).total_seconds())
+
+
 def job_device_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
     """Nodes x processes per node (a GPU pool: its GPUs; a CPU pool: one) x wall hours from the job's own start
     and completion times; None before it started."""
@@ -333,9 +344,7 @@ def job_device_hours(job: dict[str, Any], now: dt.datetime | None = None) -> flo
     if start is None:
         return None
     end = _parse_time(status.get("completionTime")) or now or dt.datetime.now(dt.timezone.utc)
-    spec = job.get("spec") or {}
-    nodes = sum(int(r.get("replicas", 1)) for r in (spec.get("pytorchReplicaSpecs") or {}).values())
-    return device_hours(nodes, max(1, int(spec.get("nprocPerNode") or 1)), max(0.0, (end - start).total_seconds()))
+    return device_hours(1, _devices(job), max(0.0, (end - start).total_seconds()))
 
 
 def job_state(job: dict[str, Any]) -> str:
@@ -400,6 +409,12 @@ class ClusterClient:
         from kubernetes.client.exceptions import ApiException
 
         self.ping()
+        # refused before anything is created: a job Kueue could never admit, or whose pods would wait forever
+        manifest = to_manifest(job)
+        problem = quota_problem(manifest, Path("k8s/kueue"))
+        if problem:
+            raise ClusterError(problem)
+        self.require_secrets(required_secrets(manifest))
         if configmap is not None:
             try:
                 self.client.core_api.create_namespaced_config_map(self.namespace, configmap,
@@ -419,6 +434,20 @@ class ClusterClient:
             raise ClusterError(f"creating PyTorchJob {self.namespace}/{name}: "
                                f"{getattr(cause, 'status', '')} {getattr(cause, 'reason', '') or e}") from None
         return name
+
+    def require_secrets(self, names: list[str]) -> None:
+        """Refuse, before submitting, a job whose pods would wait forever for a Secret that does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        for secret in names:
+            try:
+                self.client.core_api.read_namespaced_secret(secret, self.namespace, _request_timeout=self.timeout)
+            except ApiException as e:
+                if e.status == 404:
+                    raise ClusterError(f"Secret {self.namespace}/{secret} does not exist; the job's pods read "
+                                       f"credentials from it (`kubectl -n {self.namespace} create secret generic "
+                                       f"{secret} ...`, README: Run on a cluster)") from None
+                raise ClusterError(f"reading Secret {self.namespace}/{secret}: {e.status} {e.reason}") from None
 
     def get(self, name: str) -> dict[str, Any]:
         self.ping()
@@ -545,10 +574,50 @@ class KubernetesLauncher:
                 "uid": meta.get("uid"), "pool": (meta.get("labels") or {}).get("motus/pool"),
                 "nodes": ann.get("motus/nodes"), "gpus_per_node": ann.get("motus/gpus-per-node"), "image": image,
                 "start": status.get("startTime"), "completion": status.get("completionTime"),
-                "device_hours": job_device_hours(job)}
+                "restarts": sum(1 for c in status.get("conditions") or [] if c.get("type") == "Restarting"),
+                "queued_s": _seconds_between(meta.get("creationTimestamp"), status.get("startTime")),
+                "devices": _devices(job), "device_hours": job_device_hours(job)}
 
     def cancel(self, handle: JobHandle) -> None:
         self.client.cancel(handle.name)
+
+
+def required_secrets(job: dict[str, Any]) -> list[str]:
+    """Secrets the job's containers reference without `optional: true`."""
+    names: set[str] = set()
+    for replica in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values():
+        pod = (replica.get("template") or {}).get("spec") or {}
+        for c in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    names.add(ref["name"])
+    return sorted(names)
+
+
+def quota_problem(job: dict[str, Any], kueue_dir: Path) -> str | None:
+    """Why Kueue could never admit the job (more GPUs than its queue's ClusterQueue quota in `kueue_dir`, the
+    manifests `k8s/kueue` applies), or None; None too when those manifests are not here to read."""
+    queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+    if not queue or not kueue_dir.is_dir():
+        return None
+    docs = [d for f in sorted(kueue_dir.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    local = next((d for d in docs if d.get("kind") == "LocalQueue" and d["metadata"]["name"] == queue), None)
+    if local is None:
+        return None
+    cq = next((d for d in docs if d.get("kind") == "ClusterQueue"
+               and d["metadata"]["name"] == local["spec"]["clusterQueue"]), None)
+    if cq is None:
+        return None
+    quota = sum(int(r["nominalQuota"]) for g in cq["spec"].get("resourceGroups") or [] for f in g.get("flavors") or []
+                for r in f.get("resources") or [] if r["name"] == "nvidia.com/gpu")
+    ann = job["metadata"].get("annotations") or {}
+    nodes, gpus = int(ann.get("motus/nodes", 1)), int(ann.get("motus/gpus-per-node", 0))
+    if gpus and nodes * gpus > quota:
+        return (f"{nodes} nodes x {gpus} GPUs = {nodes * gpus} GPUs exceeds the quota of queue {queue} "
+                f"(ClusterQueue {cq['metadata']['name']}: {quota} GPUs, {kueue_dir}); Kueue would never admit it: "
+                f"use at most {quota // gpus} nodes (`cluster.nodes` in params.yaml or --nodes)")
+    return None
 
 
 def _why(e: RuntimeError) -> str:

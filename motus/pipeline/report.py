@@ -29,11 +29,14 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
         steps.append({"step": r.step, "kind": r.kind, "status": r.status, "seconds": round(r.seconds, 2),
                       "compute_seconds": round(r.compute_seconds, 2), "device_hours": out.get("device_hours")
                       if r.status == "ran" else None, "pool": out.get("pool") if r.status == "ran" else None,
+                      "goodput": out.get("goodput") if r.status == "ran" else None,
+                      "lost_device_hours": out.get("lost_device_hours") if r.status == "ran" else None,
                       "detail": detail, "error": r.error})
     status = "completed" if stopped is None else ("stopped at a gate" if stopped == "gate" else "failed")
     return {"status": status, "error": error, "wall_seconds": round(wall_seconds, 2),
             "device_hours": sum(s["device_hours"] or 0.0 for s in steps),
             "device_hours_by_pool": _by_pool(steps),
+            "lost_device_hours": sum(s["lost_device_hours"] or 0.0 for s in steps),
             "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
             "steps": steps, "champions": pipe.champions(), "tracking_uri": pipe.tracking_uri,
             "pipeline_run": pipe.pipeline_run}
@@ -77,6 +80,11 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     pools = report.get("device_hours_by_pool") or {}
     per_pool = f" ({', '.join(f'{p}: {h:.4f}' for p, h in sorted(pools.items()))})" if pools else ""
     console.print(f"device hours this run: {report['device_hours']:.4f}{per_pool}")
+    if pools:
+        total = report["device_hours"]
+        lost = report.get("lost_device_hours") or 0.0
+        console.print(f"goodput: {(total - lost) / total if total else 1.0:.0%} ({lost:.4f} device h lost to "
+                      "restarts, redone steps, start-up and checkpoints)")
     if report.get("error"):
         console.print(f"[red]{report['error']}[/red]")
     uri = report.get("tracking_uri", "")

@@ -10,7 +10,7 @@ from typing import TypedDict
 
 from ..contracts import device_hours
 
-__all__ = ["GitState", "cost", "device_hours", "git_state"]
+__all__ = ["GitState", "cost", "device_hours", "git_state", "goodput"]
 
 UNKNOWN_COMMIT = "unknown"
 
@@ -21,6 +21,32 @@ class GitState(TypedDict):
     branch: str | None  # None when not a repo or HEAD is detached
 
 
+
+
+def goodput(metrics: list[dict], total_device_hours: float, devices: int) -> dict[str, float]:
+    """How much of a job's device time trained the model. `metrics`: the job's logged steps in order (its
+    metrics.jsonl, which a resumed job appends to); `total_device_hours`: what the job held, from its own start
+    to completion; `devices`: processes of the job.
+
+    Productive = each step's time counted once (the last time it ran) x devices. Everything else is lost:
+    steps run again after a restart (work since the last checkpoint), restarts, start-up, checkpoint writes and
+    validation. `redone` is the part of the loss that is repeated steps."""
+    last: dict[int, float] = {}
+    redone_s = 0.0
+    redone_steps = 0
+    for rec in metrics:
+        t = rec.get("perf/step_time_s")
+        if t is None or "step" not in rec:
+            continue
+        if rec["step"] in last:
+            redone_s += last[rec["step"]]
+            redone_steps += 1
+        last[rec["step"]] = float(t)
+    productive = device_hours(1, devices, sum(last.values()))
+    total = max(total_device_hours, productive)
+    return {"productive_device_hours": productive, "lost_device_hours": total - productive,
+            "redone_device_hours": device_hours(1, devices, redone_s), "redone_steps": float(redone_steps),
+            "goodput": productive / total if total > 0 else 1.0}
 
 
 def cost(device_hours: float, device: str, prices: dict[str, float]) -> float | None:

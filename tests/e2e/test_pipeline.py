@@ -248,6 +248,8 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
     raw["pools"]["cpu"] = {"gpu": "cpu", "gpus_per_node": 0, "queue": "motus-cpu"}
     for section in (*raw["stages"].values(), raw["latent_action"]):
         section["cluster"] = {"pool": "cpu", "nodes": 2}
+    # Stage 3 long enough to be evicted between its first checkpoint and its end
+    raw["stages"]["stage3"].update(steps=8, checkpoint_every=2, validate_every=8)
     (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     image = "registry.example/motus-train:test"
     node_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
@@ -277,6 +279,23 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
             r = subprocess.run([prefect, "deployment", "run", "motus-pipeline/recipe"], cwd=proj, env=env,
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
+            evicted: list[str] = []
+
+            def preempt_stage3():  # a node drain: the Stage 3 Master is evicted once it has a checkpoint
+                deadline = time.time() + 1200
+                while time.time() < deadline and not evicted:
+                    done = list((proj / "outputs" / "pipeline" / "runs").glob("stage3-*/checkpoints/*/manifest.json"))
+                    pods = [p for (_, p), pod in list(cluster.pods.items()) if p.endswith("-master-0")
+                            and pod["metadata"]["labels"].get("motus/stage") == "stage3"
+                            and pod["status"].get("phase") == "Running"]
+                    if done and pods:
+                        cluster.evict("motus", pods[0])
+                        evicted.append(pods[0])
+                    time.sleep(0.2)
+
+            import threading
+
+            threading.Thread(target=preempt_stage3, daemon=True).start()
             worker = subprocess.run([prefect, "worker", "start", "--pool", "motus-process", "--run-once"], cwd=proj,
                                     env=env, capture_output=True, text=True, timeout=1500)
             log = worker.stdout + worker.stderr
@@ -315,6 +334,19 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
                 assert tags["motus.job.uid"] == jobs[tags["motus.job.name"]]["metadata"]["uid"]
             # the Master mirrored its checkpoints and export to S3 (what a job on another volume resumes from)
             assert any(k.startswith("runs/") and "/export/" in k for k in keys), "no export in the S3 mirror"
+            # the evicted Stage 3 restarted, resumed from its checkpoint, and its goodput shows what was lost
+            assert evicted, "Stage 3 ended before it could be evicted"
+            s3_tags = client.get_model_version("motus-aloha", "1").tags
+            assert int(s3_tags["motus.job.restarts"]) >= 1 and evicted[0].startswith(s3_tags["motus.job.name"])
+            assert 0 < float(s3_tags["motus.job.goodput"]) < 1 and float(s3_tags["motus.job.lost_device_hours"]) > 0
+            run = client.get_run(champion.run_id)
+            assert 0 < run.data.metrics["goodput/goodput"] < 1
+            stage3_dir = next((proj / "outputs" / "pipeline" / "runs").glob("stage3-*"))
+            steps = [json.loads(line)["step"] for line in (stage3_dir / "metrics.jsonl").read_text().splitlines()
+                     if "train/loss" in json.loads(line)]
+            assert steps.count(1) == 1 and steps[-1] == 8, steps  # resumed, never restarted from scratch
             report = json.loads((proj / "outputs" / "pipeline" / "last-run.json").read_text())
+            stage3_row = next(r for r in report["steps"] if r["step"] == "stage3")
+            assert report["lost_device_hours"] >= stage3_row["lost_device_hours"] > 0 and stage3_row["goodput"] < 1
             assert report["device_hours_by_pool"]["cpu"] == pytest.approx(
                 sum(s["device_hours"] or 0 for s in report["steps"] if s.get("pool") == "cpu"))

@@ -237,7 +237,22 @@ def test_kueue_queues_match_the_pools(params):
 def standin(tmp_path):
     with KubeApiStandIn() as api:
         api.kubeconfig(tmp_path / "kubeconfig")
+        api.add_secret("motus", "motus-s3", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
         yield api
+
+
+def test_impossible_jobs_are_refused_before_anything_is_submitted(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # k8s/kueue: the queues' quotas
+    with KubeApiStandIn() as api:  # no Secret yet
+        kubeconfig = str(api.kubeconfig(tmp_path / "kubeconfig"))
+        args = ["k8s", "submit", "--stage", "1", "--pool", "h100", "--image", IMAGE, "--kubeconfig", kubeconfig]
+        r = _cli(*args, "--nodes", "2")
+        assert r.exit_code == 1 and "Secret motus/motus-s3 does not exist" in r.output, r.output
+        api.add_secret("motus", "motus-s3", {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+        r = _cli(*args, "--nodes", "9")  # 9 x 8 GPUs > the 64 of ClusterQueue motus-h100
+        assert r.exit_code == 1 and "exceeds the quota of queue motus-h100" in r.output, r.output
+        assert "use at most 8 nodes" in r.output
+        assert api.recorded("POST", r"pytorchjobs|configmaps") == []
 
 
 def test_submit_status_logs_cancel_through_the_stand_in(standin, tmp_path):

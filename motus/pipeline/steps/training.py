@@ -38,12 +38,16 @@ class JobStep(StepKind):
         run_dir, job = run_job(pipe, self.job_stage(step), key, self.planned_steps(pipe, step),
                                self.init_from(pipe, step), self.placement(pipe, step))
         ref = pipe.registry.register(run_dir / "export")
-        if job:  # where it ran (a cluster job's identity and its measured device-hours) goes on the version
+        if job:  # where it ran (a cluster job's identity, measured device-hours, goodput) goes on the version
             pipe.registry.tag_version(ref, {f"motus.job.{k}": str(v) for k, v in job.items()})
+            if ref.run_id and "goodput" in job:
+                for k in ("goodput", "productive_device_hours", "lost_device_hours", "redone_device_hours"):
+                    pipe.registry.client.log_metric(ref.run_id, f"goodput/{k}", float(job[k]))
         lineage = LineageRecord.read(run_dir / "export")
         hours = float(job["device_hours"]) if job.get("device_hours") is not None else lineage.device_hours
+        extra = {k: job[k] for k in ("pool", "goodput", "lost_device_hours") if job.get(k) is not None}
         return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
-                "device_hours": hours, **({"pool": job["pool"]} if job.get("pool") else {})}
+                "device_hours": hours, **extra}
 
     def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
         try:
@@ -175,7 +179,16 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
         if outcome.state == KILLED:  # killed from outside (OOM killer, preemption): retryable
             raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
         raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
-    return run_dir, launcher.record(handle)
+    job = launcher.record(handle)
+    if job.get("device_hours") is not None and (run_dir / "metrics.jsonl").exists():
+        from ...track.accounting import goodput
+
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        job.update(goodput(metrics, float(job["device_hours"]), int(job.get("devices") or 1)))
+        pipe.echo(f"  {stage}: goodput {job['goodput']:.0%} ({job['lost_device_hours']:.4f} of "
+                  f"{job['device_hours']:.4f} device h lost; {int(job['redone_steps'])} steps redone, "
+                  f"{job['restarts']} restarts)")
+    return run_dir, job
 
 
 def cluster_job(pipe: Context, spec: JobSpec, placement: Any) -> JobSpec:
