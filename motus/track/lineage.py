@@ -94,7 +94,18 @@ def version_node(ref: Any) -> dict[str, Any]:
         "device_hours": _float(t.get(f"{T}device_hours")), "cost": _float(t.get(f"{T}cost")),
         "device_hours_total": _float(t.get(f"{T}device_hours_total")), "cost_total": _float(t.get(f"{T}cost_total")),
         "currency": t.get(f"{T}currency", ""),
+        "job": _job(t),
     }
+
+
+def _job(tags: dict[str, str]) -> dict[str, Any] | None:
+    """The cluster job that trained the version (`motus.job.*` tags, written by the pipeline), or None."""
+    job = {k[len(T + "job."):]: v for k, v in tags.items() if k.startswith(T + "job.")}
+    if not job:
+        return None
+    for k in ("device_hours", "goodput", "lost_device_hours"):
+        job[k] = _float(job.get(k))
+    return job
 
 
 def show(registry: Any, uri: str) -> dict[str, Any]:
@@ -121,10 +132,18 @@ def show(registry: Any, uri: str) -> dict[str, Any]:
     chain = list(nodes.values())
     hours = sum(n["device_hours"] or 0.0 for n in chain)
     costs = [n["cost"] for n in chain]
+    by_pool: dict[str, float] = {}
+    lost = 0.0
+    for n in chain:
+        job = n["job"] or {}
+        if job.get("pool") and job.get("device_hours") is not None:
+            by_pool[job["pool"]] = by_pool.get(job["pool"], 0.0) + job["device_hours"]
+            lost += job.get("lost_device_hours") or 0.0
     return {
         "uri": uri, "root": f"{root.name}/{root.version}", "versions": chain, "edges": edges,
         "totals": {"device_hours": hours, "cost": None if any(c is None for c in costs) else sum(costs),
-                   "currency": chain[0]["currency"], "versions": len(chain)},
+                   "currency": chain[0]["currency"], "versions": len(chain),
+                   "cluster_device_hours_by_pool": by_pool, "cluster_lost_device_hours": lost},
         "hops": lookups, "seconds": time.perf_counter() - t0,
     }
 
@@ -218,6 +237,10 @@ def tree_lines(graph: dict[str, Any], width: int = 80) -> list[str]:
         facts += [f"tier {t['name']} L{t['level'] if t['level'] is not None else '?'} {t['content_hash'][:12]}"
                   for t in n["tiers"]]
         facts += [f"feature {name} {h[:12]}" for name, h in sorted(n["features"].items())]
+        if job := n.get("job"):
+            gp = f", goodput {job['goodput']:.0%}" if job.get("goodput") is not None else ""
+            facts.append(f"job {job.get('namespace')}/{job.get('name')} on {job.get('pool')} "
+                         f"({job.get('nodes')} x {job.get('gpus_per_node')} GPU){gp}")
         parents = [e for e in graph["edges"] if e["from"] == key]
         if not parents:
             facts.append("from the pretrained bases")
@@ -231,6 +254,9 @@ def tree_lines(graph: dict[str, Any], width: int = 80) -> list[str]:
     tot = graph["totals"]
     cost = "unknown" if tot["cost"] is None else f"{tot['cost']:.4g} {tot['currency']}"
     out.append(fit(f"total: {tot['device_hours']:.4g} device hours, cost {cost}, {tot['versions']} versions"))
+    if tot.get("cluster_device_hours_by_pool"):
+        pools = ", ".join(f"{p} {h:.4g}" for p, h in sorted(tot["cluster_device_hours_by_pool"].items()))
+        out.append(fit(f"cluster jobs: {pools} device h by pool, {tot['cluster_lost_device_hours']:.4g} lost"))
     return out
 
 

@@ -346,6 +346,12 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
                      if "train/loss" in json.loads(line)]
             assert steps.count(1) == 1 and steps[-1] == 8, steps  # resumed, never restarted from scratch
             report = json.loads((proj / "outputs" / "pipeline" / "last-run.json").read_text())
+            shown = subprocess.run([str(MOTUS), "lineage", "show", "models:/motus-aloha@champion", "--no-attach"],
+                                   cwd=proj, env=dict(env, COLUMNS="200"), capture_output=True, text=True, timeout=120)
+            assert shown.returncode == 0, shown.stdout + shown.stderr
+            for name in jobs:  # the four jobs and their pool, and the chain's cluster device-hours
+                assert f"job motus/{name} on cpu (2 x 0 GPU), goodput" in shown.stdout, shown.stdout
+            assert "cluster jobs: cpu " in shown.stdout
             stage3_row = next(r for r in report["steps"] if r["step"] == "stage3")
             assert report["lost_device_hours"] >= stage3_row["lost_device_hours"] > 0 and stage3_row["goodput"] < 1
             assert report["device_hours_by_pool"]["cpu"] == pytest.approx(
