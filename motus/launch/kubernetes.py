@@ -404,8 +404,10 @@ class ClusterClient:
             raise ClusterError(f"Kubernetes API {self.host} is unreachable: {reason}") from None
         return info.git_version
 
-    def submit(self, job: Any, configmap: dict[str, Any] | None = None) -> str:
-        """Create the params ConfigMap (kept when one with that name exists: its name is its hash) and the job."""
+    def submit(self, job: Any, configmap: dict[str, Any] | None = None, *, replace_finished: bool = False) -> str:
+        """Create the params ConfigMap (kept when one with that name exists: its name is its hash) and the job.
+        `replace_finished`: a job of that name that already ended (a retry after a failure or an eviction) is
+        deleted first; one that is still queued or running is never touched."""
         from kubernetes.client.exceptions import ApiException
 
         self.ping()
@@ -424,6 +426,8 @@ class ClusterClient:
                     raise ClusterError(f"creating ConfigMap {configmap['metadata']['name']}: "
                                        f"{e.status} {e.reason}") from None
         name = job.metadata.name
+        if replace_finished:
+            self._remove_if_finished(name)
         try:
             self.client.create_job(job=job, namespace=self.namespace)
         except RuntimeError as e:
@@ -434,6 +438,24 @@ class ClusterClient:
             raise ClusterError(f"creating PyTorchJob {self.namespace}/{name}: "
                                f"{getattr(cause, 'status', '')} {getattr(cause, 'reason', '') or e}") from None
         return name
+
+    def _remove_if_finished(self, name: str, wait_s: float = 60.0) -> None:
+        import time
+
+        try:
+            old = to_manifest(self.client.get_job(name, namespace=self.namespace))
+        except RuntimeError:
+            return  # no such job
+        if job_state(old) not in ("Succeeded", "Failed"):
+            return  # queued or running: the create below says it exists
+        self.cancel(name)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                self.client.get_job(name, namespace=self.namespace)
+            except RuntimeError:
+                return
+            time.sleep(0.5)
 
     def require_secrets(self, names: list[str]) -> None:
         """Refuse, before submitting, a job whose pods would wait forever for a Secret that does not exist."""
@@ -542,7 +564,7 @@ class KubernetesLauncher:
 
     def submit(self, spec: JobSpec) -> JobHandle:
         job, cm = self.render(spec)
-        name = self.client.submit(job, cm)
+        name = self.client.submit(job, cm, replace_finished=True)  # a retry replaces the failed attempt
         return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
 
     def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:

@@ -98,6 +98,11 @@ def test_a_held_queue_then_a_failing_worker_fail_the_job_once(cluster, project, 
     assert "no-such-export" in launch.logs(handle)
     restarts = [p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods.values()]
     assert set(restarts) == {0}
+    # a retry of the same job (same name: the config hash) replaces the finished attempt instead of a 409
+    uid = launch.client.get(handle.name)["metadata"]["uid"]
+    again = launch.submit(spec(project, "fails", init_from=str(project / "no-such-export")))
+    assert again.name == handle.name and launch.client.get(again.name)["metadata"]["uid"] != uid
+    assert launch.wait(again, timeout_s=300).state == FAILED
 
 
 def test_an_evicted_master_restarts_and_the_job_resumes(cluster, project, tmp_path, monkeypatch):
