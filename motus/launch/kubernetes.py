@@ -311,24 +311,22 @@ def _parse_time(value: Any) -> dt.datetime | None:
     return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
-def job_gpu_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
-    """Nodes x GPUs per node x wall hours (start to completion, or to `now` while running); None before start."""
+def _nodes(job: dict[str, Any]) -> int:
+    return sum(int(r.get("replicas", 1)) for r in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values())
+
+
+def _devices(job: dict[str, Any]) -> int:
+    return _nodes(job) * max(1, int((job.get("spec") or {}).get("nprocPerNode") or 1))
+
+
+def _held_seconds(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
+    """Start to completion (or to `now` while running) from the job's status; None before it started."""
     status = job.get("status") or {}
     start = _parse_time(status.get("startTime"))
     if start is None:
         return None
     end = _parse_time(status.get("completionTime")) or now or dt.datetime.now(dt.timezone.utc)
-    ann = (job.get("metadata") or {}).get("annotations") or {}
-    replicas = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
-    nodes = sum(int(r.get("replicas", 1)) for r in replicas.values())
-    gpus = int(ann.get("motus/gpus-per-node", 0))
-    return device_hours(nodes, gpus, max(0.0, (end - start).total_seconds()))
-
-
-def _devices(job: dict[str, Any]) -> int:
-    spec = job.get("spec") or {}
-    nodes = sum(int(r.get("replicas", 1)) for r in (spec.get("pytorchReplicaSpecs") or {}).values())
-    return nodes * max(1, int(spec.get("nprocPerNode") or 1))
+    return max(0.0, (end - start).total_seconds())
 
 
 def _seconds_between(a: Any, b: Any) -> float | None:
@@ -336,15 +334,18 @@ def _seconds_between(a: Any, b: Any) -> float | None:
     return None if start is None or end is None else max(0.0, (end - start).total_seconds())
 
 
+def job_gpu_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
+    """Nodes x GPUs per node x wall hours (start to completion, or to `now` while running); None before start."""
+    held = _held_seconds(job, now)
+    gpus = int(((job.get("metadata") or {}).get("annotations") or {}).get("motus/gpus-per-node", 0))
+    return None if held is None else device_hours(_nodes(job), gpus, held)
+
+
 def job_device_hours(job: dict[str, Any], now: dt.datetime | None = None) -> float | None:
     """Nodes x processes per node (a GPU pool: its GPUs; a CPU pool: one) x wall hours from the job's own start
     and completion times; None before it started."""
-    status = job.get("status") or {}
-    start = _parse_time(status.get("startTime"))
-    if start is None:
-        return None
-    end = _parse_time(status.get("completionTime")) or now or dt.datetime.now(dt.timezone.utc)
-    return device_hours(1, _devices(job), max(0.0, (end - start).total_seconds()))
+    held = _held_seconds(job, now)
+    return None if held is None else device_hours(1, _devices(job), held)
 
 
 def job_state(job: dict[str, Any]) -> str:
