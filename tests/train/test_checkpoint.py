@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 EXT_CACHE = REPO / ".cache" / "torch_extensions"  # DeepSpeed's compiled shm op, reused across runs
 
 WORKER = textwrap.dedent('''
-    import json, os, random, shutil, sys
+    import faulthandler, json, os, random, shutil, signal, sys
     from pathlib import Path
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's hang guard asks where we are
 
     import deepspeed
     import numpy as np
@@ -130,7 +134,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_worker(tmp: Path, args: dict, nproc: int = 1, timeout: int = 240) -> list[dict]:
+def _run_worker(tmp: Path, args: dict, nproc: int = 1, timeout: int = 600) -> list[dict]:
     EXT_CACHE.mkdir(parents=True, exist_ok=True)
     script = tmp / "ckpt_worker.py"
     script.write_text(WORKER)
@@ -145,8 +149,19 @@ def _run_worker(tmp: Path, args: dict, nproc: int = 1, timeout: int = 240) -> li
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), payload]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # a hang guard, sized for a loaded 2-core machine running the whole suite: before killing, ask every
+        # process of the worker for its Python stacks, so a real hang says where it hung
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"worker still running after {timeout} s; its stacks:\n{stdout[-4000:]}\n{stderr[-12000:]}")
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
