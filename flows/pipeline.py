@@ -3,7 +3,8 @@
 this file only says the order, the retries and where the report goes.
 
 Retries are for infrastructure only (a job killed from outside, a lost connection): a bad config, a job that
-raised or a failed gate fails the same way every time, so it is not retried.
+raised or a failed gate fails the same way every time, so it is not retried; nor is an infrastructure failure
+that happened the same way twice in a row (`RetryGuard`).
 
 The flow is async on purpose: a synchronous flow waits ~1 s at exit for its heartbeat thread.
 """
@@ -18,15 +19,21 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from motus.pipeline.errors import RetryGuard
 from motus.pipeline.pipeline import GateFailed, Pipeline, is_infrastructure_error
 from motus.pipeline.report import summary_dict, write_report
+
+_GUARD = RetryGuard()
 
 
 def _retry_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except BaseException as e:  # noqa: BLE001 - the failed task's exception is what we classify
-        return is_infrastructure_error(e)
+        again, why = _GUARD.retry(str(task_run.id), e)
+        if is_infrastructure_error(e):
+            print(f"{task_run.name}: {why}")
+        return again
     return False
 
 

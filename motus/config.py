@@ -221,6 +221,9 @@ class Placement(_Section):
 
     pool: str | None = Field(None, description="params.yaml pool the job is queued on; None = MOTUS_POOL.")
     nodes: int = Field(1, ge=1, description="Nodes: 1 Master + nodes-1 Workers, each using all of the pool's GPUs.")
+    fallback: str | None = Field(
+        None, description="Pool a job killed on `pool` (evicted or preempted past its restarts) is resubmitted to, "
+                          "once, resuming from its latest checkpoint; None = retry on the same pool.")
 
 
 class Stage(_Section):
@@ -462,10 +465,15 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
     pools = mapping(data.get("pools"))
     placed = [(f"stages.{n}", st) for n, st in stages.items()] + [("latent_action", mapping(data.get("latent_action")))]
     for where, section in placed:
-        pool = mapping(section.get("cluster")).get("pool")
-        if isinstance(pool, str) and pool not in pools:
-            known = ", ".join(sorted(map(str, pools))) or "none defined"
-            problems.append((f"{where}.cluster.pool", f"unknown pool '{pool}' (known pools: {known})"))
+        cluster = mapping(section.get("cluster"))
+        for key in ("pool", "fallback"):
+            pool = cluster.get(key)
+            if isinstance(pool, str) and pool not in pools:
+                known = ", ".join(sorted(map(str, pools))) or "none defined"
+                problems.append((f"{where}.cluster.{key}", f"unknown pool '{pool}' (known pools: {known})"))
+        if cluster.get("fallback") is not None and cluster.get("fallback") == cluster.get("pool"):
+            problems.append((f"{where}.cluster.fallback", "the fallback pool is the job's own pool; name another "
+                                                           "pool or remove it"))
 
     model_action_dim = model.get("action_dim", ModelConfig.model_fields["action_dim"].default)
     for name, stage in stages.items():

@@ -51,7 +51,7 @@ def plan(params: ParamsOption = None, from_step: FromOption = None, until_step: 
     if as_json:
         typer.echo(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
     else:
-        print_plan(rows)
+        print_plan(rows, params=pipe.params)
 
 
 def _load_flow(root: Path) -> Any:

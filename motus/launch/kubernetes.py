@@ -41,7 +41,7 @@ import yaml
 from ..config import Params, Pool, Settings, config_hash, stage_key
 from ..contracts import JobSpec
 from ..track.accounting import device_hours
-from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
+from .launcher import CANCELLED, FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 
 WORKSPACE = "/workspace"
 PARAMS_DIR = "/etc/motus"
@@ -569,18 +569,16 @@ class KubernetesLauncher:
         return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
 
     def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:
-        seen = list(self.client.watch(handle.name, poll_s=self.poll_s, timeout_s=timeout_s))
-        job = seen[-1] if seen else {}
-        state = job_state(job)
-        if state == "Succeeded":
-            return JobOutcome(SUCCEEDED, 0)
-        conds = (job.get("status") or {}).get("conditions") or []
-        message = next((c.get("message", "") for c in reversed(conds) if c.get("type") == state), "")
-        if state == "Failed":
-            # an evicted or preempted job is an infrastructure event (retry), a crashing one is not
-            evicted = any(w in message.lower() for w in ("evict", "preempt")) or "Evicted" in str(conds)
-            return JobOutcome(KILLED if evicted else FAILED, 137 if evicted else 1, message or "Failed")
-        return JobOutcome(KILLED, 124, f"still {state} after {timeout_s}s")
+        seen: list[dict[str, Any]] = []
+        try:
+            for job in self.client.watch(handle.name, poll_s=self.poll_s, timeout_s=timeout_s):
+                seen.append(job)
+        except ClusterError as e:
+            if seen and "not found" in str(e):  # it existed and is gone: someone deleted it (k8s cancel, kubectl)
+                return JobOutcome(CANCELLED, 130, f"PyTorchJob {self.opts.namespace}/{handle.name} was deleted "
+                                                  f"while {job_state(seen[-1])}")
+            raise
+        return outcome_of(seen[-1] if seen else {}, timeout_s)
 
     def logs(self, handle: JobHandle) -> str:
         """Every pod's log (a Worker's exception is only in its own), the Master's first."""
@@ -603,6 +601,23 @@ class KubernetesLauncher:
 
     def cancel(self, handle: JobHandle) -> None:
         self.client.cancel(handle.name)
+
+
+def outcome_of(job: dict[str, Any], timeout_s: float | None = None) -> JobOutcome:
+    """How a job that stopped being watched ended, in the launchers' terms. A job that failed after using up
+    its restarts on exits that `restartPolicy: ExitCode` retries (>= 128: signals, evictions, the OOM killer) was
+    killed from outside, like an evicted one: infrastructure, retryable. Any other failure is the job's own."""
+    state = job_state(job)
+    if state == "Succeeded":
+        return JobOutcome(SUCCEEDED, 0)
+    conds = (job.get("status") or {}).get("conditions") or []
+    last = next((c for c in reversed(conds) if c.get("type") == state), {})
+    message = last.get("message", "")
+    if state == "Failed":
+        evicted = (any(w in message.lower() for w in ("evict", "preempt", "backoff limit"))
+                   or last.get("reason") in ("Evicted", "Preempted"))
+        return JobOutcome(KILLED if evicted else FAILED, 137 if evicted else 1, message or "Failed")
+    return JobOutcome(KILLED, 124, f"still {state} after {timeout_s}s")
 
 
 def required_secrets(job: dict[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..contracts import JobSpec
 
-SUCCEEDED, FAILED, KILLED = "Succeeded", "Failed", "Killed"
+SUCCEEDED, FAILED, KILLED, CANCELLED = "Succeeded", "Failed", "Killed", "Cancelled"
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class JobHandle:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    state: str  # Succeeded | Failed | Killed
+    state: str  # Succeeded | Failed | Killed (from outside: retryable) | Cancelled (deleted on purpose: never retried)
     exit_code: int
     message: str = ""
 

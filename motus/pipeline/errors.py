@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """A deterministic failure: retrying will not help (bad config, a failed gate, a job that raised)."""
@@ -22,3 +24,29 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
         return True
     # requests / botocore connection failures without importing either
     return type(exc).__name__ in {"ConnectionError", "EndpointConnectionError", "ConnectTimeout", "ReadTimeout"}
+
+
+def failure_signature(exc: BaseException) -> str:
+    """What a failure says with its numbers and ids blanked: two evictions of the same job read the same even
+    when their pods, times and exit codes differ."""
+    return re.sub(r"\b[0-9a-f]{8,}\b|\d+(?:\.\d+)?", "#", f"{type(exc).__name__}: {exc}")
+
+
+class RetryGuard:
+    """Whether a failed step is tried again: only infrastructure failures, and never one that just happened the
+    same way twice in a row (a pool that evicts the job every time, an image that cannot be pulled): a third try
+    would spend the same device-hours to learn nothing new."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}
+
+    def retry(self, attempt_of: str, exc: BaseException) -> tuple[bool, str]:
+        """(retry?, why) for the failure `exc` of the step run `attempt_of` (its id, the same across tries)."""
+        if not is_infrastructure_error(exc):
+            return False, "not an infrastructure failure: it would fail the same way again"
+        sig = failure_signature(exc)
+        repeated = self._last.get(attempt_of) == sig
+        self._last[attempt_of] = sig
+        if repeated:
+            return False, "failed the same way twice in a row; not retrying a third time"
+        return True, "infrastructure failure; retrying"

@@ -47,6 +47,7 @@ class PlanRow:
     why: list[str]
     key: str | None
     est_device_hours: float | None = None
+    est_pool: str | None = None  # the cluster pool the estimate is for; None: this machine
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Pipeline:
             if inputs is None:
                 waiting = [d for d in step.deps if d not in self.outputs]
                 rows.append(PlanRow(step.name, step.kind, "run", [f"after {', '.join(waiting)}"], None,
-                                    kind.estimate(self, step)))
+                                    kind.estimate(self, step), kind.destination(self, step)[0]))
                 continue
             key = inputs.key()
             rec = self.ledger.find(key)
@@ -177,7 +178,8 @@ class Pipeline:
                     why = ["inputs of the last run were not recorded"]
                 else:
                     why = explain(last.inputs, inputs) or ["same inputs, but the last run's outputs are gone"]
-            rows.append(PlanRow(step.name, step.kind, "run", why, key, kind.estimate(self, step)))
+            rows.append(PlanRow(step.name, step.kind, "run", why, key, kind.estimate(self, step),
+                                kind.destination(self, step)[0]))
         return [r for r in rows if r.step in selected]
 
     # -- run ------------------------------------------------------------------------------------------------

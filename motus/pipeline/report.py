@@ -31,6 +31,7 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
                       if r.status == "ran" else None, "pool": out.get("pool") if r.status == "ran" else None,
                       "goodput": out.get("goodput") if r.status == "ran" else None,
                       "lost_device_hours": out.get("lost_device_hours") if r.status == "ran" else None,
+                      "device_hours_by_pool": out.get("device_hours_by_pool") if r.status == "ran" else None,
                       "detail": detail, "error": r.error})
     status = "completed" if stopped is None else ("stopped at a gate" if stopped == "gate" else "failed")
     return {"status": status, "error": error, "wall_seconds": round(wall_seconds, 2),
@@ -46,8 +47,10 @@ def _by_pool(steps: list[dict[str, Any]]) -> dict[str, float]:
     """Device-hours of this run's cluster jobs per pool (local jobs have no pool)."""
     pools: dict[str, float] = {}
     for s in steps:
-        if s.get("pool") and s["device_hours"]:
-            pools[s["pool"]] = pools.get(s["pool"], 0.0) + s["device_hours"]
+        split = s.get("device_hours_by_pool") or ({s["pool"]: s["device_hours"]} if s.get("pool") else {})
+        for pool, hours in split.items():  # a job resubmitted to its fallback pool ran on two
+            if hours:
+                pools[pool] = pools.get(pool, 0.0) + hours
     return pools
 
 
@@ -93,12 +96,35 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
                     "`prefect server start` for the flow runs")
 
 
-def print_plan(rows: list[Any], console: Console | None = None) -> None:
+def plan_totals(rows: list[Any], params: Any = None) -> dict[str, dict[str, float | None]]:
+    """Estimated device-hours per pool of the steps a plan would run ("this machine" for local jobs) and their
+    cost at params.yaml's price of the pool's device (None where there is no price, never 0)."""
+    import warnings
+
+    from ..track.accounting import cost
+
+    totals: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if r.action != "run" or not r.est_device_hours:
+            continue
+        where = r.est_pool or "this machine"
+        t = totals.setdefault(where, {"device_hours": 0.0, "cost": 0.0})
+        t["device_hours"] = (t["device_hours"] or 0.0) + r.est_device_hours
+        pool = (params.pools.get(r.est_pool) if params is not None and r.est_pool else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unknown price reads as "cost unknown" below
+            money = cost(r.est_device_hours, pool.gpu, params.costs.device_hour) if pool is not None else None
+        t["cost"] = None if money is None or t["cost"] is None else t["cost"] + money
+    return totals
+
+
+def print_plan(rows: list[Any], console: Console | None = None, params: Any = None) -> None:
     console = console or _console()
     sym = {"cached": "[dim]=[/dim]", "run": "[yellow]+[/yellow]", "check": "[cyan]?[/cyan]"}
     total = 0.0
     for r in rows:
         est = f"  ~{r.est_device_hours:.4f} device h" if r.est_device_hours else ""
+        est += f" on {r.est_pool}" if est and r.est_pool else ""
         total += r.est_device_hours or 0.0
         console.print(f"{sym.get(r.action, r.action)} {r.step:<34} {r.action:<7}{est}")
         for w in r.why:
@@ -108,3 +134,7 @@ def print_plan(rows: list[Any], console: Console | None = None) -> None:
     checks = sum(r.action == "check" for r in rows)
     console.print(f"\nPlan: {runs} to run, {cached} cached, {checks} gate(s) to decide; "
                   f"estimated {total:.4f} device hours (measured throughput x planned steps).")
+    currency = params.costs.currency if params is not None else ""
+    for where, t in sorted(plan_totals(rows, params).items()):
+        money = "cost unknown" if t["cost"] is None else f"{t['cost']:.2f} {currency}"
+        console.print(f"  {where}: ~{t['device_hours']:.4f} device h, {money}", markup=False)

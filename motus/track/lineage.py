@@ -16,6 +16,7 @@ the tiers of a version print with their content hash (see `motus.contracts`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from pathlib import Path
@@ -105,6 +106,11 @@ def _job(tags: dict[str, str]) -> dict[str, Any] | None:
         return None
     for k in ("device_hours", "goodput", "lost_device_hours"):
         job[k] = _float(job.get(k))
+    split = job.get("device_hours_by_pool")  # a job resubmitted to its fallback pool: the hours of each pool
+    try:
+        job["device_hours_by_pool"] = {str(p): float(h) for p, h in json.loads(split).items()} if split else None
+    except (ValueError, AttributeError):
+        job["device_hours_by_pool"] = None
     return job
 
 
@@ -137,7 +143,8 @@ def show(registry: Any, uri: str) -> dict[str, Any]:
     for n in chain:
         job = n["job"] or {}
         if job.get("pool") and job.get("device_hours") is not None:
-            by_pool[job["pool"]] = by_pool.get(job["pool"], 0.0) + job["device_hours"]
+            for pool, h in (job["device_hours_by_pool"] or {job["pool"]: job["device_hours"]}).items():
+                by_pool[pool] = by_pool.get(pool, 0.0) + h
             lost += job.get("lost_device_hours") or 0.0
     return {
         "uri": uri, "root": f"{root.name}/{root.version}", "versions": chain, "edges": edges,

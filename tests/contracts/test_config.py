@@ -216,6 +216,17 @@ def test_stage_with_unknown_tier(tmp_path: Path) -> None:
     assert "unknown tier" in str(err)
 
 
+def test_placement_pools_must_exist_and_the_fallback_differ(tmp_path: Path) -> None:
+    data = good_data()
+    data["pools"] = {"h100": {"gpu": "H100", "gpus_per_node": 8}, "a100": {"gpu": "A100", "gpus_per_node": 8}}
+    data["stages"]["first"]["cluster"] = {"pool": "h100", "fallback": "a10"}
+    data["stages"]["last"]["cluster"] = {"pool": "a100", "fallback": "a100"}
+    err = errors_of(tmp_path, data)
+    assert keys(err) == ["stages.first.cluster.fallback", "stages.last.cluster.fallback"]
+    assert "unknown pool 'a10' (known pools: a100, h100)" in str(err)
+    assert "the fallback pool is the job's own pool" in str(err)
+
+
 def test_cross_section_errors_reported_with_structural_errors(tmp_path: Path) -> None:
     data = good_data()
     data["stages"]["first"]["tiers"]["nope"] = 1.0

@@ -62,6 +62,21 @@ def test_only_infrastructure_errors_are_retried():
     assert not is_infrastructure_error(ValueError("bad config"))
 
 
+def test_a_failure_repeated_the_same_way_is_not_retried_a_third_time():
+    from motus.pipeline.errors import RetryGuard
+
+    guard = RetryGuard()
+    evicted = "stage3 was killed (Job motus-stage3-{} has failed because it has reached the specified backoff limit)"
+    assert guard.retry("run-1", InfrastructureError(evicted.format("1f2e3d4c")))[0]
+    again, why = guard.retry("run-1", InfrastructureError(evicted.format("1f2e3d4c")))
+    assert not again and "same way twice" in why  # the flow's third try never starts
+    # a different failure in between, or another step's, is judged on its own
+    assert guard.retry("run-2", InfrastructureError(evicted.format("1f2e3d4c")))[0]
+    assert guard.retry("run-2", ConnectionError("tracking server refused the connection"))[0]
+    assert guard.retry("run-2", InfrastructureError(evicted.format("1f2e3d4c")))[0]
+    assert not guard.retry("run-3", PipelineError("stage3 failed (exit 1)"))[0]
+
+
 def test_cli_names_bad_steps_and_missing_production_services(tmp_path):
     proj = make_project(tmp_path / "p")
     env = project_env(proj)

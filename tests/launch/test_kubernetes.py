@@ -480,3 +480,122 @@ def test_the_crd_ships_with_the_package():
     assert ("kubeflow.org/v1", "PyTorchJob") in schemas
     reference = REPO.parent / "shared" / "reference" / "crds" / "kubeflow.org_pytorchjobs.v1.9.yaml"
     assert gzip.decompress(kv.DEFAULT_PYTORCHJOB_CRD.read_bytes()) == reference.read_bytes()
+
+
+# ------------------------------------------------------------- a pipeline training step on the API stand-in
+
+
+@dataclasses.dataclass
+class _StepContext:
+    """The part of the pipeline executor a training step's job uses (`run_job`): where, which params, how to talk."""
+
+    root: Path
+    settings: object
+    params_file: Path = PARAMS
+    nproc: int = 1
+    tracking_uri: str = "http://mlflow.invalid:5000"
+    lines: list = dataclasses.field(default_factory=list)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / "outputs"
+
+    def echo(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def _step_context(standin, tmp_path, monkeypatch) -> _StepContext:
+    from motus.config import Settings
+
+    monkeypatch.chdir(REPO)  # k8s/kueue: the queues' quotas
+    for k, v in {"MOTUS_LAUNCHER": "kubernetes", "MOTUS_IMAGE": IMAGE, "MOTUS_K8S_POLL_S": "0.1",
+                 "KUBECONFIG": str(tmp_path / "kubeconfig")}.items():
+        monkeypatch.setenv(k, v)
+    return _StepContext(root=tmp_path / "proj", settings=Settings())
+
+
+def _stamp(ago_h: float) -> str:
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=ago_h)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _operator(standin, script) -> object:
+    """Plays the Training Operator by hand: `script(job_manifest)` for each PyTorchJob as it is created."""
+    import threading
+
+    def run():
+        done = 0
+        for _ in range(1200):
+            posts = standin.recorded("POST", r"/pytorchjobs$")
+            if len(posts) > done:
+                script(done, posts[done].body)
+                done += 1
+                if done == script.jobs:
+                    return
+            threading.Event().wait(0.05)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_job_killed_past_its_restarts_moves_to_the_fallback_pool_and_is_accounted_on_both(
+        standin, tmp_path, monkeypatch):
+    from motus.config import Placement
+    from motus.pipeline.steps.training import run_job
+
+    pipe = _step_context(standin, tmp_path, monkeypatch)
+
+    def script(i, job):
+        name = job["metadata"]["name"]
+        standin.wait_for("motus", name, ("Pending", "Created"), timeout=10)
+        if i == 0:  # on h100: evicted until the backoff limit, as the operator words it
+            standin.set_condition("motus", name, "Running", start=_stamp(1.0))
+            standin.set_condition("motus", name, "Restarting", message=f"PyTorchJob {name} is restarting (evicted)")
+            standin.set_condition("motus", name, "Failed", completion=_stamp(0.0), reason="PyTorchJobFailed",
+                                  message=f"Job {name} has failed because it has reached the specified backoff limit")
+        else:  # the resubmission: runs on a100 to the end
+            standin.set_condition("motus", name, "Running", start=_stamp(0.5))
+            standin.set_condition("motus", name, "Succeeded", completion=_stamp(0.0))
+    script.jobs = 2
+    t = _operator(standin, script)
+    run_dir, job = run_job(pipe, "stage3", "f" * 64, 8, placement=Placement(pool="h100", nodes=2, fallback="a100"))
+    t.join(5)
+    first, second = (p.body for p in standin.recorded("POST", r"/pytorchjobs$"))
+    assert first["metadata"]["labels"]["motus/pool"] == "h100" and second["metadata"]["labels"]["motus/pool"] == "a100"
+    assert second["metadata"]["labels"][k8s.QUEUE_LABEL] == "motus-a100"
+    # the same run folder (relative to the workspace volume): the resubmitted job resumes the killed one
+    assert json.dumps(first["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]) \
+        .count(str(run_dir.relative_to(pipe.root))) == 1
+    assert first["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"] == \
+        second["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert standin.recorded("DELETE", r"/pytorchjobs/" + first["metadata"]["name"] + "$")  # the failed one replaced
+    assert any("killed on h100" in ln and "resubmitting to its fallback pool a100" in ln for ln in pipe.lines)
+    # 2 nodes x 8 GPUs x 1 h on h100, then 2 x 8 x 0.5 h on a100; the version names the job that finished it
+    assert job["device_hours_by_pool"] == pytest.approx({"h100": 16.0, "a100": 8.0}, abs=0.05)
+    assert job["device_hours"] == pytest.approx(24.0, abs=0.1)
+    assert job["pool"] == "a100" and job["pools"] == "h100,a100" and job["restarts"] == 1
+
+
+def test_a_pipeline_job_deleted_while_it_runs_fails_its_step_and_is_not_retried(standin, tmp_path, monkeypatch):
+    import threading
+
+    from motus.config import Placement
+    from motus.pipeline.errors import PipelineError, is_infrastructure_error
+    from motus.pipeline.steps.training import run_job
+
+    pipe = _step_context(standin, tmp_path, monkeypatch)
+    cluster = k8s.ClusterClient(tmp_path / "kubeconfig")
+
+    def script(i, job):
+        name = job["metadata"]["name"]
+        standin.set_condition("motus", name, "Running", start=_stamp(0.1))
+        standin.wait_for("motus", name, ("Running",))
+        threading.Event().wait(0.3)  # the step has seen it running
+        cluster.cancel(name)  # `motus k8s cancel` / kubectl delete, from someone else
+    script.jobs = 1
+    t = _operator(standin, script)
+    with pytest.raises(PipelineError, match=r"stage1 was cancelled: PyTorchJob motus/motus-stage1-\w+ was deleted "
+                                            r"while Running; nothing was registered") as err:
+        run_job(pipe, "stage1", "e" * 64, 8, placement=Placement(pool="h100"))
+    t.join(5)
+    assert not is_infrastructure_error(err.value)  # the flow does not resubmit what its owner deleted

@@ -567,10 +567,12 @@ class KubeApiStandIn:
                 injected = self._injected(run)
                 threading.Thread(target=self._restart, args=(run, template, injected), daemon=True).start()
                 return
-            why = (f"backoff limit {limit} reached" if retryable else
-                   f"{run.name} exited with code {code}{' (evicted)' if reason == 'Evicted' else ''}")
-            self._finish(run.ns, run.job, "Failed", "BackoffLimitExceeded" if retryable else "PyTorchJobFailed",
-                         f"PyTorchJob {run.job} is failed because 1 {run.rtype} replica(s) failed: {why}.")
+            if retryable:  # the operator's own wording (training-operator v1.9, common job controller)
+                message = f"Job {run.job} has failed because it has reached the specified backoff limit"
+            else:
+                message = (f"PyTorchJob {run.job} is failed because 1 {run.rtype} replica(s) failed: {run.name} "
+                           f"exited with code {code}{' (evicted)' if reason == 'Evicted' else ''}.")
+            self._finish(run.ns, run.job, "Failed", "PyTorchJobFailed", message)
 
     def _restart(self, run: PodRun, template: dict, injected: dict) -> None:
         self._pod_status(run, "Pending")

@@ -108,6 +108,10 @@ class StepKind:
         """Device hours the step would take, where that can be known before running it."""
         return None
 
+    def destination(self, pipe: Context, step: Step) -> tuple[str | None, int]:
+        """(cluster pool or None for this machine, devices) the step's work would hold."""
+        return None, 1
+
     def check_outputs(self, step: Step, out: Mapping[str, Any]) -> None:
         missing = [k for k in self.outputs if k not in out]
         if missing:

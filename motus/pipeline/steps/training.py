@@ -39,13 +39,15 @@ class JobStep(StepKind):
                                self.init_from(pipe, step), self.placement(pipe, step))
         ref = pipe.registry.register(run_dir / "export")
         if job:  # where it ran (a cluster job's identity, measured device-hours, goodput) goes on the version
-            pipe.registry.tag_version(ref, {f"motus.job.{k}": str(v) for k, v in job.items()})
+            pipe.registry.tag_version(ref, {f"motus.job.{k}": json.dumps(v) if isinstance(v, dict) else str(v)
+                                            for k, v in job.items()})
             if ref.run_id and "goodput" in job:
                 for k in ("goodput", "productive_device_hours", "lost_device_hours", "redone_device_hours"):
                     pipe.registry.client.log_metric(ref.run_id, f"goodput/{k}", float(job[k]))
         lineage = LineageRecord.read(run_dir / "export")
         hours = float(job["device_hours"]) if job.get("device_hours") is not None else lineage.device_hours
-        extra = {k: job[k] for k in ("pool", "goodput", "lost_device_hours") if job.get(k) is not None}
+        extra = {k: job[k] for k in ("pool", "goodput", "lost_device_hours", "device_hours_by_pool")
+                 if job.get(k) is not None}
         return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
                 "device_hours": hours, **extra}
 
@@ -62,8 +64,21 @@ class JobStep(StepKind):
     def describe(self, out: Mapping[str, Any]) -> str:
         return f"{out['model']} v{out['version']}"
 
+    def destination(self, pipe: Context, step: Step) -> tuple[str | None, int]:
+        """(pool, devices) the step's job would hold: its cluster pool (params.yaml `cluster`, else MOTUS_POOL)
+        x nodes x the pool's GPUs under MOTUS_LAUNCHER=kubernetes; (None, processes) on this machine."""
+        if pipe.settings.launcher != "kubernetes":
+            return None, pipe.nproc
+        placement = self.placement(pipe, step)
+        pool = (placement.pool if placement is not None else None) or pipe.settings.pool
+        if pool is None or pool not in pipe.params.pools:
+            return None, pipe.nproc
+        nodes = placement.nodes if placement is not None else 1
+        return pool, nodes * max(1, pipe.params.pools[pool].gpus_per_node)
+
     def estimate(self, pipe: Context, step: Step) -> float | None:
-        """Device hours = measured seconds per step (the latest run of this job) x planned steps x devices."""
+        """Device hours = measured seconds per step (the latest run of this job, wherever it ran) x planned
+        steps x the devices it would hold now (`destination`)."""
         try:
             client = pipe.ledger.client
             exp = client.get_experiment_by_name(pipe.params.project.name)
@@ -74,9 +89,8 @@ class JobStep(StepKind):
             if not runs:
                 return None
             per_step = runs[0].data.metrics.get("perf/step_time_s")
-            devices = float(runs[0].data.tags.get("devices", pipe.nproc))
-            return None if per_step is None else device_hours(1, int(devices),
-                                                              per_step * self.planned_steps(pipe, step))
+            devices = self.destination(pipe, step)[1]
+            return None if per_step is None else device_hours(1, devices, per_step * self.planned_steps(pipe, step))
         except Exception:  # noqa: BLE001 - an estimate is best effort
             return None
 
@@ -143,7 +157,7 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
     """Run one training job, through MOTUS_LAUNCHER's launcher, in its content-addressed folder; returns the
     folder and what the launcher says about where the job ran (`Launcher.record`)."""
     from ...launch.factory import launcher_for
-    from ...launch.launcher import KILLED
+    from ...launch.launcher import CANCELLED, KILLED
 
     run_dir = pipe.out_dir / "runs" / f"{stage}-{key[:12]}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,27 +173,35 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(pipe.echo, stage, total, run_dir, stop), daemon=True)
     watcher.start()
+    killed: list[dict[str, Any]] = []  # attempts killed on a pool the job then left (fallback)
     try:
-        handle = launcher.submit(spec)
-        if launcher.kind == "kubernetes":
-            pipe.echo(f"  {stage}: PyTorchJob {handle.detail.get('namespace')}/{handle.name} queued on {spec.pool}")
-        try:
-            outcome = launcher.wait(handle)
-        except KeyboardInterrupt:
-            launcher.cancel(handle)
-            raise
+        handle, outcome = _attempt(pipe, launcher, spec, stage)
+        fallback = getattr(placement, "fallback", None) if launcher.kind == "kubernetes" else None
+        if outcome.state == KILLED and fallback and spec.pool != fallback:
+            # the pool took the job's nodes back more often than its restarts allow: its device-hours are spent
+            # (they count as lost), its checkpoints are not (the same run folder and S3 mirror resume it there)
+            killed.append(launcher.record(handle))
+            pipe.echo(f"  {stage}: killed on {spec.pool} ({outcome.message}); resubmitting to its fallback pool "
+                      f"{fallback}, resuming from the latest checkpoint")
+            spec = spec.with_updates(pool=fallback)
+            handle, outcome = _attempt(pipe, launcher, spec, stage)
     finally:
         stop.set()
         watcher.join(timeout=2)
     if not outcome.ok:
-        logs = launcher.logs(handle)
+        try:
+            logs = launcher.logs(handle)
+        except Exception as e:  # noqa: BLE001 - a deleted job has no pods left to read; say so, keep the cause
+            logs = f"(no logs: {e})"
         if launcher.kind != "local":
             log.write_text(logs)
         cause = root_cause(logs)
+        if outcome.state == CANCELLED:  # deleted on purpose: retrying would undo what its owner did
+            raise PipelineError(f"{stage} was cancelled: {outcome.message}; nothing was registered (log: {log})")
         if outcome.state == KILLED:  # killed from outside (OOM killer, preemption): retryable
             raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
         raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
-    job = launcher.record(handle)
+    job = with_killed_attempts(launcher.record(handle), killed)
     if job.get("device_hours") is not None and (run_dir / "metrics.jsonl").exists():
         from ...track.accounting import goodput
 
@@ -189,6 +211,33 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
                   f"{job['device_hours']:.4f} device h lost; {int(job['redone_steps'])} steps redone, "
                   f"{job['restarts']} restarts)")
     return run_dir, job
+
+
+def _attempt(pipe: Context, launcher: Any, spec: JobSpec, stage: str) -> tuple[Any, Any]:
+    """Submit one job and wait for it; Ctrl-C cancels it."""
+    handle = launcher.submit(spec)
+    if launcher.kind == "kubernetes":
+        pipe.echo(f"  {stage}: PyTorchJob {handle.detail.get('namespace')}/{handle.name} queued on {spec.pool}")
+    try:
+        return handle, launcher.wait(handle)
+    except KeyboardInterrupt:
+        launcher.cancel(handle)
+        raise
+
+
+def with_killed_attempts(job: dict[str, Any], killed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of a job that finished after earlier attempts were killed on another pool: device-hours (and
+    restarts) are the sum of every attempt's, split per pool; identity (name, uid, pool) is the finishing one's."""
+    if not killed:
+        return job
+    attempts = [*killed, job]
+    by_pool: dict[str, float] = {}
+    for a in attempts:
+        if a.get("device_hours") is not None:
+            by_pool[str(a.get("pool"))] = by_pool.get(str(a.get("pool")), 0.0) + float(a["device_hours"])
+    return {**job, "device_hours": sum(by_pool.values()) if by_pool else job.get("device_hours"),
+            "device_hours_by_pool": by_pool, "restarts": sum(int(a.get("restarts") or 0) for a in attempts),
+            "pools": ",".join(str(a.get("pool")) for a in attempts)}
 
 
 def cluster_job(pipe: Context, spec: JobSpec, placement: Any) -> JobSpec:
