@@ -234,12 +234,16 @@ def status(
     name: Annotated[str | None, typer.Argument(help="Job name; none lists the namespace's jobs.")] = None,
     namespace: Namespace = "motus",
     params: Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml (for prices).")] = None,
+    workspace: Annotated[Path, typer.Option(help="Where the jobs' workspace volume is visible here (the project "
+                                                 "folder): a job's goodput is read from its run folder's metrics.")]
+    = Path("."),
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
-    """State, nodes, GPU hours (nodes x GPUs x wall hours) and their cost."""
+    """Phase (queued, running, restarting, succeeded, failed), nodes, GPU hours (nodes x GPUs x wall hours), cost,
+    restarts, time queued, and goodput where the run folder can be read."""
     from ..config import ConfigError, get_settings, load_params
-    from ..launch.kubernetes import ClusterError, job_gpu_hours, job_state
+    from ..launch.kubernetes import ClusterError, job_progress
     from ..track.accounting import cost
 
     launcher = _launcher(kubeconfig, context, namespace)
@@ -256,12 +260,17 @@ def status(
     for job in jobs:
         meta = job.get("metadata") or {}
         ann = meta.get("annotations") or {}
-        hours = job_gpu_hours(job)
+        p = job_progress(job, workspace)
+        hours = p["gpu_hours"]
         money = cost(hours, ann.get("motus/gpu", ""), prices) if hours is not None else None
-        nodes = sum(int(r.get("replicas", 1)) for r in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values())
-        typer.echo(f"{meta.get('name')}: {job_state(job)}  nodes={nodes} gpus/node={ann.get('motus/gpus-per-node', '?')}"
+        good = ("" if p["goodput"] is None else
+                f" goodput={p['goodput']:.0%} (lost {p['lost_device_hours']:.3f} device h, "
+                f"{int(p['redone_steps'])} steps redone)")
+        typer.echo(f"{meta.get('name')}: {p['phase']}  nodes={p['nodes']} gpus/node={ann.get('motus/gpus-per-node', '?')}"
                    f" gpu_hours={'-' if hours is None else f'{hours:.3f}'}"
-                   + (f" cost={money:.2f}" if money is not None else ""))
+                   + (f" cost={money:.2f}" if money is not None else "")
+                   + f" restarts={p['restarts']}"
+                   + ("" if p["queued_s"] is None else f" queued={p['queued_s']:.0f}s") + good)
         for c in ((job.get("status") or {}).get("conditions") or []):
             typer.echo(f"  {c.get('lastTransitionTime', '')} {c.get('type')}={c.get('status')} {c.get('message', '')}")
 

@@ -354,6 +354,35 @@ def job_state(job: dict[str, Any]) -> str:
     return conds[-1]["type"] if conds else "Pending"
 
 
+_PHASES = {"Created": "queued", "Suspended": "queued", "Pending": "queued", "Running": "running",
+           "Restarting": "restarting", "Succeeded": "succeeded", "Failed": "failed"}
+
+
+def job_progress(job: dict[str, Any], workspace: Path | None = None) -> dict[str, Any]:
+    """Where a job stands, as `motus k8s status` prints it: phase, nodes, GPU- and device-hours so far, restarts,
+    seconds queued before it started, and goodput from its run folder's metrics when `workspace` (the volume as
+    seen here) holds them; goodput None otherwise."""
+    from ..track.accounting import goodput
+
+    status = job.get("status") or {}
+    meta = job.get("metadata") or {}
+    out: dict[str, Any] = {
+        "phase": _PHASES.get(job_state(job), job_state(job).lower()), "nodes": _nodes(job),
+        "gpu_hours": job_gpu_hours(job), "device_hours": job_device_hours(job),
+        "restarts": sum(1 for c in status.get("conditions") or [] if c.get("type") == "Restarting"),
+        "queued_s": _seconds_between(meta.get("creationTimestamp"), status.get("startTime")),
+        "goodput": None, "lost_device_hours": None, "redone_steps": None}
+    run_dir = (meta.get("annotations") or {}).get("motus/run-dir")
+    metrics = Path(workspace) / run_dir / "metrics.jsonl" if workspace is not None and run_dir else None
+    if metrics is not None and metrics.is_file() and out["device_hours"] is not None:
+        import json
+
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        out.update({k: v for k, v in goodput(rows, out["device_hours"], _devices(job)).items()
+                    if k in ("goodput", "lost_device_hours", "redone_steps")})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the client
 
 
@@ -591,13 +620,13 @@ class KubernetesLauncher:
         status = job.get("status") or {}
         master = ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}
         image = next(iter(((master.get("template") or {}).get("spec") or {}).get("containers") or []), {}).get("image")
+        progress = job_progress(job)
         return {"launcher": self.kind, "namespace": meta.get("namespace"), "name": meta.get("name"),
                 "uid": meta.get("uid"), "pool": (meta.get("labels") or {}).get("motus/pool"),
                 "nodes": ann.get("motus/nodes"), "gpus_per_node": ann.get("motus/gpus-per-node"), "image": image,
                 "start": status.get("startTime"), "completion": status.get("completionTime"),
-                "restarts": sum(1 for c in status.get("conditions") or [] if c.get("type") == "Restarting"),
-                "queued_s": _seconds_between(meta.get("creationTimestamp"), status.get("startTime")),
-                "devices": _devices(job), "device_hours": job_device_hours(job)}
+                "restarts": progress["restarts"], "queued_s": progress["queued_s"],
+                "devices": _devices(job), "device_hours": progress["device_hours"]}
 
     def cancel(self, handle: JobHandle) -> None:
         self.client.cancel(handle.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -60,10 +61,33 @@ def spec(project: Path, run: str, **kw) -> JobSpec:
                    track=False, **kw)
 
 
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from motus.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
 def test_a_two_node_job_runs_its_pods_and_trains_to_an_export(cluster, project, tmp_path, monkeypatch):
+    import threading
+    import time
+
     launch = launcher(cluster, tmp_path, monkeypatch)
     handle = launch.submit(spec(project, "two-nodes"))
+    # `motus k8s logs --follow` from the moment the Master runs: it streams until the Master's container ends
+    master, followed = f"{handle.name}-master-0", {}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (cluster.pods.get(("motus", master)) or {}).get(
+            "status", {}).get("phase") != "Running":
+        time.sleep(0.1)
+    follower = threading.Thread(target=lambda: followed.update(r=_cli(
+        "k8s", "logs", handle.name, "--follow", "--kubeconfig", str(tmp_path / "kubeconfig"))), daemon=True)
+    follower.start()
     outcome = launch.wait(handle, timeout_s=600)
+    follower.join(60)
     logs = launch.logs(handle)
     assert outcome.state == SUCCEEDED, f"{outcome}\n{logs[-4000:]}"
 
@@ -83,6 +107,19 @@ def test_a_two_node_job_runs_its_pods_and_trains_to_an_export(cluster, project, 
     # device-hours from the job's own start and completion times: 2 nodes x 0 GPUs on a CPU pool
     assert k8s.job_gpu_hours(job) == 0.0
     assert job["status"]["startTime"] <= job["status"]["completionTime"]
+    # the follower saw the training as it happened, to its last line, and ended with the container
+    assert not follower.is_alive() and followed["r"].exit_code == 0, followed
+    streamed = [ln for ln in followed["r"].output.splitlines() if ln.startswith(f"[Pod {master}]: ")]
+    master_log = launch.client.logs(handle.name)[master].rstrip().splitlines()
+    assert streamed, followed["r"].output[-3000:]
+    assert streamed[-1].split("]: ", 1)[1] == master_log[-1], (streamed[-3:], master_log[-3:])
+    # `motus k8s status` reads the job's phase and, from the run folder on the volume, its goodput
+    status = _cli("k8s", "status", handle.name, "--workspace", str(project), "--kubeconfig", str(tmp_path / "kubeconfig"))
+    assert status.exit_code == 0, status.output
+    line = status.output.splitlines()[0]
+    assert line.startswith(f"{handle.name}: succeeded  nodes=2") and "restarts=0" in line, line
+    good = float(re.search(r"goodput=(\d+)%", line).group(1))
+    assert 0 < good < 100  # start-up, checkpoints and validation are device time that trained nothing
 
 
 def test_a_held_queue_then_a_failing_worker_fail_the_job_once(cluster, project, tmp_path, monkeypatch):

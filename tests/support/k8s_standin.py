@@ -156,7 +156,7 @@ class KubeApiStandIn:
                 body = json.loads(raw) if raw else None
                 with standin._lock:
                     standin.requests.append(Recorded(self.command, url.path, query, body))
-                if (m := _POD_LOG.match(url.path)) and query.get("follow") == ["true"]:
+                if (m := _POD_LOG.match(url.path)) and _flag(query, "follow"):
                     return standin._follow(self, m.group(1), m.group(2))
                 with standin._lock:
                     code, payload = standin._route(self.command, url.path, query, body)
@@ -290,7 +290,7 @@ class KubeApiStandIn:
             run = self._runs.get(key)
             if run is None:
                 return 200, ""
-            previous = query.get("previous") == ["true"]
+            previous = _flag(query, "previous")
             log = run.folder / f"log.{run.restarts - 1}" if previous else run.log
             return 200, log.read_text(errors="replace") if log.exists() else ""
         if (m := _EVENTS.match(path)) and method == "GET":
@@ -643,6 +643,11 @@ class KubeApiStandIn:
             if done or run.deleted:
                 return
             time.sleep(0.2)
+
+
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    """A boolean query parameter as the API server parses it (Go's ParseBool: the Python client sends `True`)."""
+    return (query.get(name) or [""])[-1] in ("1", "t", "T", "true", "TRUE", "True")
 
 
 def _signal(proc: subprocess.Popen, signum: int) -> None:
