@@ -31,7 +31,6 @@ import dataclasses
 import datetime as dt
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,6 +48,8 @@ PARAMS_PATH = f"{PARAMS_DIR}/params.yaml"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CLUSTER_TRACKING_URI = "http://mlflow.motus-system.svc.cluster.local:5000"  # infra/mlflow
+STUCK_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                           "CreateContainerError"})
 _SECRET_LIKE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL)", re.I)
 
 
@@ -82,6 +83,9 @@ class ClusterOptions:
     elastic_max_nodes: int | None = None
     max_restarts: int = 3
     mirror_interval_s: int = 120
+    # a pod waiting this long in a state that does not fix itself (an image that cannot be pulled, a missing
+    # Secret key) fails the job: the operator would let it wait forever
+    stuck_grace_s: float = 300.0
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ClusterOptions:
@@ -530,27 +534,28 @@ class ClusterClient:
             raise ClusterError(f"logs of PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
         return logs
 
+    def stuck_pods(self, name: str) -> dict[str, str]:
+        """The job's pods whose containers wait for a reason that does not go away by waiting: pod -> reason."""
+        try:
+            pods = self.client.get_job_pods(name, namespace=self.namespace, is_master=False)
+        except RuntimeError:
+            return {}
+        stuck: dict[str, str] = {}
+        for pod in pods:
+            statuses = [*((pod.status and pod.status.init_container_statuses) or []),
+                        *((pod.status and pod.status.container_statuses) or [])]
+            for c in statuses:
+                waiting = c.state.waiting if c.state is not None else None
+                if waiting is not None and waiting.reason in STUCK_REASONS:
+                    stuck[pod.metadata.name] = f"{waiting.reason}: {waiting.message or ''}".rstrip(": ")
+        return stuck
+
     def cancel(self, name: str) -> None:
         self.ping()
         try:
             self.client.delete_job(name, namespace=self.namespace)
         except RuntimeError as e:
             raise ClusterError(f"cancelling PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
-
-    def watch(self, name: str, poll_s: float = 10.0, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield the job each time its state changes, until it succeeds or fails (or `timeout_s` passes)."""
-        import time
-
-        last, start = None, time.monotonic()
-        while True:
-            job = self.get(name)
-            state = job_state(job)
-            if state != last:
-                last = state
-                yield job
-            if state in ("Succeeded", "Failed") or (timeout_s and time.monotonic() - start > timeout_s):
-                return
-            time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------------------------- the launcher
@@ -598,16 +603,29 @@ class KubernetesLauncher:
         return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
 
     def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:
-        seen: list[dict[str, Any]] = []
-        try:
-            for job in self.client.watch(handle.name, poll_s=self.poll_s, timeout_s=timeout_s):
-                seen.append(job)
-        except ClusterError as e:
-            if seen and "not found" in str(e):  # it existed and is gone: someone deleted it (k8s cancel, kubectl)
-                return JobOutcome(CANCELLED, 130, f"PyTorchJob {self.opts.namespace}/{handle.name} was deleted "
-                                                  f"while {job_state(seen[-1])}")
-            raise
-        return outcome_of(seen[-1] if seen else {}, timeout_s)
+        import time
+
+        start, seen, stuck_since = time.monotonic(), None, {}
+        while True:
+            try:
+                job = self.client.get(handle.name)
+            except ClusterError as e:
+                if seen is not None and "not found" in str(e):  # it existed and is gone: deleted (k8s cancel, kubectl)
+                    return JobOutcome(CANCELLED, 130, f"PyTorchJob {self.opts.namespace}/{handle.name} was deleted "
+                                                      f"while {job_state(seen)}")
+                raise
+            seen = job
+            if job_state(job) in ("Succeeded", "Failed"):
+                return outcome_of(job)
+            now = time.monotonic()
+            for pod, why in self.client.stuck_pods(handle.name).items():
+                if now - stuck_since.setdefault(pod, now) >= self.opts.stuck_grace_s:
+                    self.client.cancel(handle.name)  # its other pods would hold their nodes while it never starts
+                    return JobOutcome(FAILED, 1, f"pod {pod} cannot start: {why} (waited "
+                                                 f"{now - stuck_since[pod]:.0f}s; the job was deleted)")
+            if timeout_s is not None and now - start > timeout_s:
+                return outcome_of(job, timeout_s)
+            time.sleep(self.poll_s)
 
     def logs(self, handle: JobHandle) -> str:
         """Every pod's log (a Worker's exception is only in its own), the Master's first."""

@@ -175,3 +175,17 @@ def test_an_evicted_master_restarts_and_the_job_resumes(cluster, project, tmp_pa
     assert steps[-1] == 30 and steps.count(1) == 1 and len(back) <= 1, steps
     assert not back or (back[0] - 1) % 2 == 0, steps  # right after a checkpoint (every 2 steps)
     assert LineageRecord.read(run / "export").stage == "stage1"
+
+
+def test_a_pod_that_cannot_pull_its_image_fails_the_job_instead_of_waiting_forever(cluster, project, tmp_path,
+                                                                                    monkeypatch):
+    import dataclasses
+
+    launch = launcher(cluster, tmp_path, monkeypatch)
+    launch.opts = dataclasses.replace(launch.opts, stuck_grace_s=1.0)
+    handle = launch.submit(spec(project, "no-image", image="registry.example/motus-train:typo"))
+    outcome = launch.wait(handle, timeout_s=120)
+    assert outcome.state == FAILED, outcome
+    assert re.search(r"pod motus-stage1-\w+-(master|worker)-0 cannot start: ErrImagePull: image "
+                     r"'registry.example/motus-train:typo' is not on this cluster", outcome.message), outcome
+    assert handle.name not in {j["metadata"]["name"] for j in launch.client.list()}  # deleted: frees its nodes
