@@ -54,7 +54,17 @@ _SECRET_LIKE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL
 
 
 class ClusterError(RuntimeError):
-    """The cluster could not be used (no kubeconfig, API unreachable, request refused); the message says why."""
+    """The cluster could not be used (no kubeconfig, API unreachable, request refused); the message says why.
+    `transient`: the API was unreachable or answered 429/5xx, which a later try may not meet (infrastructure);
+    a refusal (4xx, a missing Secret, a quota) is the request's own and comes back on every try."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _transient(status: Any) -> bool:
+    return status is None or status == 429 or (isinstance(status, int) and status >= 500)
 
 
 @dataclass
@@ -432,10 +442,11 @@ class ClusterClient:
         try:
             info = VersionApi(self.api_client).get_code(_request_timeout=self.timeout)
         except ApiException as e:
-            raise ClusterError(f"Kubernetes API {self.host} refused the request: {e.status} {e.reason}") from None
+            raise ClusterError(f"Kubernetes API {self.host} refused the request: {e.status} {e.reason}",
+                               transient=_transient(e.status)) from None
         except Exception as e:  # noqa: BLE001 - urllib3 connection errors: report the cause, not the stack
             reason = getattr(e, "reason", None) or e
-            raise ClusterError(f"Kubernetes API {self.host} is unreachable: {reason}") from None
+            raise ClusterError(f"Kubernetes API {self.host} is unreachable: {reason}", transient=True) from None
         return info.git_version
 
     def submit(self, job: Any, configmap: dict[str, Any] | None = None, *, replace_finished: bool = False) -> str:
@@ -510,14 +521,16 @@ class ClusterClient:
         try:
             return to_manifest(self.client.get_job(name, namespace=self.namespace))
         except RuntimeError as e:
-            raise ClusterError(f"PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+            raise ClusterError(f"PyTorchJob {self.namespace}/{name}: {_why(e)}",
+                               transient=_transient(getattr(e.__cause__, "status", 0))) from None
 
     def list(self) -> list[dict[str, Any]]:
         self.ping()
         try:
             return [to_manifest(j) for j in self.client.list_jobs(namespace=self.namespace)]
         except RuntimeError as e:
-            raise ClusterError(f"listing PyTorchJobs in {self.namespace}: {_why(e)}") from None
+            raise ClusterError(f"listing PyTorchJobs in {self.namespace}: {_why(e)}",
+                               transient=_transient(getattr(e.__cause__, "status", 0))) from None
 
     def logs(self, name: str, follow: bool = False, worker: int | None = None,
              all_pods: bool = False) -> dict[str, str]:
@@ -531,7 +544,8 @@ class ClusterClient:
         try:
             logs, _ = self.client.get_job_logs(name, namespace=self.namespace, follow=follow, **kw)
         except RuntimeError as e:
-            raise ClusterError(f"logs of PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+            raise ClusterError(f"logs of PyTorchJob {self.namespace}/{name}: {_why(e)}",
+                               transient=_transient(getattr(e.__cause__, "status", 0))) from None
         return logs
 
     def stuck_pods(self, name: str) -> dict[str, str]:
@@ -555,7 +569,8 @@ class ClusterClient:
         try:
             self.client.delete_job(name, namespace=self.namespace)
         except RuntimeError as e:
-            raise ClusterError(f"cancelling PyTorchJob {self.namespace}/{name}: {_why(e)}") from None
+            raise ClusterError(f"cancelling PyTorchJob {self.namespace}/{name}: {_why(e)}",
+                               transient=_transient(getattr(e.__cause__, "status", 0))) from None
 
 
 # ---------------------------------------------------------------------------------------------- the launcher

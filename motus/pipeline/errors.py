@@ -22,6 +22,8 @@ def is_infrastructure_error(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, (InfrastructureError, ConnectionError, TimeoutError)):
         return True
+    if getattr(exc, "transient", False):  # a cluster API that was unreachable or answered 429/5xx
+        return True
     # requests / botocore connection failures without importing either
     return type(exc).__name__ in {"ConnectionError", "EndpointConnectionError", "ConnectTimeout", "ReadTimeout"}
 

@@ -314,6 +314,17 @@ def test_no_cluster_is_said_plainly(tmp_path):
     dead.stop()  # the port is now closed: an unreachable API server
     result = _cli("k8s", "submit", "--stage", "1", "--image", IMAGE, env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
     assert result.exit_code == 1 and "is unreachable" in result.output and url in result.output
+    # to a pipeline an unreachable API is infrastructure (the step is retried); a refusal is not
+    from motus.pipeline.errors import is_infrastructure_error
+
+    with pytest.raises(k8s.ClusterError) as unreachable:
+        k8s.ClusterClient(tmp_path / "kubeconfig").get("motus-stage1-x")
+    assert is_infrastructure_error(unreachable.value)
+    with KubeApiStandIn() as live:
+        live.kubeconfig(tmp_path / "live")
+        with pytest.raises(k8s.ClusterError, match="not found") as refused:
+            k8s.ClusterClient(tmp_path / "live").get("motus-stage1-x")
+    assert not is_infrastructure_error(refused.value)
 
 
 def test_no_cluster_from_a_real_process_has_no_traceback(tmp_path):
