@@ -45,7 +45,10 @@ class ModelLock:
                     description=f"registry lock of {name}; deleted on release")
                 break
             except MlflowException as e:
-                if error_code(e) != "RESOURCE_ALREADY_EXISTS":
+                # taken; or taken and released while the store answered: on a unique-name conflict MLflow's SQL
+                # store re-reads the model to word its error, and the holder may have deleted it in between
+                # (seen on PostgreSQL: "Registered Model with name=<name>.lock not found")
+                if error_code(e) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             self._break_if_stale(lock_name)
             if time.monotonic() > deadline:
