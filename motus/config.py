@@ -291,23 +291,51 @@ class Stage(_Section):
 
 
 class Rule(_Section):
-    """One condition a candidate's metric must meet: an absolute threshold and/or no regression."""
+    """One condition a candidate's metric must meet: an absolute threshold, a bound relative to another metric of
+    the same evaluation, and/or no regression against the champion. A success rate can be judged statistically:
+    through a confidence bound on k successes in n episodes instead of the bare fraction."""
 
     metric: str = Field(min_length=1, description="MLflow metric key, e.g. `val/loss`.")
     comparator: Literal[">=", ">", "<=", "<"] = Field(description="Direction in which the metric is good.")
     threshold: float | None = Field(None, description="Absolute bound: `metric <comparator> threshold`.")
+    relative_to: str | None = Field(
+        None, description="Another metric of the same evaluation: `metric <comparator> factor x relative_to`, "
+                          "e.g. the model's action error against the zero-action floor.")
+    factor: float = Field(1.0, gt=0, description="Multiplier of `relative_to`.")
     max_regression: float | None = Field(
         None,
         ge=0,
         description="Not worse than the current champion by more than this (in the metric's units).",
     )
+    statistic: Literal["wilson", "clopper-pearson"] | None = Field(
+        None, description="For a success rate: judge a confidence interval of k/n, not the fraction. With "
+                          "`threshold`, the interval's lower bound must clear it; with `max_regression`, the upper "
+                          "bound must reach the champion's rate minus the margin (not confidently worse).")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence of `statistic`.")
+    min_episodes: int = Field(1, ge=1, description="Fewer episodes than this fail a statistical rule.")
 
     @model_validator(mode="after")
     def _needs_a_bound(self) -> Rule:
-        if self.threshold is None and self.max_regression is None:
+        if self.threshold is None and self.max_regression is None and self.relative_to is None:
             raise PydanticCustomError(
-                "rule_without_bound", "a rule must set threshold, max_regression or both"
+                "rule_without_bound", "a rule must set threshold, relative_to or max_regression"
             )
+        if self.statistic is not None:
+            from .contracts import is_rate
+
+            if not is_rate(self.metric):
+                raise PydanticCustomError("statistic_needs_rate", "statistic {statistic} applies to success rates "
+                                          "(eval/..._success_rate), not {metric}",
+                                          {"statistic": self.statistic, "metric": self.metric})
+            if self.comparator not in (">=", ">"):
+                raise PydanticCustomError("rate_comparator", "a success rate is good when high: comparator >= or >, "
+                                          "not {comparator}", {"comparator": self.comparator})
+            if self.relative_to is not None:
+                raise PydanticCustomError("statistic_relative", "a statistical rule compares with a threshold or "
+                                          "the champion, not with relative_to")
+        if self.threshold is not None and self.statistic is not None and not 0.0 <= self.threshold <= 1.0:
+            raise PydanticCustomError("rate_threshold", "a success-rate threshold lies in [0, 1], got {t}",
+                                      {"t": self.threshold})
         return self
 
 
@@ -541,6 +569,8 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
                 )
             )
 
+    problems += _gate_rule_problems(mapping(data.get("gates")), mapping(data.get("evaluation")))
+
     if model.get("preset") == "full":
         weights = mapping(model.get("weights"))
         for key in ("video", "vae", "vlm", "text"):
@@ -549,6 +579,56 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
                     (f"model.weights.{key}", "the full preset needs a local path to pretrained weights")
                 )
 
+    return problems
+
+
+def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Gate rules that could never be judged as written: an `eval/` metric the evaluation does not report (or a
+    task it does not roll out), and statistical rules the evaluation's episodes cannot satisfy (fewer episodes than
+    `min_episodes`, or a threshold that even a perfect run's lower confidence bound stays below)."""
+    from .contracts import EVALUATION_METRICS, rate_interval
+
+    defaults = EvaluationConfig()
+    seeds = evaluation.get("seeds", defaults.seeds)
+    tasks = evaluation.get("tasks", defaults.tasks)
+    if not isinstance(seeds, int) or not isinstance(tasks, list):
+        return []  # structural validation reports those
+    problems: list[tuple[str, str]] = []
+    for gate_name, gate in gates.items():
+        rules = gate.get("rules") if isinstance(gate, Mapping) else None
+        for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, Mapping):
+                continue
+            where = f"gates.{gate_name}.rules.{i}"
+            for key in ("metric", "relative_to"):
+                name = rule.get(key)
+                if not isinstance(name, str) or not name.startswith("eval/"):
+                    continue
+                parts = name.split("/")
+                if len(parts) == 3 and parts[1] not in tasks:
+                    problems.append((f"{where}.{key}", f"{name}: task '{parts[1]}' is not rolled out "
+                                                       f"(evaluation.tasks: {', '.join(tasks) or 'none'})"))
+                elif len(parts) not in (2, 3) or parts[-1] not in EVALUATION_METRICS:
+                    problems.append((f"{where}.{key}", f"the evaluation does not report {name} (it reports eval/ "
+                                                       f"{', '.join(sorted(EVALUATION_METRICS))})"))
+            if rule.get("statistic") not in ("wilson", "clopper-pearson") or not isinstance(rule.get("metric"), str):
+                continue
+            episodes = seeds * (len(tasks) if rule["metric"].count("/") == 1 else 1)
+            need = rule.get("min_episodes", 1)
+            if isinstance(need, int) and episodes < need:
+                problems.append((f"{where}.min_episodes", f"{rule['metric']} comes from {episodes} episodes "
+                                                          f"(evaluation.seeds {seeds} x {len(tasks) if rule['metric'].count('/') == 1 else 1} task(s)) "
+                                                          f"< min_episodes {need}: raise evaluation.seeds"))
+            threshold, confidence = rule.get("threshold"), rule.get("confidence", 0.95)
+            if isinstance(threshold, (int, float)) and isinstance(confidence, float) and 0.5 < confidence < 1:
+                best = rate_interval(episodes, episodes, confidence, rule["statistic"])[0]
+                if best < threshold:
+                    enough = next((n for n in range(episodes, 100_000)
+                                   if rate_interval(n, n, confidence, rule["statistic"])[0] >= threshold), None)
+                    problems.append((f"{where}.threshold", f"even {episodes}/{episodes} successes give a "
+                                                           f"{confidence:.0%} {rule['statistic']} lower bound of "
+                                                           f"{best:.3f} < {threshold:g}: too few episodes for that "
+                                                           f"confidence (needs >= {enough} episodes)"))
     return problems
 
 

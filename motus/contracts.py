@@ -403,3 +403,77 @@ class LineageRecord:
     @staticmethod
     def exists(export_dir: Path) -> bool:
         return (Path(export_dir) / LINEAGE_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------- evaluation and gates
+
+# The metrics an evaluation (`motus.evaluate`) reports, by name after `eval/` (closed-loop rates also per task:
+# `eval/<task>/<name>`). A gate rule is checked against this list when params.yaml is loaded, so a typo in a
+# rule is a config error instead of a gate that can never pass.
+EVALUATION_RATES = frozenset({"success_rate", "joint_success_rate", "floor_zero_success_rate",
+                              "floor_random_success_rate", "ceiling_success_rate"})
+EVALUATION_METRICS = EVALUATION_RATES | frozenset({
+    "vla_action_mse", "idm_action_mse", "joint_action_mse", "floor_zero_action_mse",
+    "wm_psnr", "wm_ssim", "wm_floor_copy_psnr", "wm_floor_copy_ssim", "wm_ceiling_vae_psnr", "wm_ceiling_vae_ssim",
+    "joint_psnr", "joint_ssim", "wm_lpips", "wm_fvd"})
+RATE_STATISTICS = ("wilson", "clopper-pearson")
+
+
+def is_rate(metric: str) -> bool:
+    """A success rate: a fraction of episodes, judged with a confidence bound by statistical gate rules."""
+    return metric.rsplit("/", 1)[-1] in EVALUATION_RATES
+
+
+def rate_interval(k: int, n: int, confidence: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Two-sided `confidence` interval of a success rate seen as k successes in n episodes: Wilson's score
+    interval, or the exact (conservative) Clopper-Pearson one."""
+    import math
+    from statistics import NormalDist
+
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"a rate needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    alpha = 1.0 - confidence
+    if method == "wilson":
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        p = k / n
+        denom = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / denom
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        return max(0.0, centre - half), min(1.0, centre + half)
+    if method != "clopper-pearson":
+        raise ValueError(f"unknown rate statistic {method!r} (known: {', '.join(RATE_STATISTICS)})")
+
+    def upper_tail(p: float) -> float:  # P(X >= k | n, p), X ~ Binomial(n, p)
+        if p <= 0.0:
+            return 0.0 if k > 0 else 1.0
+        if p >= 1.0:
+            return 1.0
+        logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+                + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+        top = max(logs)
+        return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+    def _point(p: float) -> float:  # P(X = k | n, p)
+        if p <= 0.0:
+            return 1.0 if k == 0 else 0.0
+        if p >= 1.0:
+            return 1.0 if k == n else 0.0
+        return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+                        + (n - k) * math.log1p(-p))
+
+    def solve(target: float, lower_tail: bool) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(80):  # bisection: the tail probabilities are monotone in p
+            mid = (lo + hi) / 2
+            # lower bound: the p at which seeing >= k has probability alpha/2 (increasing in p)
+            # upper bound: the p at which seeing <= k has probability alpha/2 (decreasing in p)
+            value = (1.0 - upper_tail(mid) + _point(mid)) if lower_tail else upper_tail(mid)
+            if (value > target) == lower_tail:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else solve(alpha / 2, lower_tail=False)
+    upper = 1.0 if k == n else solve(alpha / 2, lower_tail=True)
+    return lower, upper

@@ -117,6 +117,10 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                 metrics[f"eval/{task}/{_FLOOR_NAMES[p]}_success_rate"] = rates[(p, task)]
         for key in {k.split("/", 2)[2] for k in metrics if k.count("/") == 2 and k.endswith("success_rate")}:
             metrics[f"eval/{key}"] = float(np.mean([metrics[f"eval/{t}/{key}"] for t in tasks]))
+            # the episodes behind each rate: a statistical gate rule judges k of n, not the bare fraction
+            metrics[f"eval/{key}_n"] = float(len(seeds) * len(tasks))
+            for t in tasks:
+                metrics[f"eval/{t}/{key}_n"] = float(len(seeds))
         model_runs = [r for r in results if r.policy in MODEL_POLICIES]
         plans = sum(r.plans for r in model_runs)
         timing.update(closed_loop_seconds=wall, rollouts_per_s=len(results) / wall,

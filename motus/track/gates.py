@@ -48,6 +48,13 @@ class RuleResult:
     champion_value: float | None
     passed: bool
     reason: str
+    # a rule relative to another metric: its name and the bound it gave; a statistical rule on a rate: the
+    # episodes, successes and confidence interval it judged (None for other rules, and in older verdicts)
+    relative_to: str | None = None
+    bound: float | None = None
+    n: int | None = None
+    k: int | None = None
+    interval: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
@@ -56,6 +63,9 @@ class RuleResult:
         bounds = []
         if self.threshold is not None:
             bounds.append(f"{self.comparator} {self.threshold:g}")
+        if self.relative_to is not None:
+            bounds.append(f"{self.comparator} a multiple of {self.relative_to}"
+                          + ("" if self.bound is None else f" ({self.bound:.6g})"))
         if self.max_regression is not None:
             bounds.append(f"max_regression {self.max_regression:g}")
         return f"{self.metric} {', '.join(bounds)}"
@@ -93,7 +103,8 @@ class Verdict:
     @classmethod
     def from_json(cls, text: str) -> Verdict:
         d = json.loads(text)
-        d["rules"] = tuple(RuleResult(**r) for r in d["rules"])
+        d["rules"] = tuple(RuleResult(**{**r, "interval": tuple(r["interval"]) if r.get("interval") else None})
+                           for r in d["rules"])
         return cls(**d)
 
 
@@ -111,21 +122,43 @@ def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.6g}"
 
 
-def judge_rule(rule: Any, value: float | None, champion_value: float | None,
+def episodes_key(metric: str) -> str:
+    """The metric holding how many episodes a rate was measured on (logged beside it by the evaluation)."""
+    return f"{metric}_n"
+
+
+def judge_rule(rule: Any, metrics: Mapping[str, float], champion_metrics: Mapping[str, float] | None,
                champion_version: int | None) -> RuleResult:
-    """One `motus.config.Rule` against a candidate value and (optionally) the champion's value."""
+    """One `motus.config.Rule` against a candidate's metrics and (optionally) the champion's."""
+    value = metrics.get(rule.metric)
+    champion_value = None if champion_metrics is None else champion_metrics.get(rule.metric)
     cmp = rule.comparator
+    relative_to = getattr(rule, "relative_to", None)
     base = dict(metric=rule.metric, comparator=cmp, threshold=rule.threshold, max_regression=rule.max_regression,
-                value=value, champion_value=champion_value)
+                value=value, champion_value=champion_value, relative_to=relative_to)
     if value is None:
         return RuleResult(**base, passed=False, reason=f"metric {rule.metric} was not logged")
     if math.isnan(value):
         return RuleResult(**base, passed=False, reason=f"metric {rule.metric} is NaN")
-    reasons, passed = [], True
+    if getattr(rule, "statistic", None):
+        return _judge_rate(rule, base, metrics, champion_metrics, champion_version)
+    reasons, passed, bound = [], True, None
     if rule.threshold is not None:
         ok = _COMPARE[cmp](value, rule.threshold)
         passed &= ok
         reasons.append(f"{_fmt(value)} {cmp} {rule.threshold:g}" if ok else f"{_fmt(value)} is not {cmp} {rule.threshold:g}")
+    if relative_to is not None:
+        other = metrics.get(relative_to)
+        if other is None or math.isnan(other):
+            passed = False
+            reasons.append(f"{relative_to} was not logged by the same evaluation: nothing to compare with")
+        else:
+            bound = rule.factor * other
+            ok = _COMPARE[cmp](value, bound)
+            passed &= ok
+            what = f"{rule.factor:g} x {relative_to} {_fmt(other)} = {_fmt(bound)}"
+            reasons.append(f"{_fmt(value)} {cmp} {what}" if ok else f"{_fmt(value)} is not {cmp} {what} "
+                           f"(off by {_fmt(abs(value - bound))}, {_fmt(value / other if other else math.inf)} x)")
     if rule.max_regression is not None:
         if champion_version is None:
             reasons.append("no champion yet: nothing to regress from")
@@ -142,7 +175,47 @@ def judge_rule(rule: Any, value: float | None, champion_value: float | None,
             else:
                 reasons.append(f"{_fmt(value)} is worse than {where} by {_fmt(worse_by)} "
                                f"(max_regression {rule.max_regression:g})")
-    return RuleResult(**base, passed=passed, reason="; ".join(reasons))
+    return RuleResult(**base, bound=bound, passed=passed, reason="; ".join(reasons))
+
+
+def _judge_rate(rule: Any, base: dict[str, Any], metrics: Mapping[str, float],
+                champion_metrics: Mapping[str, float] | None, champion_version: int | None) -> RuleResult:
+    """A success rate through a confidence interval of k successes in n episodes (`rule.statistic`)."""
+    from ..contracts import rate_interval
+
+    n_value = metrics.get(episodes_key(rule.metric))
+    if n_value is None or math.isnan(n_value) or n_value < 1:
+        return RuleResult(**base, passed=False, reason=f"{episodes_key(rule.metric)} (the episodes behind the rate) "
+                                                       "was not logged: a rate without its n cannot be judged")
+    n = int(round(n_value))
+    k = int(round(base["value"] * n))
+    if n < rule.min_episodes:
+        return RuleResult(**base, n=n, k=k, passed=False,
+                          reason=f"{k}/{n} episodes: fewer than min_episodes {rule.min_episodes}")
+    lo, hi = rate_interval(k, n, rule.confidence, rule.statistic)
+    ci = f"{k}/{n}, {rule.confidence:.0%} {rule.statistic} [{lo:.3f}, {hi:.3f}]"
+    reasons, passed = [], True
+    if rule.threshold is not None:
+        ok = _COMPARE[rule.comparator](lo, rule.threshold)
+        passed &= ok
+        reasons.append(f"{ci}: lower bound {lo:.3f} {rule.comparator} {rule.threshold:g}" if ok else
+                       f"{ci}: lower bound {lo:.3f} is not {rule.comparator} {rule.threshold:g} "
+                       f"(short by {rule.threshold - lo:.3f}; more episodes narrow the interval)")
+    if rule.max_regression is not None:
+        champ = base["champion_value"]
+        if champion_version is None:
+            reasons.append(f"{ci}; no champion yet: nothing to regress from")
+        elif champ is None or math.isnan(champ):
+            reasons.append(f"{ci}; champion v{champion_version} has no {rule.metric}: no comparison")
+        else:
+            floor = champ - rule.max_regression
+            ok = hi >= floor - 1e-12
+            passed &= ok
+            reasons.append(f"{ci}: upper bound {hi:.3f} >= champion v{champion_version} {champ:.3f} - "
+                           f"{rule.max_regression:g} (not confidently worse)" if ok else
+                           f"{ci}: even the upper bound {hi:.3f} is below champion v{champion_version} "
+                           f"{champ:.3f} - {rule.max_regression:g} = {floor:.3f} (confidently worse)")
+    return RuleResult(**base, n=n, k=k, interval=(lo, hi), passed=passed, reason="; ".join(reasons))
 
 
 def judge(name: str, version: int, gate: Any, metrics: Mapping[str, float],
@@ -151,8 +224,7 @@ def judge(name: str, version: int, gate: Any, metrics: Mapping[str, float],
     """Every rule and required tag of `gate` (a `motus.config.Gate`) for one version; passed = all passed."""
     results = []
     for rule in gate.rules:
-        cv = None if champion_metrics is None else champion_metrics.get(rule.metric)
-        results.append(judge_rule(rule, metrics.get(rule.metric), cv, champion_version))
+        results.append(judge_rule(rule, metrics, champion_metrics, champion_version))
     tags = tags or {}
     for tag in gate.required_tags:
         present = tag in tags and str(tags[tag]) != ""

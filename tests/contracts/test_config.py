@@ -227,6 +227,44 @@ def test_placement_pools_must_exist_and_the_fallback_differ(tmp_path: Path) -> N
     assert "the fallback pool is the job's own pool" in str(err)
 
 
+def test_gate_rules_that_could_never_be_judged_are_config_errors(tmp_path: Path) -> None:
+    data = good_data()
+    data["evaluation"] = {"seeds": 4, "tasks": ["transfer_cube", "insertion"]}
+    data["gates"]["policy"]["rules"] = [
+        {"metric": "eval/vla_action_mse", "comparator": "<=", "relative_to": "eval/floor_zero_actoin_mse"},
+        {"metric": "eval/pick_place/success_rate", "comparator": ">=", "threshold": 0.5},
+        {"metric": "eval/success_rate", "comparator": ">=", "threshold": 0.5, "statistic": "wilson",
+         "min_episodes": 20},
+        {"metric": "eval/transfer_cube/success_rate", "comparator": ">=", "threshold": 0.8,
+         "statistic": "clopper-pearson"},
+        {"metric": "eval/success_rate", "comparator": ">=", "threshold": 0.2, "statistic": "wilson"},  # fine
+    ]
+    err = errors_of(tmp_path, data)
+    found = dict(err.errors)
+    assert list(found) == ["gates.policy.rules.0.relative_to", "gates.policy.rules.1.metric",
+                           "gates.policy.rules.2.min_episodes", "gates.policy.rules.3.threshold"]
+    assert "does not report eval/floor_zero_actoin_mse" in found["gates.policy.rules.0.relative_to"]
+    assert "task 'pick_place' is not rolled out" in found["gates.policy.rules.1.metric"]
+    assert "8 episodes (evaluation.seeds 4 x 2 task(s)) < min_episodes 20" in found["gates.policy.rules.2.min_episodes"]
+    # 4 seeds of one task: n/n has the lower bound 0.025 ** (1/n): 0.398 at 4, >= 0.8 from 17
+    assert "even 4/4 successes give a 95% clopper-pearson lower bound of 0.398 < 0.8" in \
+        found["gates.policy.rules.3.threshold"] and "needs >= 17 episodes" in found["gates.policy.rules.3.threshold"]
+
+
+def test_a_statistical_rule_needs_a_rate_judged_upwards(tmp_path: Path) -> None:
+    data = good_data()
+    data["gates"]["policy"]["rules"] = [
+        {"metric": "val/loss", "comparator": "<=", "threshold": 2.0, "statistic": "wilson"},
+        {"metric": "eval/success_rate", "comparator": "<=", "threshold": 0.5, "statistic": "wilson"},
+        {"metric": "eval/success_rate", "comparator": ">=", "threshold": 50, "statistic": "wilson"},
+        {"metric": "eval/vla_action_mse", "comparator": "<="},
+    ]
+    err = str(errors_of(tmp_path, data))
+    assert "statistic wilson applies to success rates (eval/..._success_rate), not val/loss" in err
+    assert "comparator >= or >, not <=" in err and "threshold lies in [0, 1], got 50" in err
+    assert "a rule must set threshold, relative_to or max_regression" in err
+
+
 def test_cross_section_errors_reported_with_structural_errors(tmp_path: Path) -> None:
     data = good_data()
     data["stages"]["first"]["tiers"]["nope"] = 1.0

@@ -162,6 +162,13 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
                                               "floor_random_success_rate", "ceiling_success_rate")]
     for key in rates:
         assert key in m and 0.0 <= m[key] <= 1.0, key
+        # each rate with the episodes behind it (1 seed per task), for the statistical gate rules
+        assert m[f"{key}_n"] == (1 if key.count("/") == 2 else len(tasks)), key
+    # every metric the evaluation reports is one a gate rule may name (motus.contracts.EVALUATION_METRICS)
+    from motus.contracts import EVALUATION_METRICS
+
+    names = {k.rsplit("/", 1)[-1].removesuffix("_n") for k in m if k.startswith("eval/")}
+    assert names <= EVALUATION_METRICS and names | {"wm_lpips", "wm_fvd"} == EVALUATION_METRICS, names
     for key in ("eval/vla_action_mse", "eval/idm_action_mse", "eval/joint_action_mse", "eval/floor_zero_action_mse"):
         assert key in m and math.isfinite(m[key]) and m[key] >= 0, key
     for key in ("eval/wm_psnr", "eval/wm_floor_copy_psnr", "eval/wm_ceiling_vae_psnr", "eval/joint_psnr"):

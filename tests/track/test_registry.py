@@ -280,3 +280,56 @@ def test_judge_rules_without_a_store():
     assert not v.passed and v.failed_rules[0].metric == "acc"
     assert judge("m", 1, gate2, {"acc": 0.65}, {"acc": 0.7}, 3, {}).failed_rules[0].reason == "required tag owner is missing"
     assert type(v).from_json(v.to_json()) == v
+
+
+def test_a_rule_relative_to_another_metric_of_the_same_evaluation():
+    gate = Gate(rules=[RuleModel(metric="eval/vla_action_mse", comparator="<=", relative_to="eval/floor_zero_action_mse",
+                                 factor=0.7)])
+    floor = 0.9
+    untrained = judge("m", 1, gate, {"eval/vla_action_mse": 1 + floor, "eval/floor_zero_action_mse": floor}, None, None)
+    (rule,) = untrained.rules
+    assert not untrained.passed and rule.bound == pytest.approx(0.63)
+    assert "1.9 is not <= 0.7 x eval/floor_zero_action_mse 0.9 = 0.63" in rule.reason  # by how much, against what
+    trained = judge("m", 1, gate, {"eval/vla_action_mse": 0.5, "eval/floor_zero_action_mse": floor}, None, None)
+    assert trained.passed
+    missing = judge("m", 1, gate, {"eval/vla_action_mse": 0.5}, None, None)
+    assert not missing.passed and "eval/floor_zero_action_mse was not logged" in missing.rules[0].reason
+    assert type(untrained).from_json(untrained.to_json()) == untrained
+
+
+def test_a_success_rate_is_judged_through_its_confidence_interval():
+    from motus.contracts import rate_interval
+
+    at_least = RuleModel(metric="eval/success_rate", comparator=">=", threshold=0.5, statistic="wilson",
+                         min_episodes=8)
+    gate = Gate(rules=[at_least])
+    # 7/8 = 0.875 clears 0.5 as a fraction, but its 95% Wilson lower bound (0.529) must clear it too
+    seen = {"eval/success_rate": 7 / 8, "eval/success_rate_n": 8}
+    v = judge("m", 1, gate, seen, None, None)
+    (r,) = v.rules
+    assert v.passed and (r.n, r.k) == (8, 7) and r.interval == pytest.approx(rate_interval(7, 8))
+    assert r.interval[0] == pytest.approx(0.529, abs=1e-3)
+    five = judge("m", 1, gate, {"eval/success_rate": 5 / 8, "eval/success_rate_n": 8}, None, None)
+    assert not five.passed and "lower bound 0.306 is not >= 0.5" in five.rules[0].reason
+    few = judge("m", 1, gate, {"eval/success_rate": 1.0, "eval/success_rate_n": 4}, None, None)
+    assert not few.passed and "fewer than min_episodes 8" in few.rules[0].reason  # too few never passes
+    no_n = judge("m", 1, gate, {"eval/success_rate": 1.0}, None, None)
+    assert not no_n.passed and "eval/success_rate_n" in no_n.rules[0].reason
+    # against the champion: only a candidate confidently worse than the champion (minus the margin) fails
+    vs = Gate(rules=[RuleModel(metric="eval/success_rate", comparator=">=", max_regression=0.05,
+                               statistic="clopper-pearson")])
+    champ = {"eval/success_rate": 0.75, "eval/success_rate_n": 8}
+    assert judge("m", 2, vs, {"eval/success_rate": 0.5, "eval/success_rate_n": 8}, champ, 1).passed
+    worse = judge("m", 2, vs, {"eval/success_rate": 0.1, "eval/success_rate_n": 40}, champ, 1)
+    assert not worse.passed and "confidently worse" in worse.rules[0].reason
+    assert type(worse).from_json(worse.to_json()) == worse
+
+
+def test_rate_intervals_match_the_textbook_values():
+    from motus.contracts import rate_interval
+
+    assert rate_interval(5, 10, method="clopper-pearson") == pytest.approx((0.1871, 0.8129), abs=1e-4)
+    assert rate_interval(3, 20, method="clopper-pearson") == pytest.approx((0.0321, 0.3789), abs=1e-4)
+    assert rate_interval(0, 10, method="clopper-pearson") == pytest.approx((0.0, 0.3085), abs=1e-4)
+    assert rate_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # Wilson
+    assert rate_interval(10, 10)[1] == 1.0
