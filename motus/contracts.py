@@ -477,3 +477,52 @@ def rate_interval(k: int, n: int, confidence: float = 0.95, method: str = "wilso
     lower = 0.0 if k == 0 else solve(alpha / 2, lower_tail=False)
     upper = 1.0 if k == n else solve(alpha / 2, lower_tail=True)
     return lower, upper
+
+
+# ----------------------------------------------------------------------------------- normalisation contract
+
+# The fields of a tier's normalisation record (`TierWindows.normalization`, stored per tier in every export's
+# lineage) that must agree between a model and the data it is given: the method, the action space and the
+# statistics. The tier's content hash may differ (a rebuilt tier with the same statistics is the same contract).
+NORMALIZATION_FIELDS = ("method", "embodiment", "action_dim", "padded_action_dim", "actions", "state")
+
+
+def normalization_mismatches(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
+    """How the normalisation a model was trained with (`model`) differs from the data's (`data`): one line per
+    field, naming both values. A field the model's record does not carry (an older export) is not compared."""
+    import math
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-7)
+        return a == b
+
+    def short(v: Any) -> str:
+        text = json.dumps(v, default=str)
+        return text if len(text) <= 120 else text[:117] + "..."
+
+    out = []
+    for key in NORMALIZATION_FIELDS:
+        if key not in model:
+            continue
+        if not same(model[key], data.get(key)):
+            if isinstance(model[key], Mapping) and isinstance(data.get(key), Mapping):
+                for sub in sorted(set(model[key]) | set(data[key])):
+                    if not same(model[key].get(sub), data[key].get(sub)):
+                        out.append(f"{key}.{sub}: model {short(model[key].get(sub))}, data {short(data[key].get(sub))}")
+            else:
+                out.append(f"{key}: model {short(model[key])}, data {short(data.get(key))}")
+    return out
+
+
+def check_normalization(model: Mapping[str, Any], data: Mapping[str, Any], where: str) -> None:
+    """Refuse data whose normalisation or action space is not the one the model was trained with: feeding it
+    would be silently wrong (actions in other units), and re-normalising it silently would hide that."""
+    found = normalization_mismatches(model, data)
+    if found:
+        raise ContractError(f"{where}: the data's normalisation differs from the model's (trained on tier "
+                            f"{model.get('tier')!r}); refusing rather than re-normalising: " + "; ".join(found))

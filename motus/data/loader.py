@@ -313,6 +313,7 @@ class TierWindows(Dataset):
         return {
             "method": self.spec.normalization,
             "tier": self.tier.name,
+            "embodiment": self.tier.manifest.embodiment,
             "content_hash": self.tier.content_hash,
             "action_dim": self.tier_action_dim,
             "padded_action_dim": self.action_dim,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..contracts import check_normalization
 from ..data.loader import TierWindows, collate_windows
 from ..data.tier import Tier
 from .metrics import FeatureNet, action_mse, feature_statistics, frechet_distance, psnr, ssim
@@ -53,6 +54,8 @@ def heldout_windows(exported: Any, params: Any, tiers: Sequence[str],
                                     f"run `motus data ingest {name}` to evaluate on its held-out episodes")
         ds = TierWindows(Tier(root / name), exported.spec, split="heldout",
                          heldout_fraction=params.data.heldout_fraction)
+        check_normalization(exported.normalization(name), ds.normalization,
+                            where=f"{exported.path}: held-out windows of tier '{name}'")
         if len(ds) == 0:
             raise ValueError(f"tier '{name}' has no held-out window (held-out episodes {ds.episode_ids}, "
                              f"too short: {ds.skipped_short_ids})")

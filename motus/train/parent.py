@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..contracts import ContractError, LineageRecord
+from ..contracts import ContractError, LineageRecord, check_normalization
 from ..model.motus import CONFIG_FILE, EXPERTS, WEIGHTS_FILE, MotusModel
 
 # Stage 2 -> 3: the action encoder/decoder change meaning (latent -> real actions, + state and registers)
@@ -68,3 +68,22 @@ def load_parent(model: MotusModel, export_dir: str | Path, *, drop_action_io: bo
             if k not in dropped:
                 v.copy_(state[k])
     return {"dropped": dropped, "loaded": sorted(k for k in own if k not in dropped)}
+
+
+def check_parent_normalization(export_dir: str | Path, normalization: dict[str, dict], *, keeps_action_io: bool) -> None:
+    """A parent whose action head is kept (not re-initialised) predicts actions in the units it was trained on:
+    a tier it shares with this job must be normalised the same way, or the head's outputs mean something else."""
+    if not keeps_action_io or not LineageRecord.exists(export_dir):
+        return
+    try:
+        lineage = LineageRecord.read(export_dir)
+    except ContractError as e:
+        raise ParentLoadError(f"parent checkpoint '{export_dir}': {e}") from None
+    if lineage.stage_number == 1:  # a Stage 1 parent trained no actions
+        return
+    for tier, theirs in sorted((lineage.normalization or {}).items()):
+        if tier in normalization:
+            try:
+                check_normalization(theirs, normalization[tier], where=f"parent checkpoint '{export_dir}', tier '{tier}'")
+            except ContractError as e:
+                raise ParentLoadError(str(e)) from None

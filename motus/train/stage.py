@@ -29,7 +29,7 @@ from ..model.vlm import FrozenVAE, FrozenVLM
 from .distributed import PEAK_FLOPS, JobContext, init_distributed, job_hours
 from .engine import deepspeed_config
 from .inputs import window_inputs
-from .parent import load_parent
+from .parent import check_parent_normalization, load_parent
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .precision import setting_for as precision_setting
@@ -124,6 +124,7 @@ class StageJob(TrainModule):
 
     def before_engine(self, fresh: bool) -> None:
         if self.init_from and fresh:
+            check_parent_normalization(self.init_from, self.normalization, keeps_action_io=not self.recipe.drops_action_io)
             report = load_parent(self.model, self.init_from, drop_action_io=self.recipe.drops_action_io)
             log.info("started from %s (%d tensors, %d action I/O tensors re-initialised)", self.init_from,
                      len(report["loaded"]), len(report["dropped"]))

@@ -125,3 +125,23 @@ def test_tier_and_feature_manifests_round_trip_and_name_what_is_wrong(tmp_path):
         FeatureManifest.from_json({**feat.to_json(), "schema_version": 7})
     with pytest.raises(ContractError, match=r"missing keys \['tier_hash'\]"):
         FeatureManifest.from_json({k: v for k, v in feat.to_json().items() if k != "tier_hash"})
+
+
+def test_the_normalisation_contract_names_each_field_that_differs():
+    from motus.contracts import ContractError, check_normalization, normalization_mismatches
+
+    trained = {"method": "mean_std", "tier": "t", "embodiment": "aloha", "action_dim": 14, "padded_action_dim": 14,
+               "actions": {"mean": [0.1, 0.2], "std": [1.0, 2.0]}, "state": {"mean": [0.0], "std": [1.0]},
+               "content_hash": "a" * 64}
+    rebuilt = {**trained, "content_hash": "b" * 64, "actions": {"mean": [0.1 + 1e-9, 0.2], "std": [1.0, 2.0]}}
+    assert normalization_mismatches(trained, rebuilt) == []  # same statistics: the same contract
+    other = {**trained, "method": "min_max", "embodiment": "ur5", "actions": {"mean": [0.1, 0.5], "std": [1.0, 2.0]}}
+    found = normalization_mismatches(trained, other)
+    assert found == ['method: model "mean_std", data "min_max"', 'embodiment: model "aloha", data "ur5"',
+                     "actions.mean: model [0.1, 0.2], data [0.1, 0.5]"]
+    older = {k: v for k, v in trained.items() if k != "embodiment"}  # an export from before the field existed
+    assert normalization_mismatches(older, {**trained, "embodiment": "ur5"}) == []
+    raw = {**trained, "method": "none", "actions": None, "state": None}
+    with pytest.raises(ContractError, match=r"export/x: the data's normalisation differs .* tier 't'.*method: model "
+                                            r"\"mean_std\", data \"none\"; actions: model \{.*\}, data null"):
+        check_normalization(trained, raw, "export/x")

@@ -239,6 +239,27 @@ def test_cli_evaluates_an_export_and_fails_cleanly(stage3, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "seeds must be >= 1000" in bad.stderr and "Traceback" not in bad.stderr
 
+    # the normalisation contract: an export whose recorded statistics are not the tier's is refused, never
+    # silently re-normalised with the tier's own
+    import shutil
+
+    copy = tmp_path / "renormalised"
+    shutil.copytree(run_dir / "export", copy)
+    lineage = json.loads((copy / "lineage.json").read_text())
+    tier = sorted(lineage["normalization"])[0]
+    norm = lineage["normalization"][tier]
+    trained_mean = norm["actions"]["mean"][0]
+    norm["actions"]["mean"][0] = trained_mean + 1.0
+    norm["method"] = "min_max"
+    (copy / "lineage.json").write_text(json.dumps(lineage))
+    bad = subprocess.run([str(MOTUS), "evaluate", str(copy), "--no-track", "--tasks", "transfer_cube", "--modes", "vla",
+                          "--windows", "1", "--no-progress"], cwd=proj, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"held-out windows of tier '{tier}'" in bad.stderr and "refusing rather than re-normalising" in bad.stderr
+    assert 'method: model "min_max", data "mean_std"' in bad.stderr
+    assert f"actions.mean: model [{trained_mean + 1.0}" in bad.stderr, bad.stderr
+
 
 class _WildPolicy:
     """A policy gone wrong: joint targets far outside the arm's range, then NaN."""

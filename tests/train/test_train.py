@@ -181,6 +181,21 @@ def test_incompatible_parent_is_fatal_and_named(tmp_path):
         load_parent(model, tmp_path / "broken", drop_action_io=True)
 
 
+def test_a_parent_whose_action_head_is_kept_must_share_the_normalisation_of_a_shared_tier(tmp_path):
+    from motus.train.parent import check_parent_normalization
+
+    norm = {"method": "mean_std", "tier": "aloha", "embodiment": "aloha", "action_dim": 14, "padded_action_dim": 14,
+            "actions": {"mean": [0.0] * 14, "std": [1.0] * 14}, "state": None}
+    LineageRecord(job="stage", registered_model="motus-aloha", config_hash="c", tiers=(), stage="stage3",
+                  stage_number=3, normalization={"aloha": norm}).write(tmp_path)
+    minmax = {**norm, "method": "min_max", "actions": {"q01": [-1.0] * 14, "q99": [1.0] * 14}}
+    with pytest.raises(ParentLoadError, match=r"tier 'aloha'.*method: model \"mean_std\", data \"min_max\""):
+        check_parent_normalization(tmp_path, {"aloha": minmax, "other": norm}, keeps_action_io=True)
+    check_parent_normalization(tmp_path, {"aloha": norm}, keeps_action_io=True)  # the same contract
+    check_parent_normalization(tmp_path, {"aloha": minmax}, keeps_action_io=False)  # a re-initialised head: free
+    check_parent_normalization(tmp_path, {"other": minmax}, keeps_action_io=True)  # no shared tier
+
+
 def test_stage3_from_stage2_drops_only_the_action_io_layers(tmp_path):
     pre = build_config("tiny", {"action": {"encoder_mode": "pretrain"}})
     parent = MotusModel(pre, with_vlm=False, with_vae=False)
