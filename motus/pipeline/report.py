@@ -18,12 +18,13 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
         out = r.outputs or {}
         detail = ""
         if "model" in out and "version" in out and r.kind != "evaluate":
-            detail = f"{out['model']} v{out['version']}"
+            detail = f"{out['model']} v{out['version']}" + "".join(
+                f"; {k.removeprefix('val/')} {a:.3g} -> {b:.3g} ({(b - a) / a:+.0%})"
+                for k, (a, b) in (out.get("held_out") or {}).items() if a)
         elif r.kind == "gate":
             detail = f"{out.get('verdict', '')} -> champion v{out.get('champion')}" if out else ""
         elif r.kind == "evaluate":
-            m = out.get("metrics", {})
-            detail = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m.items())[:3] if isinstance(v, (int, float)))
+            detail = evaluation_line(out.get("metrics", {}))
         elif "content_hash" in out:
             detail = f"content {out['content_hash'][:12]}"
         steps.append({"step": r.step, "kind": r.kind, "status": r.status, "seconds": round(r.seconds, 2),
@@ -41,6 +42,24 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
             "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
             "steps": steps, "champions": pipe.champions(), "tracking_uri": pipe.tracking_uri,
             "pipeline_run": pipe.pipeline_run}
+
+
+def evaluation_line(m: dict[str, Any]) -> str:
+    """The model's own held-out numbers beside their floor (action error as a multiple of predicting zeros) and
+    its closed-loop success beside the scripted ceiling."""
+    parts = []
+    floor = m.get("eval/floor_zero_action_mse")
+    for mode in ("vla", "idm", "joint"):
+        v = m.get(f"eval/{mode}_action_mse")
+        if isinstance(v, (int, float)):
+            parts.append(f"{mode} mse {v:.3g}" + (f" = {v / floor:.2f}x floor" if floor else ""))
+    if floor:
+        parts.append(f"floor {floor:.3g}")
+    for key, label in (("eval/success_rate", "success"), ("eval/ceiling_success_rate", "ceiling")):
+        v, n = m.get(key), m.get(f"{key}_n")
+        if isinstance(v, (int, float)):
+            parts.append(f"{label} {round(v * n)}/{int(n)}" if n else f"{label} {v:.0%}")
+    return ", ".join(parts)
 
 
 def _by_pool(steps: list[dict[str, Any]]) -> dict[str, float]:

@@ -46,6 +46,7 @@ StageResult = TrainResult  # what run_stage returns (the stage's name is the job
 
 class StageJob(TrainModule):
     reported = ("loss", "video_loss", "action_loss")
+    validates_at_start = True  # val/* at step 0 too: the pretrained (or parent) starting point
     plotted = ("loss", "video_loss", "action_loss")
 
     def __init__(self, params: Any, stage: str | int, run_dir: Path, ctx: JobContext, tracker: Tracker | None = None,

@@ -151,6 +151,9 @@ class Trainer:
         history: dict[str, list[tuple[int, float]]] = {k: [] for k in m.plotted}
         t_start = time.perf_counter()
         last_ckpt = resumed.checkpoint
+        if resumed.step == 0 and end > 0 and getattr(m, "validates_at_start", False):
+            # the starting point, measured the same way: how much a job's held-out losses fell is read against it
+            m.validate(self.engine, 0)
         for step in range(resumed.step, end):
             t0 = time.perf_counter()
             out = m.loss(self.engine, step)

@@ -212,6 +212,18 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
     rule = next(r for r in verdict.rules if r.metric == "eval/success_rate")
     assert rule.value == m["eval/success_rate"] and rule.passed  # no champion yet: nothing to regress from
 
+    # the shipped gate (this project's is loosened) rejects this 2-step export: its action error is where an
+    # untrained head's is, far from 0.7x predicting zeros on the same windows
+    from motus.config import load_params
+    from motus.track.gates import judge
+
+    shipped = load_params(Path(__file__).resolve().parents[2] / "params.yaml").gates["motus-aloha"]
+    untrained = judge("motus-aloha", ref.version, shipped, m, None, None)
+    failed = {r.metric: r for r in untrained.failed_rules}
+    assert not untrained.passed and {"eval/vla_action_mse", "eval/idm_action_mse"} <= set(failed), untrained.summary()
+    assert m["eval/vla_action_mse"] > 0.7 * m["eval/floor_zero_action_mse"]
+    assert "x eval/floor_zero_action_mse" in failed["eval/vla_action_mse"].reason
+
 
 @pytest.mark.slow
 def test_cli_evaluates_an_export_and_fails_cleanly(stage3, tmp_path):

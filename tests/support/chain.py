@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .project import MOTUS, project_env, shipped_params, write_project
+from .project import MOTUS, loosen_gates, project_env, shipped_params, write_project
 
 STAGE3 = "motus-aloha"
 RUNS = ("s1", "lam", "s2", "s3a", "s3b")
@@ -44,6 +44,7 @@ def chain_params() -> dict:
     for s in raw["stages"].values():
         s.update(steps=2, batch_size=2, checkpoint_every=2, validate_every=2, warmup_steps=0)
     raw["latent_action"].update(steps=2, batch_size=8, checkpoint_every=2, validate_every=2, warmup_steps=0)
+    loosen_gates(raw)
     # the registry tests' gate: a loose threshold on what training logs, a regression rule on what evaluation logs
     raw["gates"][STAGE3] = {"rules": [{"metric": "val/action_loss", "comparator": "<=", "threshold": 100.0},
                                       {"metric": "eval/success_rate", "comparator": ">=", "max_regression": 0.05}],

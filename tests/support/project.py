@@ -59,6 +59,21 @@ MINIMAL_TIERS = {"stage1": {"task-agnostic-aloha": 1.0}, "stage2": {"task-agnost
                  "stage3": {"target-aloha-transfer": 1.0}}
 
 
+def loosen_gates(raw: dict) -> dict:
+    """A few steps do not bring the losses under the shipped thresholds, nor the action error under its multiple
+    of the floor: the gates of a test recipe catch only divergence, and accept the one evaluation episode such a
+    recipe may roll out."""
+    for gate in raw["gates"].values():
+        for rule in gate["rules"]:
+            if rule.get("threshold") is not None and rule["metric"].endswith("_loss"):
+                rule["threshold"] = 50.0
+            if rule.get("relative_to") is not None:
+                rule["factor"] = 50.0
+            if rule.get("statistic") is not None:
+                rule["min_episodes"] = 1
+    return raw
+
+
 def small_params(steps: int = 6, tiers: dict[str, dict[str, float]] = PIPELINE_TIERS) -> dict:
     """The pipeline's small recipe: `tiers` (per stage) with two episodes each, `steps`-step stages, a short
     evaluation."""
@@ -70,11 +85,7 @@ def small_params(steps: int = 6, tiers: dict[str, dict[str, float]] = PIPELINE_T
     for t in raw["tiers"].values():
         t["source"]["options"] = shrink(t["source"]["options"])
     raw["latent_action"].update(steps=10, batch_size=8, checkpoint_every=10, validate_every=10, warmup_steps=2)
-    # a few steps do not bring the losses under the shipped thresholds: the gates here catch only divergence
-    for gate in raw["gates"].values():
-        for rule in gate["rules"]:
-            if rule.get("threshold") is not None and rule["metric"].endswith("_loss"):
-                rule["threshold"] = 50.0
+    loosen_gates(raw)
     raw["evaluation"] = {"seeds": 1, "tasks": ["transfer_cube"], "max_steps": 400, "video_episodes": 1,
                          "workers": 1}
     return raw

@@ -46,10 +46,11 @@ class JobStep(StepKind):
                     pipe.registry.client.log_metric(ref.run_id, f"goodput/{k}", float(job[k]))
         lineage = LineageRecord.read(run_dir / "export")
         hours = float(job["device_hours"]) if job.get("device_hours") is not None else lineage.device_hours
+        held_out = _held_out(pipe, ref.run_id)
         extra = {k: job[k] for k in ("pool", "goodput", "lost_device_hours", "device_hours_by_pool")
                  if job.get(k) is not None}
         return {"model": ref.name, "version": int(ref.version), "run_id": ref.run_id, "run_dir": str(run_dir),
-                "device_hours": hours, **extra}
+                "device_hours": hours, **extra, **({"held_out": held_out} if held_out else {})}
 
     def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
         try:
@@ -145,6 +146,25 @@ class StageStep(JobStep):
             return None
         champion = pipe.outputs[f"gate:{parent}"]["champion"]
         return str(pipe.registry.fetch(f"models:/{parent}/{champion}"))
+
+
+HELD_OUT = ("val/video_loss", "val/action_loss", "val/vla_action_mse")
+
+
+def _held_out(pipe: Context, run_id: str | None) -> dict[str, list[float]]:
+    """The job's held-out losses at its first and last validation (a stage validates at step 0 too): what the
+    summary says the job learned."""
+    if not run_id:
+        return {}
+    out = {}
+    for key in HELD_OUT:
+        try:
+            history = sorted(pipe.registry.client.get_metric_history(run_id, key), key=lambda m: m.step)
+        except Exception:  # noqa: BLE001 - a summary line is best effort; the metrics stay in MLflow
+            return out
+        if len(history) >= 2:
+            out[key] = [float(history[0].value), float(history[-1].value)]
+    return out
 
 
 def _without_placement(section: Mapping[str, Any]) -> dict[str, Any]:
