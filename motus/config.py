@@ -586,7 +586,7 @@ def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any])
     """Gate rules that could never be judged as written: an `eval/` metric the evaluation does not report (or a
     task it does not roll out), and statistical rules the evaluation's episodes cannot satisfy (fewer episodes than
     `min_episodes`, or a threshold that even a perfect run's lower confidence bound stays below)."""
-    from .contracts import EVALUATION_METRICS, rate_interval
+    from .contracts import EVALUATION_METRICS, episodes_for, rate_interval
 
     defaults = EvaluationConfig()
     seeds = evaluation.get("seeds", defaults.seeds)
@@ -613,22 +613,24 @@ def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any])
                                                        f"{', '.join(sorted(EVALUATION_METRICS))})"))
             if rule.get("statistic") not in ("wilson", "clopper-pearson") or not isinstance(rule.get("metric"), str):
                 continue
-            episodes = seeds * (len(tasks) if rule["metric"].count("/") == 1 else 1)
+            per_rate_tasks = len(tasks) if rule["metric"].count("/") == 1 else 1  # eval/<rate> spans every task
+            episodes = seeds * per_rate_tasks
             need = rule.get("min_episodes", 1)
             if isinstance(need, int) and episodes < need:
                 problems.append((f"{where}.min_episodes", f"{rule['metric']} comes from {episodes} episodes "
-                                                          f"(evaluation.seeds {seeds} x {len(tasks) if rule['metric'].count('/') == 1 else 1} task(s)) "
+                                                          f"(evaluation.seeds {seeds} x {per_rate_tasks} task(s)) "
                                                           f"< min_episodes {need}: raise evaluation.seeds"))
             threshold, confidence = rule.get("threshold"), rule.get("confidence", 0.95)
-            if isinstance(threshold, (int, float)) and isinstance(confidence, float) and 0.5 < confidence < 1:
+            if isinstance(threshold, (int, float)) and isinstance(confidence, float) and 0.5 < confidence < 1 \
+                    and 0 <= threshold <= 1 and episodes > 0:
                 best = rate_interval(episodes, episodes, confidence, rule["statistic"])[0]
                 if best < threshold:
-                    enough = next((n for n in range(episodes, 100_000)
-                                   if rate_interval(n, n, confidence, rule["statistic"])[0] >= threshold), None)
+                    enough = episodes_for(threshold, confidence, rule["statistic"])
+                    how = f"needs >= {enough} episodes" if enough else "no number of episodes reaches it"
                     problems.append((f"{where}.threshold", f"even {episodes}/{episodes} successes give a "
                                                            f"{confidence:.0%} {rule['statistic']} lower bound of "
                                                            f"{best:.3f} < {threshold:g}: too few episodes for that "
-                                                           f"confidence (needs >= {enough} episodes)"))
+                                                           f"confidence ({how})"))
     return problems
 
 

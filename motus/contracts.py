@@ -526,3 +526,26 @@ def check_normalization(model: Mapping[str, Any], data: Mapping[str, Any], where
     if found:
         raise ContractError(f"{where}: the data's normalisation differs from the model's (trained on tier "
                             f"{model.get('tier')!r}); refusing rather than re-normalising: " + "; ".join(found))
+
+
+def episodes_for(threshold: float, confidence: float = 0.95, method: str = "wilson") -> int | None:
+    """The fewest episodes whose perfect run (n of n) has a lower confidence bound >= `threshold`; None when no
+    number of episodes can (a threshold of 1). Closed forms for n of n: Clopper-Pearson (alpha/2)^(1/n), Wilson
+    n / (n + z^2); then checked against `rate_interval`, so the answer is exact for the interval actually used."""
+    import math
+    from statistics import NormalDist
+
+    if threshold <= 0:
+        return 1
+    if threshold >= 1:
+        return None
+    alpha = 1.0 - confidence
+    if method == "clopper-pearson":
+        n = math.ceil(math.log(alpha / 2) / math.log(threshold))
+    else:
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        n = math.ceil(threshold * z * z / (1 - threshold))
+    n = max(1, n - 2)
+    while rate_interval(n, n, confidence, method)[0] < threshold:
+        n += 1
+    return n

@@ -238,11 +238,14 @@ def test_gate_rules_that_could_never_be_judged_are_config_errors(tmp_path: Path)
         {"metric": "eval/transfer_cube/success_rate", "comparator": ">=", "threshold": 0.8,
          "statistic": "clopper-pearson"},
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 0.2, "statistic": "wilson"},  # fine
+        {"metric": "eval/success_rate", "comparator": ">=", "threshold": 1.0, "statistic": "clopper-pearson"},
     ]
     err = errors_of(tmp_path, data)
     found = dict(err.errors)
     assert list(found) == ["gates.policy.rules.0.relative_to", "gates.policy.rules.1.metric",
-                           "gates.policy.rules.2.min_episodes", "gates.policy.rules.3.threshold"]
+                           "gates.policy.rules.2.min_episodes", "gates.policy.rules.3.threshold",
+                           "gates.policy.rules.5.threshold"]
+    assert "no number of episodes reaches it" in found["gates.policy.rules.5.threshold"]  # an interval never hits 1
     assert "does not report eval/floor_zero_actoin_mse" in found["gates.policy.rules.0.relative_to"]
     assert "task 'pick_place' is not rolled out" in found["gates.policy.rules.1.metric"]
     assert "8 episodes (evaluation.seeds 4 x 2 task(s)) < min_episodes 20" in found["gates.policy.rules.2.min_episodes"]
