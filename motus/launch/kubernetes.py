@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -376,7 +377,7 @@ def job_progress(job: dict[str, Any], workspace: Path | None = None) -> dict[str
     """Where a job stands, as `motus k8s status` prints it: phase, nodes, GPU- and device-hours so far, restarts,
     seconds queued before it started, and goodput from its run folder's metrics when `workspace` (the volume as
     seen here) holds them; goodput None otherwise."""
-    from ..track.accounting import goodput
+    from ..track.accounting import run_goodput
 
     status = job.get("status") or {}
     meta = job.get("metadata") or {}
@@ -387,13 +388,9 @@ def job_progress(job: dict[str, Any], workspace: Path | None = None) -> dict[str
         "queued_s": _seconds_between(meta.get("creationTimestamp"), status.get("startTime")),
         "goodput": None, "lost_device_hours": None, "redone_steps": None}
     run_dir = (meta.get("annotations") or {}).get("motus/run-dir")
-    metrics = Path(workspace) / run_dir / "metrics.jsonl" if workspace is not None and run_dir else None
-    if metrics is not None and metrics.is_file() and out["device_hours"] is not None:
-        import json
-
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        out.update({k: v for k, v in goodput(rows, out["device_hours"], _devices(job)).items()
-                    if k in ("goodput", "lost_device_hours", "redone_steps")})
+    if workspace is not None and run_dir and out["device_hours"] is not None:
+        good = run_goodput(Path(workspace) / run_dir, out["device_hours"], _devices(job)) or {}
+        out.update({k: v for k, v in good.items() if k in ("goodput", "lost_device_hours", "redone_steps")})
     return out
 
 
@@ -485,8 +482,6 @@ class ClusterClient:
         return name
 
     def _remove_if_finished(self, name: str, wait_s: float = 60.0) -> None:
-        import time
-
         try:
             old = to_manifest(self.client.get_job(name, namespace=self.namespace))
         except RuntimeError:
@@ -618,8 +613,6 @@ class KubernetesLauncher:
         return JobHandle(self.kind, name, Path(spec.run_dir), {"namespace": self.opts.namespace})
 
     def wait(self, handle: JobHandle, timeout_s: float | None = None) -> JobOutcome:
-        import time
-
         start, seen, stuck_since = time.monotonic(), None, {}
         while True:
             try:

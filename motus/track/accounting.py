@@ -10,7 +10,7 @@ from typing import TypedDict
 
 from ..contracts import device_hours
 
-__all__ = ["GitState", "cost", "device_hours", "git_state", "goodput"]
+__all__ = ["GitState", "cost", "device_hours", "git_state", "goodput", "run_goodput"]
 
 UNKNOWN_COMMIT = "unknown"
 
@@ -47,6 +47,17 @@ def goodput(metrics: list[dict], total_device_hours: float, devices: int) -> dic
     return {"productive_device_hours": productive, "lost_device_hours": total - productive,
             "redone_device_hours": device_hours(1, devices, redone_s), "redone_steps": float(redone_steps),
             "goodput": productive / total if total > 0 else 1.0}
+
+
+def run_goodput(run_dir: Path, total_device_hours: float, devices: int) -> dict[str, float] | None:
+    """`goodput` of the job whose run folder is `run_dir`, from its `metrics.jsonl`; None when it has none."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    metrics = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return goodput(metrics, total_device_hours, devices)
 
 
 def cost(device_hours: float, device: str, prices: dict[str, float]) -> float | None:

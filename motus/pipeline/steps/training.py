@@ -222,11 +222,12 @@ def run_job(pipe: Context, stage: str, key: str, total: int, init_from: str | No
             raise InfrastructureError(f"{stage} was killed ({outcome.message}); rerunning resumes it ({log})")
         raise PipelineError(f"{stage} failed ({outcome.message}): {cause} (log: {log})")
     job = with_killed_attempts(launcher.record(handle), killed)
-    if job.get("device_hours") is not None and (run_dir / "metrics.jsonl").exists():
-        from ...track.accounting import goodput
+    from ...track.accounting import run_goodput
 
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        job.update(goodput(metrics, float(job["device_hours"]), int(job.get("devices") or 1)))
+    good = None if job.get("device_hours") is None else run_goodput(run_dir, float(job["device_hours"]),
+                                                                     int(job.get("devices") or 1))
+    if good is not None:
+        job.update(good)
         pipe.echo(f"  {stage}: goodput {job['goodput']:.0%} ({job['lost_device_hours']:.4f} of "
                   f"{job['device_hours']:.4f} device h lost; {int(job['redone_steps'])} steps redone, "
                   f"{job['restarts']} restarts)")
