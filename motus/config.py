@@ -226,6 +226,15 @@ class Placement(_Section):
                           "once, resuming from its latest checkpoint; None = retry on the same pool.")
 
 
+class Validation(_Section):
+    """How a stage measures itself on held-out windows (at step 0, every `validate_every` steps and at the end)."""
+
+    windows: int = Field(16, ge=1, description="Held-out windows per validation, spread evenly over the stage's "
+                                               "tiers and through each tier's held-out episodes.")
+    draws: int = Field(3, ge=1, description="Noise draws every sampled number is averaged over (seeded: the same "
+                                            "draws at every validation, so a curve moves only with the model).")
+
+
 class Stage(_Section):
     """A training recipe: which tiers, which experts train, where actions come from, which parent."""
 
@@ -263,6 +272,7 @@ class Stage(_Section):
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints (and one at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Complete checkpoints kept on disk.")
     validate_every: int = Field(50, ge=1, description="Steps between held-out validations (and one at the end).")
+    validation: Validation = Field(default_factory=Validation, description="Held-out windows and noise draws.")
     log_every: int = Field(1, ge=1, description="Steps between metric logs.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     precision: Precision | None = Field(None, description="auto | bf16 | fp32 for this stage; None = the global `precision`.")
@@ -295,7 +305,7 @@ class Rule(_Section):
     the same evaluation, and/or no regression against the champion. A success rate can be judged statistically:
     through a confidence bound on k successes in n episodes instead of the bare fraction."""
 
-    metric: str = Field(min_length=1, description="MLflow metric key, e.g. `val/loss`.")
+    metric: str = Field(min_length=1, description="MLflow metric key, e.g. `val/video_loss`.")
     comparator: Literal[">=", ">", "<=", "<"] = Field(description="Direction in which the metric is good.")
     threshold: float | None = Field(None, description="Absolute bound: `metric <comparator> threshold`.")
     relative_to: str | None = Field(
@@ -427,6 +437,8 @@ class EvaluationConfig(_Section):
         default_factory=lambda: ["transfer_cube", "insertion"], description="gym-aloha tasks to roll out.")
     max_steps: int = Field(400, ge=1, description="Episode length cap (gym-aloha's own limit is 400).")
     video_episodes: int = Field(1, ge=0, description="Rollouts per mode and task kept as MLflow videos.")
+    windows_per_tier: int = Field(8, ge=1, description="Held-out windows per tier for the offline metrics.")
+    draws: int = Field(3, ge=1, description="Seeded noise draws every offline sampled number is averaged over.")
     workers: int | None = Field(None, ge=1, description="Rollout processes; null = min(cores, rollouts).")
 
 
@@ -583,10 +595,10 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Gate rules that could never be judged as written: an `eval/` metric the evaluation does not report (or a
-    task it does not roll out), and statistical rules the evaluation's episodes cannot satisfy (fewer episodes than
+    """Gate rules that could never be judged as written: a `val/` metric validation does not log, an `eval/` metric
+    the evaluation does not report (or a task it does not roll out), and statistical rules the evaluation's episodes cannot satisfy (fewer episodes than
     `min_episodes`, or a threshold that even a perfect run's lower confidence bound stays below)."""
-    from .contracts import EVALUATION_METRICS, episodes_for, rate_interval
+    from .contracts import EVALUATION_METRICS, VALIDATION_METRICS, episodes_for, rate_interval
 
     defaults = EvaluationConfig()
     seeds = evaluation.get("seeds", defaults.seeds)
@@ -602,6 +614,9 @@ def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any])
             where = f"gates.{gate_name}.rules.{i}"
             for key in ("metric", "relative_to"):
                 name = rule.get(key)
+                if isinstance(name, str) and name.startswith("val/") and name[4:] not in VALIDATION_METRICS:
+                    problems.append((f"{where}.{key}", f"stage jobs do not log {name} (validation logs val/ "
+                                                       f"{', '.join(sorted(VALIDATION_METRICS))})"))
                 if not isinstance(name, str) or not name.startswith("eval/"):
                     continue
                 parts = name.split("/")

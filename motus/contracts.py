@@ -413,10 +413,17 @@ class LineageRecord:
 EVALUATION_RATES = frozenset({"success_rate", "joint_success_rate", "floor_zero_success_rate",
                               "floor_random_success_rate", "ceiling_success_rate"})
 EVALUATION_METRICS = EVALUATION_RATES | frozenset({
-    "vla_action_mse", "idm_action_mse", "joint_action_mse", "floor_zero_action_mse",
-    "wm_psnr", "wm_ssim", "wm_floor_copy_psnr", "wm_floor_copy_ssim", "wm_ceiling_vae_psnr", "wm_ceiling_vae_ssim",
+    "vla_action_mse", "idm_action_mse", "joint_action_mse", "floor_zero_action_mse", "untrained_action_mse",
+    "vla_action_mse_x0", "idm_action_mse_x0", "wm_psnr", "wm_ssim", "wm_floor_copy_psnr", "wm_floor_copy_ssim", "wm_ceiling_vae_psnr", "wm_ceiling_vae_ssim",
     "joint_psnr", "joint_ssim", "wm_lpips", "wm_fvd"})
 RATE_STATISTICS = ("wilson", "clopper-pearson")
+
+# What a stage job's held-out validation logs, by name after `val/` (`motus.train.stage.StageJob.validate`); action
+# metrics only where the stage trains actions. Gate rules on `val/` metrics are checked against it like `eval/` ones.
+VALIDATION_METRICS = frozenset({
+    "video_loss", "action_loss", *(f"{k}_loss_t{t}" for k in ("video", "action") for t in (0.25, 0.5, 0.75)),
+    "vla_action_mse", "vla_action_mse_x0", "floor_zero_action_mse", "untrained_action_mse",
+    "wm_video_mse", "wm_video_psnr", "wm_video_mse_x0", "wm_video_psnr_x0", "windows", "draws"})
 
 
 def is_rate(metric: str) -> bool:

@@ -20,6 +20,8 @@ def evaluate(
         = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Episode-length cap in 50 Hz sim steps.")] = 300,
     windows: Annotated[int, typer.Option(min=1, help="Held-out windows per tier for the offline metrics.")] = 8,
+    draws: Annotated[int, typer.Option(min=1, help="Seeded noise draws each offline sampled number is averaged "
+                                                   "over.")] = 3,
     video_episodes: Annotated[int, typer.Option(min=0, help="Rollout videos kept per model mode and task.")] = 1,
     sample_steps: Annotated[int | None, typer.Option(min=1, help="Euler steps per sample (default: the model's).")]
         = None,
@@ -60,7 +62,7 @@ def evaluate(
         report = evaluate_model(
             p, export, model_name=name, version=version,
             seeds=range(first_seed, first_seed + seeds), tasks=task_list, workers=workers, progress=progress,
-            modes=mode_list, max_steps=max_steps, windows_per_tier=windows, video_episodes=video_episodes,
+            modes=mode_list, max_steps=max_steps, windows_per_tier=windows, draws=draws, video_episodes=video_episodes,
             sample_steps=sample_steps, lpips_weights=lpips_weights, fvd_weights=fvd_weights, echo=typer.echo)
         if track:
             from ..track.evaluations import record_evaluation

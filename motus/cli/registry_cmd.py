@@ -82,18 +82,32 @@ def list_models(model: Annotated[str | None, typer.Argument(help="Show this mode
     by_version: dict[int, list[str]] = {}
     for a, v in aliases.items():
         by_version.setdefault(v, []).append(a)
+    from ..pipeline.report import model_numbers
+
     rows = [{"version": r.version, "aliases": sorted(by_version.get(r.version, [])), "stage": r.tags.get("motus.stage"),
              "verdict": r.tags.get("motus.verdict", ""), "run_id": r.run_id,
-             "device_hours_total": r.tags.get("motus.device_hours_total"), "cost_total": r.tags.get("motus.cost_total")}
+             "device_hours_total": r.tags.get("motus.device_hours_total"), "cost_total": r.tags.get("motus.cost_total"),
+             "metrics": _version_metrics(reg, r)}
             for r in refs]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("version", "aliases", "stage", "verdict", "run", "device h (total)", "cost (total)", title=model)
+    table = Table("version", "aliases", "stage", "verdict", "run", "device h (total)", "cost (total)",
+                  "own numbers (held out)", title=model)
     for r in rows:
         table.add_row(f"v{r['version']}", ", ".join(r["aliases"]), r["stage"] or "", r["verdict"] or "-",
-                      (r["run_id"] or "")[:12], r["device_hours_total"] or "", r["cost_total"] or "")
+                      (r["run_id"] or "")[:12], r["device_hours_total"] or "", r["cost_total"] or "",
+                      model_numbers(r["metrics"]))
     _console().print(table)
+
+
+def _version_metrics(reg: Any, ref: Any) -> dict[str, float]:
+    """The version's held-out and evaluation numbers (what `registry list` shows beside floors and ceiling)."""
+    try:
+        m = reg.metrics(ref)
+    except Exception:  # noqa: BLE001 - a listing shows what it can; a missing run is said by `registry evaluate`
+        return {}
+    return {k: v for k, v in m.items() if k.startswith(("val/", "eval/", "lam/"))}
 
 
 @registry_app.command()
@@ -130,6 +144,12 @@ def evaluate(model: str, version: str, tracking_uri: UriOption = None, params: P
                           "" if r.champion_value is None else f"{r.champion_value:.6g}",
                           "pass" if r.passed else "[red]FAIL[/red]", r.reason)
         _console().print(table)
+        env = v.extra.get("evaluation")
+        if env:  # what a rerun needs to get these numbers again
+            pkgs = ", ".join(f"{k} {val}" for k, val in env.get("packages", {}).items() if val != "not installed")
+            tiers = ", ".join(f"{k} {h[:12]}" for k, h in env.get("tiers", {}).items())
+            typer.echo(f"evaluation {v.evaluation_run}: seeds {env.get('seeds')}, tasks {env.get('tasks')}, "
+                       f"{env.get('draws')} draws, noise seed {env.get('noise_seed')}; tiers {tiers}; {pkgs}")
     if not v.passed:
         raise typer.Exit(1)
 

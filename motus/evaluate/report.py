@@ -32,6 +32,9 @@ class EvaluationReport:
     timing: dict[str, float] = field(default_factory=dict)
     videos: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # file name -> frames [T, H, W, 3]
     wm_frames: np.ndarray | None = field(default=None, repr=False)  # [2, F-1, H, W, 3] real / predicted
+    # what it takes to get the same numbers again: seeds, tasks, draws, windows, the tiers' content hashes as
+    # evaluated and the simulator / framework package versions (`reproducibility`); the verdict carries it
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,6 +68,31 @@ class EvaluationReport:
         for name, why in self.not_reported.items():
             lines.append(f"{name}: not reported ({why})")
         return "\n".join(lines)
+
+
+# the packages whose versions decide an evaluation's numbers: the simulators and the frameworks the model runs on
+EVALUATION_PACKAGES = ("motus", "torch", "numpy", "mujoco", "dm-control", "gym-aloha", "gymnasium", "metaworld")
+
+
+def reproducibility(settings: dict[str, Any], tiers: dict[str, str], noise_seed: int) -> dict[str, Any]:
+    """The evaluation's reproducibility record: its settings that change numbers, the noise seed, the evaluated
+    tiers' content hashes and the installed versions of `EVALUATION_PACKAGES` (absent ones as "not installed")."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def ver(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    keys = ("modes", "tasks", "seeds", "max_steps", "sample_steps", "windows_per_tier", "draws")
+    record = {k: settings.get(k) for k in keys}
+    seeds = list(record["seeds"] or [])
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        record["seeds"] = f"{seeds[0]}..{seeds[-1]}"  # a run's tags hold 8,000 characters: ranges stay short
+    return {**record, "noise_seed": int(noise_seed), "tiers": dict(sorted(tiers.items())),
+            "packages": {p: ver(p) for p in EVALUATION_PACKAGES}}
 
 
 def _pct(v: float | None) -> str:

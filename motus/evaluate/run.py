@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.tier import Tier
 from .closed_loop import (
     BASELINES,
     GYM_ALOHA_STEP_LIMIT,
@@ -32,7 +33,7 @@ from .closed_loop import (
 from .export import load_export
 from .metrics import FeatureNet
 from .offline import offline_metrics
-from .report import EvaluationReport
+from .report import EvaluationReport, reproducibility
 
 MODES = ("wm", "idm", "vla", "joint")
 DEFAULT_TASKS = ("transfer_cube", "insertion")
@@ -46,7 +47,7 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                    seeds: Sequence[int] = DEFAULT_SEEDS, tasks: Sequence[str] = DEFAULT_TASKS,
                    workers: int | None = None, progress: bool = True, modes: Sequence[str] = MODES,
                    max_steps: int = GYM_ALOHA_STEP_LIMIT, windows_per_tier: int = 8, video_episodes: int = 1,
-                   sample_steps: int | None = None, lpips_weights: str | Path | None = None,
+                   sample_steps: int | None = None, draws: int = 3, lpips_weights: str | Path | None = None,
                    fvd_weights: str | Path | None = None, echo: Any = None) -> EvaluationReport:
     """Evaluate a Motus export in every mode; see the module docstring for what is measured.
 
@@ -84,7 +85,7 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
         say(f"held-out windows of {tiers} ({windows_per_tier} per tier)")
         t0 = time.perf_counter()
         off = offline_metrics(exported, params, tiers, per_tier=windows_per_tier, seed=params.project.seed,
-                              sample_steps=sample_steps, lpips=lpips, fvd=fvd, progress=progress)
+                              draws=draws, sample_steps=sample_steps, lpips=lpips, fvd=fvd, progress=progress)
         timing["offline_seconds"] = time.perf_counter() - t0
         keep = _offline_keys(modes)
         metrics.update({k: v for k, v in off.metrics.items() if any(k.startswith(p) for p in keep)})
@@ -132,14 +133,18 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
         not_reported["eval/success_rate"] = "no closed-loop tasks requested"
 
     timing["total_seconds"] = time.perf_counter() - t_start
+    settings = {"modes": list(modes), "tasks": list(tasks), "seeds": seeds, "max_steps": max_steps,
+                "hold_steps": exported.spec.downsample, "sample_steps": sample_steps or exported.cfg.flow.inference_steps,
+                "windows_per_tier": windows_per_tier, "draws": draws, "workers": workers, "fps": 50,
+                "lpips_weights": str(lpips_weights) if lpips_weights else None,
+                "fvd_weights": str(fvd_weights) if fvd_weights else None}
+    root = Path(params.data.root)
+    evaluated = {t: Tier(root / t).content_hash if (root / t / "manifest.json").exists() else "not built"
+                 for t in tiers}  # the tiers as read now (the lineage says what the model trained on)
     report = EvaluationReport(
         metrics=metrics, export_dir=str(exported.path), model_name=model_name,
         version=None if version is None else str(version),
-        settings={"modes": list(modes), "tasks": list(tasks), "seeds": seeds, "max_steps": max_steps,
-                  "hold_steps": exported.spec.downsample, "sample_steps": sample_steps or exported.cfg.flow.inference_steps,
-                  "windows_per_tier": windows_per_tier, "workers": workers, "fps": 50,
-                  "lpips_weights": str(lpips_weights) if lpips_weights else None,
-                  "fvd_weights": str(fvd_weights) if fvd_weights else None},
+        settings=settings, environment=reproducibility(settings, evaluated, params.project.seed),
         rollouts=rollouts, offline=offline_info, not_reported=not_reported,
         lineage={k: v for k, v in lineage.to_json().items() if k in ("stage", "registered_model", "config_hash",
                                                                       "parent", "tiers", "run_id")},
@@ -159,5 +164,5 @@ def _offline_keys(modes: Sequence[str]) -> list[str]:
     if "joint" in modes:
         keys += ["eval/joint_"]
     if {"idm", "vla", "joint"} & set(modes):
-        keys += ["eval/floor_zero_action_mse"]
+        keys += ["eval/floor_zero_action_mse", "eval/untrained_action_mse"]
     return keys

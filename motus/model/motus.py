@@ -248,12 +248,17 @@ class MotusModel(nn.Module):
         steps: int | None = None,
         generator: Generators = None,
         action_stream: bool = True,
+        start: str = "noise",
     ) -> SampleResult:
         """video_latents: [B, C, F, h, w]; frame 0 is the observation. Its future frames are read only when
         the mode keeps video clean (idm). Clean inputs are never modified; understanding and text are embedded
         once for all Euler steps. `action_stream=False` leaves the action tokens out entirely (a video-only
-        Stage 1 model in vgm mode) instead of holding them at noise."""
+        Stage 1 model in vgm mode) instead of holding them at noise. `start="mean"` starts what is generated at
+        the noise's mean (zeros) instead of a draw: deterministic (see `estimate_x0`)."""
         m = get_mode(mode)
+        if start not in ("noise", "mean"):
+            raise ValueError(f"start must be 'noise' or 'mean', got {start!r}")
+        noise = "zeros" if start == "mean" else "randn"
         cfg = self.config
         self._check_video(video_latents, "video_latents")
         b, _, f, _, _ = video_latents.shape
@@ -270,12 +275,12 @@ class MotusModel(nn.Module):
             future = video_latents[:, :, 1:]
         else:
             shape = (b, video_latents.shape[1], f - 1, *video_latents.shape[3:])
-            future = draw("randn", shape, generator, dev, video_latents.dtype)
+            future = draw(noise, shape, generator, dev, video_latents.dtype)
         a_shape = (b, cfg.action.chunk, cfg.action.action_dim)
         if m.action == "clean":
             act = actions
         else:
-            act = draw("randn", a_shape, generator, dev, video_latents.dtype)
+            act = draw(noise, a_shape, generator, dev, video_latents.dtype)
         if not action_stream:
             if m.action != "noise":
                 raise ValueError(f"mode '{mode}' uses actions; action_stream=False only suits modes that ignore them (vgm)")
@@ -306,6 +311,15 @@ class MotusModel(nn.Module):
         out_actions = None if m.action == "noise" else (actions.clone() if m.action == "clean" else act)
         generated = tuple(k for k, r in (("video", m.video), ("action", m.action)) if r == "generate")
         return SampleResult(mode, out_video, out_actions, generated, steps)
+
+    def estimate_x0(self, mode: str, video_latents: torch.Tensor, text_embeds: torch.Tensor,
+                    **kwargs: Any) -> SampleResult:
+        """The clean sample predicted in one step from t = 1 at the noise's mean: x0 = 0 - v(0, t=1).
+
+        Deterministic (no draw), and for a model that has learned the flow it is the conditional mean of the data,
+        the prediction with the least squared error: a held-out number that moves only with the weights, where a
+        sampled one also carries the noise draw's spread (about twice the conditional variance)."""
+        return self.sample(mode, video_latents, text_embeds, steps=1, start="mean", **kwargs)
 
     # --- input checks: name the expected value, never broadcast silently ------------------------------------
     def _check_video(self, x: torch.Tensor, name: str) -> None:

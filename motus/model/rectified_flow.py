@@ -24,6 +24,8 @@ def draw(kind: str, shape: tuple[int, ...], generator: Generators, device: torch
          dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.rand / torch.randn of `shape`. A list of generators (one per sample, diffusers' convention) draws
     each sample's row from its own generator, so a sample's noise does not depend on its batch-mates."""
+    if kind == "zeros":  # the noise's mean: a deterministic start (`MotusModel.estimate_x0`)
+        return torch.zeros(shape, device=device, dtype=dtype)
     fn = torch.rand if kind == "rand" else torch.randn
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:

@@ -18,9 +18,7 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
         out = r.outputs or {}
         detail = ""
         if "model" in out and "version" in out and r.kind != "evaluate":
-            detail = f"{out['model']} v{out['version']}" + "".join(
-                f"; {k.removeprefix('val/')} {a:.3g} -> {b:.3g} ({(b - a) / a:+.0%})"
-                for k, (a, b) in (out.get("held_out") or {}).items() if a)
+            detail = f"{out['model']} v{out['version']}" + held_out_line(out.get("held_out") or {})
         elif r.kind == "gate":
             detail = f"{out.get('verdict', '')} -> champion v{out.get('champion')}" if out else ""
         elif r.kind == "evaluate":
@@ -44,6 +42,21 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
             "pipeline_run": pipe.pipeline_run}
 
 
+def held_out_line(held_out: dict[str, list[float]]) -> str:
+    """A training job's held-out numbers, first -> last validation, the action error also as a multiple of the
+    zero-action floor of the same windows."""
+    floor = (held_out.get("val/floor_zero_action_mse") or [None, None])[-1]
+    parts = []
+    for k, (a, b) in held_out.items():
+        if not a or k == "val/floor_zero_action_mse":
+            continue
+        part = f"; {k.removeprefix('val/')} {a:.3g} -> {b:.3g} ({(b - a) / a:+.0%})"
+        if k.startswith("val/vla_action_mse") and floor:
+            part = part[:-1] + f", {b / floor:.2f}x floor)"
+        parts.append(part)
+    return "".join(parts)
+
+
 def evaluation_line(m: dict[str, Any]) -> str:
     """The model's own held-out numbers beside their floor (action error as a multiple of predicting zeros) and
     its closed-loop success beside the scripted ceiling."""
@@ -59,6 +72,22 @@ def evaluation_line(m: dict[str, Any]) -> str:
         v, n = m.get(key), m.get(f"{key}_n")
         if isinstance(v, (int, float)):
             parts.append(f"{label} {round(v * n)}/{int(n)}" if n else f"{label} {v:.0%}")
+    return ", ".join(parts)
+
+
+def model_numbers(m: dict[str, Any]) -> str:
+    """One version's own numbers for a registry listing: its evaluation's beside floors and ceiling, and its last
+    held-out validation's (action error as a multiple of the zero-action floor) where the evaluation has no
+    action error of its own (not evaluated, or closed loop only)."""
+    parts = [evaluation_line(m)] if evaluation_line(m) else []
+    if not isinstance(m.get("eval/vla_action_mse"), float):
+        parts += [f"{k} {m[f'val/{k}']:.3g}" for k in ("video_loss", "action_loss")
+                  if isinstance(m.get(f"val/{k}"), float)]
+        v, floor = m.get("val/vla_action_mse"), m.get("val/floor_zero_action_mse")
+        if isinstance(v, float):
+            parts.append(f"vla mse {v:.3g}" + (f" = {v / floor:.2f}x floor {floor:.3g}" if floor else ""))
+    if isinstance(m.get("lam/probe_r2"), float):  # the latent-action model: how well latents predict actions
+        parts.append(f"probe R2 {m['lam/probe_r2']:.2f}")
     return ", ".join(parts)
 
 

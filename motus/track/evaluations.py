@@ -7,6 +7,7 @@ metrics, `report.json`, rollout videos and the world-model frame strip as the ru
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from ..evaluate.report import EvaluationReport
 
 EVALUATION_RUN_TAG = "motus.evaluation_run"
+ENVIRONMENT_TAG = "motus.evaluation.environment"  # JSON: seeds, tasks, tiers, package versions (the verdict copies it)
 RUN_KIND_TAG = "motus.run_kind"
 
 
@@ -54,6 +56,8 @@ def record(report: EvaluationReport, tracker: Any, *, training_run: str | None =
         tags["motus.evaluation.version"] = str(report.version)
     if training_run:
         tags["motus.evaluation.training_run"] = training_run
+    if report.environment:
+        tags[ENVIRONMENT_TAG] = json.dumps(report.environment, sort_keys=True, separators=(",", ":"))
     tracker.set_tags(tags)
     tracker.log_params({"evaluation": {k: v for k, v in report.settings.items() if k != "seeds"},
                         "evaluation.seeds": ",".join(map(str, report.settings.get("seeds", [])))})

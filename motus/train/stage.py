@@ -232,7 +232,10 @@ class StageJob(TrainModule):
     # -- validation ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, engine: Any, step: int) -> dict[str, float]:
-        """Held-out windows: flow loss per modality at fixed t, VLA action MSE, world-model video MSE/PSNR."""
+        """Held-out windows (`validation.windows`, spread over the tiers), every sampled number averaged over
+        `validation.draws` seeded noise draws: the flow loss per modality at fixed t; VLA action MSE beside its
+        zero-action floor, the untrained-sampler level (1 + floor) and the deterministic x0 estimate; the world
+        model's (or Stage 1's video generation's) future-frame MSE / PSNR, sampled and x0."""
         if self.ctx.rank != 0:
             if self.ctx.world > 1:
                 dist.barrier()
@@ -240,56 +243,91 @@ class StageJob(TrainModule):
         model = engine.module
         was_training = model.training
         model.eval()
-        items = []
-        for _name, ds in sorted(self.heldout_sets.items()):
-            items += [ds[i] for i in range(min(2, len(ds)))]
+        items = self._validation_items()
         metrics: dict[str, float] = {}
         if items:
-            inputs = self._inputs(collate_windows(items[:4], allow_missing_actions=self._lenient))
-            metrics.update(self._fixed_t_losses(model, inputs))
-            metrics.update(self._mode_metrics(model, inputs, step))
+            acc: dict[str, list[float]] = {}
+            size = max(1, min(self.s.batch_size, 8))
+            for b in range(0, len(items), size):
+                chunk = items[b:b + size]
+                inputs = self._inputs(collate_windows([w for _, w in chunk], allow_missing_actions=self._lenient))
+                dims = [self.normalization[t].get("action_dim") for t, _ in chunk]
+                for key, values in self._window_metrics(model, inputs, dims, step, first=b == 0).items():
+                    acc.setdefault(key, []).extend(float(v) for v in values)
+            metrics = {f"val/{k}": float(np.mean(v)) for k, v in acc.items()}
+            for key in ("wm_video_mse", "wm_video_mse_x0"):
+                if f"val/{key}" in metrics:
+                    metrics[f"val/{key.replace('mse', 'psnr')}"] = 10 * math.log10(1.0 / max(metrics[f"val/{key}"], 1e-10))
+            if "val/floor_zero_action_mse" in metrics:  # an untrained sampler returns its N(0, 1) noise
+                metrics["val/untrained_action_mse"] = 1.0 + metrics["val/floor_zero_action_mse"]
+            metrics["val/windows"] = float(len(items))
+            metrics["val/draws"] = float(self.s.validation.draws)
             self.tracker.log_metrics(metrics, step)
         model.train(was_training)
         if self.ctx.world > 1:
             dist.barrier()
         return metrics
 
-    def _fixed_t_losses(self, model: MotusModel, inputs: dict[str, Any]) -> dict[str, float]:
-        """The model's own training loss at t = 0.25, 0.5, 0.75 (fixed noise per t), and their means."""
-        out: dict[str, float] = {}
-        for t in (0.25, 0.5, 0.75):
-            with autocast(self.precision, self.ctx.device):  # the model as it trains: same precision
-                losses = model.training_loss(inputs["video_latents"], inputs["text_embeds"], inputs.get("actions"),
-                                             inputs.get("state"), inputs.get("understanding"),
-                                             generator=self._noise(0, salt=int(t * 100)), t=t)
-            for kind in ("video", "action"):
-                if f"{kind}_loss" in losses:
-                    out[f"val/{kind}_loss_t{t}"] = float(losses[f"{kind}_loss"])
-        for kind in ("video", "action"):
-            per_t = [v for k, v in out.items() if k.startswith(f"val/{kind}_loss_t")]
-            if per_t:
-                out[f"val/{kind}_loss"] = float(np.mean(per_t))
-        return out
+    def _validation_items(self) -> list[tuple[str, dict[str, Any]]]:
+        """(tier, window) pairs, the same at every validation: `validation.windows` split evenly over the tiers
+        (a tier with fewer held-out windows gives all it has) and evenly spaced through each tier's held-out
+        windows, so every held-out episode is seen. Decoded once and kept: validation never waits on video."""
+        if getattr(self, "_val_items", None) is None:
+            sets = [(t, ds) for t, ds in sorted(self.heldout_sets.items()) if len(ds)]
+            want, items = self.s.validation.windows, []
+            for i, (t, ds) in enumerate(sets):
+                share = want // len(sets) + (1 if i < want % len(sets) else 0)
+                idx = np.unique(np.linspace(0, len(ds) - 1, min(share, len(ds))).round().astype(int))
+                items += [(t, ds[int(j)]) for j in idx]
+            if len(items) < want:
+                log.warning("%s: validating on %d held-out windows, fewer than validation.windows=%d (held-out "
+                            "episodes are too few or too short)", self.name, len(items), want)
+            self._val_items = items
+        return self._val_items
 
-    def _mode_metrics(self, model: MotusModel, inputs: dict[str, Any], step: int) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def _window_metrics(self, model: MotusModel, inputs: dict[str, Any], dims: list[int | None], step: int,
+                        first: bool) -> dict[str, list[float]]:
+        """Per-window values for one batch, each averaged over the noise draws."""
+        out: dict[str, list[torch.Tensor]] = {}
+        add = lambda k, v: out.setdefault(k, []).append(v.detach().float().cpu())  # noqa: E731
         common = dict(video_latents=inputs["video_latents"], text_embeds=inputs["text_embeds"],
                       state=inputs.get("state"), understanding=inputs.get("understanding"))
-        with autocast(self.precision, self.ctx.device):
-            if self.recipe.uses_actions:
-                vla = model.sample("vla", **common, generator=self._noise(0, salt=7))
-                out["val/vla_action_mse"] = float(((vla.actions.float() - inputs["actions"]) ** 2).mean())
-                wm = model.sample("wm", **common, actions=inputs["actions"], generator=self._noise(0, salt=8))
-            else:
-                wm = model.sample("vgm", **dict(common, state=None), generator=self._noise(0, salt=8),
-                                  action_stream=False)
-        pred = (self.vae.decode(wm.video_latents.float()) + 1) / 2
+        actions = inputs.get("actions") if self.recipe.uses_actions else None
         real = (self.vae.decode(inputs["video_latents"]) + 1) / 2
-        mse = float(((pred[:, :, 1:] - real[:, :, 1:]) ** 2).mean())
-        out["val/wm_video_mse"] = mse
-        out["val/wm_video_psnr"] = 10 * math.log10(1.0 / max(mse, 1e-10))
-        self._frame_grid(pred, real, step)
-        return out
+        future_mse = lambda lat: (((self.vae.decode(lat.float()) + 1) / 2 - real)[:, :, 1:] ** 2).flatten(1).mean(1)  # noqa: E731
+        for d in range(self.s.validation.draws):
+            gen = lambda salt, d=d: self._noise(d, salt=salt)  # noqa: E731 - same draws at every validation
+            with autocast(self.precision, self.ctx.device):  # the model as it trains: same precision
+                for t in (0.25, 0.5, 0.75):
+                    losses = model.training_loss(inputs["video_latents"], inputs["text_embeds"], actions,
+                                                 inputs.get("state"), inputs.get("understanding"),
+                                                 generator=gen(int(t * 100)), t=t, reduction="none")
+                    for kind in ("video", "action"):
+                        if f"{kind}_loss" in losses:
+                            add(f"{kind}_loss_t{t}", losses[f"{kind}_loss"])
+                            add(f"{kind}_loss", losses[f"{kind}_loss"] / 3)
+                if actions is not None:
+                    vla = model.sample("vla", **common, generator=gen(7))
+                    add("vla_action_mse", _masked_mse(vla.actions, actions, dims))
+                    wm = model.sample("wm", **common, actions=actions, generator=gen(8))
+                else:
+                    wm = model.sample("vgm", **dict(common, state=None), generator=gen(8), action_stream=False)
+            add("wm_video_mse", future_mse(wm.video_latents))
+            if first and d == 0:
+                self._frame_grid((self.vae.decode(wm.video_latents.float()) + 1) / 2, real, step)
+        with autocast(self.precision, self.ctx.device):
+            if actions is not None:
+                vla0 = model.estimate_x0("vla", **common)
+                wm0 = model.estimate_x0("wm", **common, actions=actions)
+            else:
+                wm0 = model.estimate_x0("vgm", **dict(common, state=None), action_stream=False)
+        # each key got one entry per draw (`*_loss`: one per fixed t and draw, already divided by the 3 t's)
+        per_window = {k: torch.stack(v).sum(0) / self.s.validation.draws for k, v in out.items()}
+        if actions is not None:
+            per_window["vla_action_mse_x0"] = _masked_mse(vla0.actions, actions, dims)
+            per_window["floor_zero_action_mse"] = _masked_mse(torch.zeros_like(actions), actions, dims)
+        per_window["wm_video_mse_x0"] = future_mse(wm0.video_latents)
+        return {k: v.float().cpu().numpy() for k, v in per_window.items()}
 
     def _frame_grid(self, pred: torch.Tensor, real: torch.Tensor, step: int) -> None:
         """Rows: real / predicted future frames of the first held-out window."""
@@ -338,3 +376,9 @@ def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | N
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, dims: list[int | None]) -> torch.Tensor:
+    """Action MSE per window [B] over each window's real action dimensions (its tier's; padding excluded)."""
+    err = (pred.float() - target.float()) ** 2
+    return torch.stack([err[i, ..., :d].mean() if d else err[i].mean() for i, d in enumerate(dims)])

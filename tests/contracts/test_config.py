@@ -54,7 +54,7 @@ stages:
     registered_model: policy
 gates:
   policy:
-    rules: [{metric: val/loss, comparator: "<=", threshold: 2.0}]
+    rules: [{metric: val/action_loss, comparator: "<=", threshold: 2.0}]
 pools:
   h100: {gpu: H100, gpus_per_node: 8, queue: motus-h100}
 """
@@ -239,12 +239,14 @@ def test_gate_rules_that_could_never_be_judged_are_config_errors(tmp_path: Path)
          "statistic": "clopper-pearson"},
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 0.2, "statistic": "wilson"},  # fine
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 1.0, "statistic": "clopper-pearson"},
+        {"metric": "val/vla_mse", "comparator": "<=", "relative_to": "val/floor_zero_action_mse", "factor": 0.8},
     ]
     err = errors_of(tmp_path, data)
     found = dict(err.errors)
     assert list(found) == ["gates.policy.rules.0.relative_to", "gates.policy.rules.1.metric",
                            "gates.policy.rules.2.min_episodes", "gates.policy.rules.3.threshold",
-                           "gates.policy.rules.5.threshold"]
+                           "gates.policy.rules.5.threshold", "gates.policy.rules.6.metric"]
+    assert "stage jobs do not log val/vla_mse" in found["gates.policy.rules.6.metric"]
     assert "no number of episodes reaches it" in found["gates.policy.rules.5.threshold"]  # an interval never hits 1
     assert "does not report eval/floor_zero_actoin_mse" in found["gates.policy.rules.0.relative_to"]
     assert "task 'pick_place' is not rolled out" in found["gates.policy.rules.1.metric"]
@@ -257,13 +259,13 @@ def test_gate_rules_that_could_never_be_judged_are_config_errors(tmp_path: Path)
 def test_a_statistical_rule_needs_a_rate_judged_upwards(tmp_path: Path) -> None:
     data = good_data()
     data["gates"]["policy"]["rules"] = [
-        {"metric": "val/loss", "comparator": "<=", "threshold": 2.0, "statistic": "wilson"},
+        {"metric": "val/action_loss", "comparator": "<=", "threshold": 2.0, "statistic": "wilson"},
         {"metric": "eval/success_rate", "comparator": "<=", "threshold": 0.5, "statistic": "wilson"},
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 50, "statistic": "wilson"},
         {"metric": "eval/vla_action_mse", "comparator": "<="},
     ]
     err = str(errors_of(tmp_path, data))
-    assert "statistic wilson applies to success rates (eval/..._success_rate), not val/loss" in err
+    assert "statistic wilson applies to success rates (eval/..._success_rate), not val/action_loss" in err
     assert "comparator >= or >, not <=" in err and "threshold lies in [0, 1], got 50" in err
     assert "a rule must set threshold, relative_to or max_regression" in err
 

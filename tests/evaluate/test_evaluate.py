@@ -169,8 +169,12 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
 
     names = {k.rsplit("/", 1)[-1].removesuffix("_n") for k in m if k.startswith("eval/")}
     assert names <= EVALUATION_METRICS and names | {"wm_lpips", "wm_fvd"} == EVALUATION_METRICS, names
-    for key in ("eval/vla_action_mse", "eval/idm_action_mse", "eval/joint_action_mse", "eval/floor_zero_action_mse"):
+    for key in ("eval/vla_action_mse", "eval/idm_action_mse", "eval/joint_action_mse", "eval/floor_zero_action_mse",
+                "eval/vla_action_mse_x0", "eval/idm_action_mse_x0"):
         assert key in m and math.isfinite(m[key]) and m[key] >= 0, key
+    # the untrained-sampler level beside the floor; sampled numbers are means over the seeded draws
+    assert m["eval/untrained_action_mse"] == pytest.approx(1 + m["eval/floor_zero_action_mse"])
+    assert report.settings["draws"] == 3
     for key in ("eval/wm_psnr", "eval/wm_floor_copy_psnr", "eval/wm_ceiling_vae_psnr", "eval/joint_psnr"):
         assert key in m and 0 < m[key] <= 100, key
     for key in ("eval/wm_ssim", "eval/wm_floor_copy_ssim", "eval/wm_ceiling_vae_ssim", "eval/joint_ssim"):
@@ -211,6 +215,15 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
     assert verdict.evaluation_run == report.run_id
     rule = next(r for r in verdict.rules if r.metric == "eval/success_rate")
     assert rule.value == m["eval/success_rate"] and rule.passed  # no champion yet: nothing to regress from
+    # ... and records how those numbers were produced: what a rerun needs to get them again
+    from motus.data.tier import Tier
+
+    env = verdict.extra["evaluation"]
+    assert env["seeds"] == [1000] and env["tasks"] == list(tasks) and env["draws"] == 3 and env["sample_steps"] == 3
+    assert env["tiers"] == {t: Tier(params.data.root / t).content_hash for t in report.offline["windows"]}
+    assert env["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    assert env["packages"]["mujoco"] != "not installed" and env["noise_seed"] == params.project.seed
+    assert registry.verdict("motus-aloha", ref.version).extra == verdict.extra  # stored with the verdict
 
     # the shipped gate (this project's is loosened) rejects this 2-step export: its action error is where an
     # untrained head's is, far from 0.7x predicting zeros on the same windows
@@ -223,6 +236,21 @@ def test_stage3_export_evaluated_in_every_mode_recorded_linked_and_gated(stage3,
     assert not untrained.passed and {"eval/vla_action_mse", "eval/idm_action_mse"} <= set(failed), untrained.summary()
     assert m["eval/vla_action_mse"] > 0.7 * m["eval/floor_zero_action_mse"]
     assert "x eval/floor_zero_action_mse" in failed["eval/vla_action_mse"].reason
+
+
+@pytest.mark.slow
+def test_the_same_evaluation_twice_gives_the_same_numbers(stage3, monkeypatch):
+    """Seeded end to end (noise draws, held-out windows, simulator resets): a verdict can be reproduced."""
+    from motus.evaluate import evaluate_model
+
+    proj, params, run_dir, _ = stage3
+    monkeypatch.chdir(proj)
+    kw = dict(seeds=[1001], tasks=["transfer_cube"], modes=["vla", "idm"], max_steps=24, windows_per_tier=1,
+              workers=1, video_episodes=0, sample_steps=2, progress=False)
+    first, again = (evaluate_model(params, run_dir / "export", **kw) for _ in range(2))
+    assert first.metrics == again.metrics and first.offline["per_window"] == again.offline["per_window"]
+    assert first.environment == again.environment and first.environment["seeds"] == [1001]
+    assert {"eval/vla_action_mse", "eval/transfer_cube/success_rate"} <= set(first.metrics)
 
 
 @pytest.mark.slow

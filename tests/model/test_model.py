@@ -86,6 +86,28 @@ def test_generated_modality_depends_on_clean_condition(model, understanding):
     assert not torch.allclose(r1.video_latents, r2.video_latents)
 
 
+def test_x0_estimate_is_one_deterministic_step_from_the_noise_mean(model, understanding):
+    """estimate_x0 = 0 - v(0, t=1): no draw (any generator gives the same), and exactly what the forward pass says."""
+    _perturb_heads(model)
+    b = make_batch(model.config)
+    cond = dict(video_latents=b["video_latents"], text_embeds=b["text_embeds"], state=b["state"],
+                understanding=understanding)
+    one = model.estimate_x0("vla", **cond, generator=torch.Generator().manual_seed(1))
+    two = model.estimate_x0("vla", **cond, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(one.actions, two.actions) and one.steps == 1
+    zeros = torch.zeros_like(b["actions"])
+    video = b["video_latents"].clone()
+    video[:, :, 1:] = 0
+    t_frames = torch.cat([torch.zeros(2, 1), torch.ones(2, video.shape[2] - 1)], dim=1)
+    with torch.no_grad():
+        vel = model.forward(video, t_frames, b["text_embeds"], zeros, torch.ones(2), b["state"], understanding)
+    assert torch.allclose(one.actions, -vel.action, atol=1e-6)
+    sampled = model.sample("vla", **cond, generator=torch.Generator().manual_seed(1), steps=1)
+    assert not torch.allclose(sampled.actions, one.actions)  # a draw starts elsewhere
+    with pytest.raises(ValueError, match="start must be 'noise' or 'mean'"):
+        model.sample("vla", **cond, start="zero")
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     m = MotusModel(tiny(), with_vlm=False, with_vae=False).train()

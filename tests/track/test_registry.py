@@ -244,6 +244,11 @@ def test_cli(store, monkeypatch):
     assert r.returncode == 1 and f"'{STAGE3}' has no version 7" in r.stderr
     listed = json.loads(motus(proj, uri, "registry", "list", "--json").stdout)
     assert {m["model"] for m in listed} == {"motus-vgm", "motus-lam", "motus-latent-action", STAGE3}
+    # one model's versions, each with its own held-out numbers beside the zero-action floor of the same windows
+    versions = json.loads(motus(proj, uri, "registry", "list", STAGE3, "--json").stdout)
+    assert versions and all({"val/vla_action_mse", "val/floor_zero_action_mse"} <= set(v["metrics"]) for v in versions)
+    monkeypatch.setenv("COLUMNS", "300")
+    assert "x floor" in motus(proj, uri, "registry", "list", STAGE3).stdout
     champion = store.registry.champion(STAGE3)
     shown = json.loads(motus(proj, uri, "lineage", "show", f"models:/{STAGE3}@champion", "--json").stdout)
     assert shown["root"] == f"{STAGE3}/{champion.version}" and len(shown["versions"]) == 4

@@ -97,8 +97,13 @@ def test_stage1_then_stage3_two_processes(project):
     assert run.data.params["code.commit"] == run.data.tags["code.commit"] and "code.dirty" in run.data.params
     for key in ("train/loss", "train/video_loss", "train/action_loss", "train/grad_norm", "lr/video", "lr/experts",
                 "perf/samples_per_s", "perf/step_time_s", "perf/mfu", "cost/device_hours", "cost/amount",
-                "val/video_loss", "val/action_loss", "val/vla_action_mse", "val/wm_video_psnr"):
+                "val/video_loss", "val/action_loss", "val/vla_action_mse", "val/wm_video_psnr",
+                "val/vla_action_mse_x0", "val/floor_zero_action_mse", "val/wm_video_mse_x0"):
         assert key in run.data.metrics, key
+    val = run.data.metrics
+    # an untrained sampler returns its N(0, 1) noise: its error is 1 + the zero-action floor of the same windows
+    assert val["val/untrained_action_mse"] == pytest.approx(1 + val["val/floor_zero_action_mse"])
+    assert val["val/draws"] == 3 and val["val/windows"] >= 2  # both held-out tiers' windows, three noise draws
     assert any(k.startswith("system/") for k in run.data.metrics)
     assert run.data.metrics["cost/device_hours"] > 0 and run.data.tags["device_type"] == "cpu"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 8

@@ -27,6 +27,7 @@ class EvaluateStep(StepKind):
         report = evaluate_model(pipe.params, pipe.model_export(out), model_name=out["model"],
                                 version=int(out["version"]), seeds=seeds, tasks=list(ev["tasks"]),
                                 max_steps=int(ev["max_steps"]), video_episodes=int(ev["video_episodes"]),
+                                windows_per_tier=int(ev["windows_per_tier"]), draws=int(ev["draws"]),
                                 workers=ev.get("workers"), progress=False, echo=pipe.echo)
         record_evaluation(report, tracking_uri=pipe.tracking_uri, experiment=pipe.params.project.name)
         keep = {k: v for k, v in report.metrics.items() if k.count("/") == 1}

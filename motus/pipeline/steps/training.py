@@ -148,7 +148,7 @@ class StageStep(JobStep):
         return str(pipe.registry.fetch(f"models:/{parent}/{champion}"))
 
 
-HELD_OUT = ("val/video_loss", "val/action_loss", "val/vla_action_mse")
+HELD_OUT = ("val/video_loss", "val/action_loss", "val/vla_action_mse", "val/floor_zero_action_mse")
 
 
 def _held_out(pipe: Context, run_id: str | None) -> dict[str, list[float]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from ..evaluations import EVALUATION_RUN_TAG
+from ..evaluations import ENVIRONMENT_TAG, EVALUATION_RUN_TAG
 from ..gates import Verdict, judge
 from .store import ModelVersionRef, RegistryError, Store, default_actor
 
@@ -41,10 +41,15 @@ class Verdicts:
         run_tags: dict[str, str] = {}
         if ref.run_id:
             run_tags = dict(self.store.client.get_run(ref.run_id).data.tags)
+        evaluation_run = ref.tags.get(EVALUATION_RUN_TAG)
+        environment = {}
+        if evaluation_run:  # how the numbers judged were produced: what a rerun needs to reproduce them
+            text = self.store.client.get_run(evaluation_run).data.tags.get(ENVIRONMENT_TAG)
+            environment = {"evaluation": json.loads(text)} if text else {}
         verdict = judge(ref.name, ref.version, gate, self.metrics(ref),
                         self.metrics(champion) if champion else None, champion.version if champion else None,
-                        {**run_tags, **ref.tags}, evaluation_run=ref.tags.get(EVALUATION_RUN_TAG),
-                        training_run=ref.run_id, actor=actor or default_actor())
+                        {**run_tags, **ref.tags}, evaluation_run=evaluation_run,
+                        training_run=ref.run_id, actor=actor or default_actor(), **environment)
         self._record(ref, verdict)
         return verdict
 
