@@ -174,10 +174,23 @@ class Tier(_Section):
     embodiment: str = Field(min_length=1, description="Who acts in the data: `human`, `aloha`, `mixed`, ...")
     source: TierSource
     action_dim: int | None = Field(None, gt=0, description="Action width; None = unlabelled (video only).")
+    action_names: list[str] | None = Field(
+        None, description="Name of each action dim in order (e.g. joint names); kept in the manifest and in every "
+        "export's normalisation contract, so a model is never given another joint order. None = unnamed.")
     fps: float | None = Field(
         None, gt=0, description="Frame rate of the stored episodes; None = as recorded."
     )
     description: str = ""
+
+    @model_validator(mode="after")
+    def _one_name_per_action_dim(self) -> Tier:
+        if self.action_names is not None and len(self.action_names) != (self.action_dim or 0):
+            raise PydanticCustomError(
+                "tier_action_names", "action_names has {n} names for action_dim {d}",
+                {"n": len(self.action_names), "d": self.action_dim})
+        if self.action_names is not None and len(set(self.action_names)) != len(self.action_names):
+            raise PydanticCustomError("tier_action_names", "action_names repeats a name")
+        return self
 
 
 class WindowConfig(_Section):
@@ -378,7 +391,7 @@ class Pool(_Section):
 
 
 class FlowSettings(_Section):
-    """Optical flow between adjacent frames, rendered as RGB flow images for the latent-action VAE."""
+    """Optical flow between frames `stride` apart, rendered as RGB flow images for the latent-action VAE."""
 
     model: Literal["dis", "torchscript"] = Field("dis", description="OpenCV DIS on CPU, or a learned TorchScript model.")
     preset: Literal["ultrafast", "fast", "medium"] = Field("medium", description="DIS preset.")
@@ -386,7 +399,9 @@ class FlowSettings(_Section):
     image_size: int = Field(16, ge=8, description="Side of the flow images the VAE sees.")
     max_magnitude: float | None = Field(
         None, gt=0, description="Flow magnitude (pixels) mapped to full colour saturation; None = per-clip p99.")
-    stride: int = Field(1, ge=1, description="Frames between the two images of a flow pair.")
+    stride: int | None = Field(
+        None, ge=1, description="Frames between the two images of a flow pair; None = the training window's "
+        "downsample, so each latent stands for the motion between two actions a Stage 2 window samples.")
 
 
 class LatentActionSection(_Section):

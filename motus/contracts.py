@@ -121,6 +121,7 @@ class TierManifest:
     embodiment: str | None = None
     embodiments: Mapping[str, int] = field(default_factory=dict)
     action_dim: int | None = None
+    action_names: tuple[str, ...] | None = None  # one per action dim, in order (joint names); None = unnamed
     state_dim: int | None = None
     fps: float | None = None
     fps_values: tuple[float, ...] = ()
@@ -136,6 +137,7 @@ class TierManifest:
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(shards=[dict(s) for s in self.shards], fps_values=list(self.fps_values),
+                 action_names=list(self.action_names) if self.action_names else None,
                  embodiments=dict(self.embodiments), views=dict(self.views), source=dict(self.source))
         return d
 
@@ -148,6 +150,7 @@ class TierManifest:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values.update(shards=tuple(d["shards"]), fps_values=tuple(d.get("fps_values") or ()),
+                      action_names=tuple(d["action_names"]) if d.get("action_names") else None,
                       embodiments=d.get("embodiments") or {}, views=d.get("views") or {}, source=d.get("source") or {})
         return cls(**values)
 
@@ -491,7 +494,9 @@ def rate_interval(k: int, n: int, confidence: float = 0.95, method: str = "wilso
 # The fields of a tier's normalisation record (`TierWindows.normalization`, stored per tier in every export's
 # lineage) that must agree between a model and the data it is given: the method, the action space and the
 # statistics. The tier's content hash may differ (a rebuilt tier with the same statistics is the same contract).
-NORMALIZATION_FIELDS = ("method", "embodiment", "action_dim", "padded_action_dim", "actions", "state")
+NORMALIZATION_FIELDS = ("method", "embodiment", "action_dim", "action_names", "padded_action_dim", "actions", "state")
+# compared only where both sides name them: an unnamed tier says nothing about joint order
+OPTIONAL_NORMALIZATION_FIELDS = ("action_names",)
 
 
 def normalization_mismatches(model: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
@@ -515,6 +520,8 @@ def normalization_mismatches(model: Mapping[str, Any], data: Mapping[str, Any]) 
     out = []
     for key in NORMALIZATION_FIELDS:
         if key not in model:
+            continue
+        if key in OPTIONAL_NORMALIZATION_FIELDS and (model[key] is None or data.get(key) is None):
             continue
         if not same(model[key], data.get(key)):
             if isinstance(model[key], Mapping) and isinstance(data.get(key), Mapping):

@@ -34,14 +34,21 @@ class FlowPairs:
     actions of at most `latent_dim` native dims: the target is its normalised action on those dims (a mask marks
     them), so Meta-World's 4-d xyz delta + gripper labels latent dims 0-3 and ALOHA's 14-d joints label all 14.
 
-    target "delta": what the flow between frames t and t+1 shows, i.e. the step's motion: the change of a position
-    target (ALOHA joints), or the action itself when it already is a motion command (Meta-World). "absolute":
-    the raw action. Targets are normalised per (tier, embodiment) with that group's statistics over the tier."""
+    A flow image t shows the motion between stored frames t and t + stride (the flow feature's stride, which
+    Stage 2 requires to equal the window's downsample: one latent per action the window samples).
+    target "delta": what that flow shows. For position targets (ALOHA joints: a[t] ~ state[t+1]) the pose moves
+    from a[t-1] to a[t+stride-1] (a[-1] is the first state); for motion commands (Meta-World's xyz delta) it is
+    the mean command over the stride. "absolute": the raw action a[t]. Targets are normalised per (tier,
+    embodiment) with that group's statistics over the tier."""
 
     def __init__(self, params: Any, tiers: list[str], split: str, latent_dim: int, target: str = "delta"):
         self.params, self.split, self.target, self.latent_dim = params, split, target, latent_dim
         root = Path(params.data.root)
         self.flows = {t: Feature(feature_dir(features_root(params), FLOW, t)) for t in tiers}
+        strides = {t: int(f.meta.get("stride", 1)) for t, f in self.flows.items()}
+        if len(set(strides.values())) > 1:
+            raise ValueError(f"flow features of different strides {strides}: rebuild them (motus latent-action flow)")
+        self.stride = next(iter(strides.values()))
         self.tiers = {t: Tier(root / t) for t in tiers}
         self.items: list[tuple[str, str, int]] = []  # (tier, episode, count)
         self.labelled: list[tuple[str, str, int]] = []
@@ -54,9 +61,9 @@ class FlowPairs:
             if tier.manifest.action_dim:
                 self._fit_groups(t, tier)
             for rec in tier.index:
-                if rec["id"] not in chosen or rec["frames"] < 2:
+                if rec["id"] not in chosen or rec["frames"] <= self.stride:
                     continue
-                entry = (t, rec["id"], rec["frames"] - 1)
+                entry = (t, rec["id"], rec["frames"] - self.stride)
                 self.items.append(entry)
                 g = self._group_of.get((t, rec["id"]))
                 if g is not None:
@@ -69,18 +76,23 @@ class FlowPairs:
         self._ecum = {e: np.cumsum([0] + [n for _, _, n in v]) for e, v in self.by_embodiment.items()}
         self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
 
-    def _raw_target(self, actions: np.ndarray, positions: bool) -> np.ndarray:
-        """[T-1, d]: flow t sees the motion from frame t to t+1."""
-        if self.target == "delta" and positions:
-            return np.diff(actions, axis=0)
-        return actions[:-1]
+    def _raw_target(self, actions: np.ndarray, state: np.ndarray | None, positions: bool) -> np.ndarray:
+        """[T-stride, d]: the label of flow t (frames t -> t + stride)."""
+        s, n = self.stride, len(actions) - self.stride
+        if self.target != "delta":
+            return actions[:n]
+        if positions:  # pose at frame t ~ a[t-1]; the first frame's pose is the first state (or a[0])
+            first = state[:1, :actions.shape[1]] if state is not None else actions[:1]
+            pose = np.concatenate([first, actions[:-1]])
+            return pose[s:s + n] - pose[:n]
+        return np.stack([actions[k:k + n] for k in range(s)]).mean(0)  # mean command over the stride
 
     def _fit_groups(self, t: str, tier: Tier) -> None:
         """Statistics per (tier, embodiment) over the whole tier (both splits: a unit, not a label)."""
         by: dict[str, list[tuple[str, np.ndarray, np.ndarray | None, int]]] = {}
         for rec in tier.index:
             native = rec.get("native_action_dim") or tier.manifest.action_dim
-            if not native or native > self.latent_dim or rec["frames"] < 2:
+            if not native or native > self.latent_dim or rec["frames"] <= self.stride:
                 continue
             actions, state = tier.read_arrays(rec["id"])
             if actions is None:
@@ -93,7 +105,7 @@ class FlowPairs:
             positions = actions_are_positions(np.concatenate([a for _, a, _, _ in eps]),
                                               None if any(s is None for _, _, s, _ in eps)
                                               else np.concatenate([s for _, _, s, _ in eps]))
-            d = np.concatenate([self._raw_target(a, positions) for _, a, _, _ in eps])
+            d = np.concatenate([self._raw_target(a, st, positions) for _, a, st, _ in eps])
             self.groups[(t, emb)] = {"dims": dims, "positions": positions, "mean": d.mean(0).astype(np.float32),
                                      "std": np.maximum(d.std(0), 1e-6).astype(np.float32)}
             for eid, *_ in eps:
@@ -110,8 +122,8 @@ class FlowPairs:
             if g is not None:
                 info = self.groups[g]
                 n = info["dims"]
-                raw, _ = self.tiers[tier].read_arrays(eid)
-                norm = (self._raw_target(raw[:, :n], info["positions"]) - info["mean"]) / info["std"]
+                raw, state = self.tiers[tier].read_arrays(eid)
+                norm = (self._raw_target(raw[:, :n], state, info["positions"]) - info["mean"]) / info["std"]
                 target = np.zeros((len(norm), self.latent_dim), np.float32)
                 target[:, :n] = norm
                 mask = np.zeros(self.latent_dim, bool)

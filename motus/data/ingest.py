@@ -108,6 +108,7 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
     options = dict(tier.source.options)
     writer = TierWriter(out_dir, TierSpec(
         name=name, level=tier.level, embodiment=tier.embodiment, action_dim=tier.action_dim, fps=tier.fps,
+        action_names=tuple(tier.action_names) if tier.action_names else None,
         codec=options.get("codec", "mp4"), pad_state=bool(options.get("pad_actions", False)), shard_bytes=int(float(options.get("shard_mb", 256)) * 2**20),
         source={"kind": tier.source.kind, "options": tier.source.options}, description=tier.description))
     good = bad = 0

@@ -250,6 +250,10 @@ class TierWindows(Dataset):
         # Stage 2: actions come from the latent-action feature ([T-1, d] per episode, already in normalised
         # units) instead of the tier, so unlabelled video trains the action expert too
         self.latent_actions = latent_actions
+        if latent_actions is not None and getattr(latent_actions, "stride", 1) != spec.downsample:
+            raise ValueError(f"tier '{tier.name}': latent actions from flow {latent_actions.stride} frames apart, "
+                             f"but the window takes an action every {spec.downsample} frames: rebuild the flow "
+                             f"feature with latent_action.flow.stride {spec.downsample} (or null) and re-export")
         self.tier_action_dim: int | None = (latent_actions.dim if latent_actions is not None else m.action_dim)
         self.labelled = self.tier_action_dim is not None
         if self.labelled and spec.action_dim is not None and self.tier_action_dim > spec.action_dim:
@@ -316,6 +320,8 @@ class TierWindows(Dataset):
             "embodiment": self.tier.manifest.embodiment,
             "content_hash": self.tier.content_hash,
             "action_dim": self.tier_action_dim,
+            "action_names": (list(self.tier.manifest.action_names)
+                             if self.tier.manifest.action_names and self.latent_actions is None else None),
             "padded_action_dim": self.action_dim,
             "actions": self._action_stats,
             "state": self._state_stats,
@@ -355,9 +361,14 @@ class TierWindows(Dataset):
         actions = None
         if self.latent_actions is not None:
             actions = np.asarray(self.latent_actions.get(episode_id), dtype=np.float32)
-            if len(actions) != ep.num_frames - 1:
+            stride = self.latent_actions.stride
+            if len(actions) != ep.num_frames - stride:
                 raise ValueError(f"latent actions of '{self.name}/{episode_id}' have {len(actions)} steps, the episode "
-                                 f"{ep.num_frames} frames (expected {ep.num_frames - 1}): re-export the feature")
+                                 f"{ep.num_frames} frames (expected {ep.num_frames - stride} at flow stride {stride}): "
+                                 f"re-export the feature")
+            # latent t covers frames t .. t+stride; a window's last action index is <= T-1-stride, so the rows
+            # past the last latent are never read as an action: NaN makes any reader that did loud
+            actions = np.concatenate([actions, np.full((stride - 1, actions.shape[1]), np.nan, np.float32)])
             if self.action_dim > actions.shape[1]:
                 actions = np.pad(actions, ((0, 0), (0, self.action_dim - actions.shape[1])))
         elif self.labelled:

@@ -141,6 +141,7 @@ class TierSpec:
     embodiment: str
     action_dim: int | None
     fps: float | None = None
+    action_names: tuple[str, ...] | None = None
     codec: str = "mp4"
     pad_state: bool = False  # mixed-embodiment tiers: narrower state is zero-padded like actions
     shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -285,6 +286,7 @@ class TierWriter:
             embodiment=embodiments[0] if len(embodiments) == 1 else self.spec.embodiment,
             embodiments=self.embodiments,
             action_dim=self.spec.action_dim,
+            action_names=tuple(self.spec.action_names) if self.spec.action_names else None,
             state_dim=self.state_dim,
             fps=sorted(self.fps_values)[0] if len(self.fps_values) == 1 else None,
             fps_values=tuple(sorted(self.fps_values)),

@@ -37,11 +37,11 @@ log = logging.getLogger("motus.latent_action")
 # -------------------------------------------------------------------------------------------- quality
 
 def r2_score(pred: np.ndarray, target: np.ndarray) -> float:
-    """Mean R^2 over the target dims that vary."""
-    ss_tot = ((target - target.mean(0)) ** 2).sum(0)
-    ss_res = ((target - pred) ** 2).sum(0)
-    keep = ss_tot > 1e-8
-    return float(np.mean(1 - ss_res[keep] / ss_tot[keep])) if keep.any() else float("nan")
+    """Variance-weighted R^2: 1 - (squared error summed over dims) / (variance summed over dims). A mean of
+    per-dim R^2 lets a dim that barely moves in the held-out episodes (a gripper held shut) dominate the score."""
+    ss_tot = float(((target - target.mean(0)) ** 2).sum())
+    ss_res = float(((target - pred) ** 2).sum())
+    return 1 - ss_res / ss_tot if ss_tot > 1e-8 else float("nan")
 
 
 def linear_probe_r2(z_train: np.ndarray, a_train: np.ndarray, z_test: np.ndarray, a_test: np.ndarray,

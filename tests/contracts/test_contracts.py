@@ -145,3 +145,23 @@ def test_the_normalisation_contract_names_each_field_that_differs():
     with pytest.raises(ContractError, match=r"export/x: the data's normalisation differs .* tier 't'.*method: model "
                                             r"\"mean_std\", data \"none\"; actions: model \{.*\}, data null"):
         check_normalization(trained, raw, "export/x")
+
+
+def test_joint_names_are_part_of_the_contract_where_both_sides_name_them(tmp_path):
+    from motus.config import ConfigError, load_params
+    from motus.contracts import normalization_mismatches
+
+    named = {"method": "mean_std", "action_dim": 3, "action_names": ["waist", "shoulder", "elbow"]}
+    swapped = {**named, "action_names": ["shoulder", "waist", "elbow"]}
+    assert normalization_mismatches(named, swapped) == [
+        'action_names: model ["waist", "shoulder", "elbow"], data ["shoulder", "waist", "elbow"]']
+    assert normalization_mismatches(named, {**named, "action_names": None}) == []  # an unnamed tier: no claim
+    # declared per tier in params.yaml: one distinct name per action dim
+    from tests.support.project import shipped_params
+
+    raw = shipped_params()
+    raw["tiers"]["sim-metaworld"]["action_names"] = ["dx", "dy", "dx"]
+    path = tmp_path / "params.yaml"
+    path.write_text(__import__("yaml").safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"tiers.sim-metaworld.*(3 names for action_dim 4|repeats a name)"):
+        load_params(path)

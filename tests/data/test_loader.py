@@ -38,7 +38,9 @@ def _episode(e: int, frames: int = T, labelled: bool = True, shift: float = 0.0)
 
 
 def _build(path, name: str, episodes: list[Episode], action_dim: int | None = D) -> Tier:
-    w = TierWriter(path, TierSpec(name=name, level=6, embodiment="toy", action_dim=action_dim, codec="npz"))
+    names = tuple(f"joint{i}" for i in range(action_dim)) if action_dim else None
+    w = TierWriter(path, TierSpec(name=name, level=6, embodiment="toy", action_dim=action_dim, codec="npz",
+                                  action_names=names))
     for ep in episodes:
         w.add(ep)
     w.close()
@@ -140,6 +142,8 @@ def test_mean_std_normalisation_uses_manifest_and_round_trips(tiers):
     stats = tier.manifest.action_stats
     norm = ds.normalization
     assert norm["method"] == "mean_std" and norm["actions"] == {"mean": stats["mean"], "std": stats["std"]}
+    # the joint names travel from the manifest into the contract every export carries
+    assert tier.manifest.action_names == tuple(f"joint{i}" for i in range(D)) == tuple(norm["action_names"])
     assert norm["state"]["mean"] == tier.manifest.state_stats["mean"]
     for idx in (0, 37, len(ds) - 1):
         a, r = ds[idx]["actions"], raw[idx]["actions"]

@@ -110,7 +110,10 @@ class FlowStep(FeatureStep):
     modules = ("motus.config", "motus.data.latent_actions")
 
     def config(self, pipe: Context, step: Step) -> dict[str, Any]:
-        return {"latent_action": {"flow": pipe.resolved["latent_action"]["flow"]}}
+        from ...data.latent_actions import flow_stride
+
+        # the stride as resolved: a null stride follows the window's downsample, which must change the key too
+        return {"latent_action": {"flow": {**pipe.resolved["latent_action"]["flow"], "stride": flow_stride(pipe.params)}}}
 
 
 class LatentActionsStep(FeatureStep):
