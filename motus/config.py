@@ -611,8 +611,9 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Gate rules that could never be judged as written: a `val/` metric validation does not log, an `eval/` metric
-    the evaluation does not report (or a task it does not roll out), and statistical rules the evaluation's episodes cannot satisfy (fewer episodes than
-    `min_episodes`, or a threshold that even a perfect run's lower confidence bound stays below)."""
+    the evaluation does not report (or a task it does not roll out), and statistical rules the evaluation's
+    episodes cannot satisfy (fewer episodes than `min_episodes`, or a threshold that even a perfect run's lower
+    confidence bound stays below)."""
     from .contracts import EVALUATION_METRICS, VALIDATION_METRICS, episodes_for, rate_interval
 
     defaults = EvaluationConfig()

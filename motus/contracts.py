@@ -417,7 +417,8 @@ EVALUATION_RATES = frozenset({"success_rate", "joint_success_rate", "floor_zero_
                               "floor_random_success_rate", "ceiling_success_rate"})
 EVALUATION_METRICS = EVALUATION_RATES | frozenset({
     "vla_action_mse", "idm_action_mse", "joint_action_mse", "floor_zero_action_mse", "untrained_action_mse",
-    "vla_action_mse_x0", "idm_action_mse_x0", "wm_psnr", "wm_ssim", "wm_floor_copy_psnr", "wm_floor_copy_ssim", "wm_ceiling_vae_psnr", "wm_ceiling_vae_ssim",
+    "vla_action_mse_x0", "idm_action_mse_x0",
+    "wm_psnr", "wm_ssim", "wm_floor_copy_psnr", "wm_floor_copy_ssim", "wm_ceiling_vae_psnr", "wm_ceiling_vae_ssim",
     "joint_psnr", "joint_ssim", "wm_lpips", "wm_fvd"})
 RATE_STATISTICS = ("wilson", "clopper-pearson")
 

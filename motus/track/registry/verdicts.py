@@ -44,7 +44,10 @@ class Verdicts:
         evaluation_run = ref.tags.get(EVALUATION_RUN_TAG)
         environment = {}
         if evaluation_run:  # how the numbers judged were produced: what a rerun needs to reproduce them
-            text = self.store.client.get_run(evaluation_run).data.tags.get(ENVIRONMENT_TAG)
+            try:
+                text = self.store.client.get_run(evaluation_run).data.tags.get(ENVIRONMENT_TAG)
+            except MlflowException:
+                text = None  # a missing evaluation run is named by `metrics` below
             environment = {"evaluation": json.loads(text)} if text else {}
         verdict = judge(ref.name, ref.version, gate, self.metrics(ref),
                         self.metrics(champion) if champion else None, champion.version if champion else None,
