@@ -79,7 +79,8 @@ def model_numbers(m: dict[str, Any]) -> str:
     """One version's own numbers for a registry listing: its evaluation's beside floors and ceiling, and its last
     held-out validation's (action error as a multiple of the zero-action floor) where the evaluation has no
     action error of its own (not evaluated, or closed loop only)."""
-    parts = [evaluation_line(m)] if evaluation_line(m) else []
+    evaluated = evaluation_line(m)
+    parts = [evaluated] if evaluated else []
     if not isinstance(m.get("eval/vla_action_mse"), float):
         parts += [f"{k} {m[f'val/{k}']:.3g}" for k in ("video_loss", "action_loss")
                   if isinstance(m.get(f"val/{k}"), float)]
