@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,9 +15,38 @@ from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 from .runner import Runners, warm_command
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+# Ports for a job's rendezvous are drawn below the kernel's ephemeral range. The port is picked here but bound
+# seconds later by the job (after its imports); a port from the ephemeral range can be taken in between as the
+# local end of any outgoing connection on the machine (a tracking client's, a data download's) and the job dies of
+# EADDRINUSE. A port outside that range is only ever taken by an explicit bind, which the check below sees.
+_FALLBACK_EPHEMERAL = (32768, 60999)
+_LOWEST = 15000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return _FALLBACK_EPHEMERAL
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A port on `host` that nothing listens on now, outside the ephemeral range where possible (see above);
+    drawn at random so that two launchers picking at once rarely draw the same one."""
+    lo, _ = _ephemeral_range()
+    if lo - _LOWEST >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(tries):
+            port = rng.randrange(_LOWEST, lo)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # an unusual port layout: the kernel's choice, with the race described above
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -1,10 +1,11 @@
 """The `local` launcher: the worker command and environment for one process and for several."""
 
+import socket
 from pathlib import Path
 
 from motus.contracts import JobSpec
 from motus.launch.launcher import Launcher
-from motus.launch.local import LocalLauncher, command, environment
+from motus.launch.local import LocalLauncher, _ephemeral_range, command, environment, free_port
 
 
 def test_one_process_runs_the_worker_directly_several_run_under_torchrun():
@@ -67,3 +68,25 @@ def test_the_worker_reads_the_submitted_spec_and_nothing_else(tmp_path):
     missing = run(*args)  # a well-formed spec whose params file does not exist: named, not a traceback
     assert missing.returncode == 2 and f"error: {tmp_path / 'p.yaml'}: file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_rendezvous_port_is_free_and_outside_the_range_outgoing_connections_take(monkeypatch):
+    """The job binds its port seconds after the launcher picked it; only a port outside the ephemeral range
+    cannot be taken in between by an outgoing connection (the EADDRINUSE a loaded CI once hit)."""
+    import motus.launch.local as local
+
+    lo, hi = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(not lo <= p <= hi and p >= 1024 for p in ports) and len(ports) > 1
+    held, other = sorted(ports)[:2]
+    draws = iter([held, held, other])
+
+    class Rigged:  # the draw lands on a port something listens on: it is skipped, not handed out
+        def randrange(self, a, b):
+            return next(draws)
+
+    monkeypatch.setattr(local.random, "SystemRandom", Rigged)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", held))
+        s.listen()
+        assert free_port() == other

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from motus.train.checkpoint import (
+from motus.launch.local import free_port as _free_port
     CheckpointError,
     CheckpointManifest,
     content_hash,
@@ -126,12 +126,6 @@ WORKER = textwrap.dedent('''
     (Path(args["out"]) / f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
 ''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_worker(tmp: Path, args: dict, nproc: int = 1, timeout: int = 600) -> list[dict]:
