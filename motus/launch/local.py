@@ -14,7 +14,6 @@ from ..contracts import JobSpec
 from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 from .runner import Runners, warm_command
 
-
 # Ports for a job's rendezvous are drawn below the kernel's ephemeral range. The port is picked here but bound
 # seconds later by the job (after its imports); a port from the ephemeral range can be taken in between as the
 # local end of any outgoing connection on the machine (a tracking client's, a data download's) and the job dies of

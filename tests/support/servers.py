@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
 from motus.launch.local import free_port
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from motus.train.checkpoint import (
 from motus.launch.local import free_port as _free_port
+from motus.train.checkpoint import (
     CheckpointError,
     CheckpointManifest,
     content_hash,
