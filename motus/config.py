@@ -325,6 +325,9 @@ class Rule(_Section):
         None, description="Another metric of the same evaluation: `metric <comparator> factor x relative_to`, "
                           "e.g. the model's action error against the zero-action floor.")
     factor: float = Field(1.0, gt=0, description="Multiplier of `relative_to`.")
+    offset: float = Field(0.0, description="Added to `factor x relative_to`: a margin in the metric's units, for "
+                                           "scores that can be negative (e.g. the trained probe R^2 >= the "
+                                           "untrained one + 0.05).")
     max_regression: float | None = Field(
         None,
         ge=0,
@@ -343,6 +346,9 @@ class Rule(_Section):
             raise PydanticCustomError(
                 "rule_without_bound", "a rule must set threshold, relative_to or max_regression"
             )
+        if self.offset and self.relative_to is None:
+            raise PydanticCustomError("offset_without_relative", "offset is added to factor x relative_to: set "
+                                      "relative_to or remove offset")
         if self.statistic is not None:
             from .contracts import is_rate
 
@@ -402,6 +408,18 @@ class FlowSettings(_Section):
     stride: int | None = Field(
         None, ge=1, description="Frames between the two images of a flow pair; None = the training window's "
         "downsample, so each latent stands for the motion between two actions a Stage 2 window samples.")
+    views: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per tier, the camera views whose flow is composed into one flow image "
+        "(the first over the top half, the others side by side below: the head-over-wrists layout Motus composes "
+        "real-robot frames in); a tier not named here: its first view.")
+
+    @field_validator("views")
+    @classmethod
+    def _views_named_once(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for tier, names in v.items():
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"views of tier '{tier}' must name at least one view, each once (got {names})")
+        return v
 
 
 class LatentActionSection(_Section):
@@ -411,6 +429,10 @@ class LatentActionSection(_Section):
     weights: Path | None = Field(None, description="Local pretrained DC-AE folder (diffusers format) for `full`.")
     tiers: list[str] | None = Field(None, description="Tiers to train on; None = the tiers of the Stage 2 recipe.")
     labelled_fraction: float = Field(0.1, ge=0, le=1, description="Share of each batch drawn from 14-d labelled tiers.")
+    heldout_fraction: float | None = Field(
+        None, ge=0, le=1, description="Episodes of the VAE's tiers held out of its training, on which its probe "
+        "R^2 is scored; None = data.heldout_fraction. The probe needs a few held-out episodes per embodiment "
+        "to mean anything; the latent actions are exported for every episode either way.")
     action_target: Literal["delta", "absolute"] = Field(
         "delta", description="Align the latent with the step's action change (what flow sees) or the raw action.")
     lambda_action: float = Field(1.0, ge=0, description="Weight of ||z - a_real||^2 on labelled samples.")
@@ -586,12 +608,23 @@ def _consistency_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
                 break
             chain.append(nxt)
 
+    for tier_name in mapping(mapping(mapping(data.get("latent_action")).get("flow")).get("views")):
+        if tier_name not in tiers:
+            problems.append((f"latent_action.flow.views.{tier_name}", f"unknown tier (known tiers: "
+                                                                       f"{', '.join(sorted(map(str, tiers)))})"))
+    lam_model = mapping(data.get("latent_action")).get("registered_model", LatentActionSection.model_fields[
+        "registered_model"].default)
+    if isinstance(lam_model, str) and lam_model in registered:
+        problems.append(("latent_action.registered_model", f"'{lam_model}' is already registered by stage "
+                                                           f"'{registered[lam_model]}'"))
+    elif isinstance(lam_model, str):
+        registered[lam_model] = "latent_action"
     for gate_name in mapping(data.get("gates")):
         if gate_name not in registered:
             problems.append(
                 (
                     f"gates.{gate_name}",
-                    "no stage registers this model (registered models: "
+                    "neither a stage nor latent_action registers this model (registered models: "
                     f"{', '.join(sorted(registered)) or 'none'})",
                 )
             )
@@ -614,7 +647,14 @@ def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any])
     the evaluation does not report (or a task it does not roll out), and statistical rules the evaluation's
     episodes cannot satisfy (fewer episodes than `min_episodes`, or a threshold that even a perfect run's lower
     confidence bound stays below)."""
-    from .contracts import EVALUATION_METRICS, VALIDATION_METRICS, episodes_for, rate_interval
+    from .contracts import (
+        EVALUATION_METRICS,
+        LATENT_ACTION_METRICS,
+        LATENT_ACTION_PER_EMBODIMENT,
+        VALIDATION_METRICS,
+        episodes_for,
+        rate_interval,
+    )
 
     defaults = EvaluationConfig()
     seeds = evaluation.get("seeds", defaults.seeds)
@@ -633,6 +673,14 @@ def _gate_rule_problems(gates: Mapping[str, Any], evaluation: Mapping[str, Any])
                 if isinstance(name, str) and name.startswith("val/") and name[4:] not in VALIDATION_METRICS:
                     problems.append((f"{where}.{key}", f"stage jobs do not log {name} (validation logs val/ "
                                                        f"{', '.join(sorted(VALIDATION_METRICS))})"))
+                if isinstance(name, str) and name.startswith("lam/"):
+                    parts = name.split("/")
+                    known = (parts[1] in LATENT_ACTION_METRICS if len(parts) == 2 else
+                             len(parts) == 3 and parts[1] in LATENT_ACTION_PER_EMBODIMENT)
+                    if not known:
+                        problems.append((f"{where}.{key}", f"the latent-action job does not log {name} (it logs lam/ "
+                                                           f"{', '.join(sorted(LATENT_ACTION_METRICS))}, and "
+                                                           f"probe_r2/<embodiment>)"))
                 if not isinstance(name, str) or not name.startswith("eval/"):
                     continue
                 parts = name.split("/")

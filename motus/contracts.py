@@ -125,7 +125,9 @@ class TierManifest:
     state_dim: int | None = None
     fps: float | None = None
     fps_values: tuple[float, ...] = ()
-    views: Mapping[str, Any] = field(default_factory=dict)  # {view: [height, width]}, in storage order
+    # {view: [height, width]} in the source's camera order (the first is a window's default view); written as a
+    # list of [view, [height, width]] so that a JSON writer sorting keys keeps the order (older tiers: a dict)
+    views: Mapping[str, Any] = field(default_factory=dict)
     codec: str | None = None
     action_stats: Mapping[str, Any] | None = None  # None when the tier has no actions
     state_stats: Mapping[str, Any] | None = None
@@ -138,7 +140,8 @@ class TierManifest:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(shards=[dict(s) for s in self.shards], fps_values=list(self.fps_values),
                  action_names=list(self.action_names) if self.action_names else None,
-                 embodiments=dict(self.embodiments), views=dict(self.views), source=dict(self.source))
+                 embodiments=dict(self.embodiments), views=[[k, list(v)] for k, v in self.views.items()],
+                 source=dict(self.source))
         return d
 
     @classmethod
@@ -151,7 +154,8 @@ class TierManifest:
         values = {k: v for k, v in d.items() if k in known}
         values.update(shards=tuple(d["shards"]), fps_values=tuple(d.get("fps_values") or ()),
                       action_names=tuple(d["action_names"]) if d.get("action_names") else None,
-                      embodiments=d.get("embodiments") or {}, views=d.get("views") or {}, source=d.get("source") or {})
+                      embodiments=d.get("embodiments") or {}, views=dict(d.get("views") or {}),
+                      source=d.get("source") or {})
         return cls(**values)
 
     @classmethod
@@ -428,6 +432,12 @@ VALIDATION_METRICS = frozenset({
     "video_loss", "action_loss", *(f"{k}_loss_t{t}" for k in ("video", "action") for t in (0.25, 0.5, 0.75)),
     "vla_action_mse", "vla_action_mse_x0", "floor_zero_action_mse", "untrained_action_mse",
     "wm_video_mse", "wm_video_psnr", "wm_video_mse_x0", "wm_video_psnr_x0", "windows", "draws"})
+
+# What the latent-action job's validation logs, by name after `lam/` (`motus.train.latent_action.quality`): the
+# held-out probe R^2 (mean over embodiments, and `probe_r2/<embodiment>`) and the flow reconstruction PSNR, each
+# also for the untrained VAE of the same seed on the same pairs (`untrained_...`), the baseline a gate compares with.
+LATENT_ACTION_METRICS = frozenset({"probe_r2", "recon_psnr", "untrained_probe_r2", "untrained_recon_psnr"})
+LATENT_ACTION_PER_EMBODIMENT = frozenset({"probe_r2", "untrained_probe_r2"})
 
 
 def is_rate(metric: str) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .features import Feature, feature_dir
-from .latent_actions import FLOW, features_root
+from .latent_actions import FLOW, features_root, probe_heldout_fraction
 from .loader import split_episodes
 from .tier import Tier
 
@@ -56,7 +56,7 @@ class FlowPairs:
         self._group_of: dict[tuple[str, str], tuple[str, str]] = {}
         self.by_embodiment: dict[str, list[tuple[str, str, int]]] = {}
         for t, tier in self.tiers.items():
-            train_ids, held = split_episodes(t, [r["id"] for r in tier.index], params.data.heldout_fraction)
+            train_ids, held = split_episodes(t, [r["id"] for r in tier.index], probe_heldout_fraction(params))
             chosen = set(train_ids if split == "train" else held)
             if tier.manifest.action_dim:
                 self._fit_groups(t, tier)

@@ -42,6 +42,12 @@ def lam_tiers(params: Any) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ optical flow
 
+def probe_heldout_fraction(params: Any) -> float:
+    """Episodes of the VAE's tiers held out of its training (its probe is scored on them)."""
+    la = params.latent_action.heldout_fraction
+    return params.data.heldout_fraction if la is None else la
+
+
 def flow_stride(params: Any) -> int:
     """`latent_action.flow.stride`, or the training window's downsample when it is None."""
     if params.latent_action.flow.stride is not None:
@@ -60,15 +66,22 @@ def build_flow_feature(params: Any, tier_name: str, progress=None) -> dict[str, 
     model = make_flow_model(fs.model, **options)
     size = (fs.image_size, fs.image_size)
     stride = flow_stride(params)
+    views = fs.views.get(tier_name)  # None: each episode's first view
+    missing = [v for v in views or [] if v not in tier.manifest.views]
+    if missing:
+        raise ValueError(f"latent_action.flow.views.{tier_name}: tier '{tier_name}' has no view "
+                         f"{', '.join(missing)} (it has {', '.join(tier.manifest.views) or 'none'})")
     writer = FeatureWriter(feature_dir(features_root(params), FLOW, tier_name), FLOW, tier_name, tier.content_hash,
                            compress=True, meta={"model": fs.model, "preset": fs.preset, "image_size": fs.image_size,
-                                                "stride": stride, "max_magnitude": fs.max_magnitude})
+                                                "stride": stride, "max_magnitude": fs.max_magnitude,
+                                                "views": views})
     for rec in tier.index:
         if rec["frames"] <= stride:
             raise ValueError(f"tier '{tier_name}' episode '{rec['id']}' has {rec['frames']} frames: no flow pair "
                              f"{stride} frames apart (latent_action.flow.stride / data.window.downsample)")
-        ep = tier.read_episode(rec["id"])
-        frames = ep.frames[next(iter(ep.frames))]
+        # an episode without one of the views is an error naming it (read_episode), never a silent fallback
+        ep = tier.read_episode(rec["id"], views=views)
+        frames = [ep.frames[v] for v in views] if views else ep.frames[next(iter(ep.frames))]
         images, _meta = episode_flow_images(frames, model, size, fs.max_magnitude, stride)
         writer.add(rec["id"], {FLOW: images})
         if progress:

@@ -355,7 +355,8 @@ class TierWindows(Dataset):
             return hit
         # mixed-embodiment tiers name their cameras differently: without an explicit view, each episode
         # contributes its own first camera
-        ep = self.tier.read_episode(episode_id, views=[self.view] if self.spec.view is not None else None)
+        ep = self.tier.read_episode(episode_id, views=[self.view] if self.spec.view is not None else None,
+                                    prefer=self.view)
         view = self.view if self.view in ep.frames else next(iter(ep.frames))
         self.decodes += 1
         actions = None

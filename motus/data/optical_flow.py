@@ -284,16 +284,50 @@ def episode_flow(frames: np.ndarray, model: FlowModel, stride: int = 1) -> np.nd
     return out
 
 
+def composition_cells(views: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Where each of `views` cameras sits in one image of `size` (height, width), as (top, left, height, width):
+    one view fills it; with more, the first (the head camera) spans the top half and the others share the bottom
+    half side by side, the layout Motus composes real-robot frames in (head over the two wrists)."""
+    h, w = int(size[0]), int(size[1])
+    if views < 1:
+        raise ValueError("need at least one view")
+    if views == 1:
+        return [(0, 0, h, w)]
+    top, rest = h // 2, views - 1
+    if w < rest or top < 1:
+        raise ValueError(f"{views} views do not fit a {h}x{w} image")
+    edges = [round(i * w / rest) for i in range(rest + 1)]
+    return [(0, 0, top, w)] + [(top, edges[i], h - top, edges[i + 1] - edges[i]) for i in range(rest)]
+
+
+def compose_flows(flows: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """Flows of several cameras (each [T, H_i, W_i, 2], same T) -> one flow [T, h, w, 2] in the cells of
+    `composition_cells`; each view is resized into its cell with its vectors scaled to the cell's grid."""
+    lengths = {len(f) for f in flows}
+    if len(lengths) != 1:
+        raise ValueError(f"views' flows differ in length: {sorted(lengths)}")
+    out = np.zeros((lengths.pop(), int(size[0]), int(size[1]), 2), np.float32)
+    for f, (top, left, h, w) in zip(flows, composition_cells(len(flows), size), strict=True):
+        out[:, top:top + h, left:left + w] = resize_flow(f, (h, w))
+    return out
+
+
 def episode_flow_images(frames: np.ndarray, model: FlowModel, size: tuple[int, int] | None = None,
                         max_magnitude: float | None = None, stride: int = 1
                         ) -> tuple[np.ndarray, dict[str, Any]]:
     """Flow images for one clip: uint8 [T-stride, h, w, 3] and the metadata to record next to them.
 
     size=(height, width) resizes the flow (INTER_AREA, vectors scaled) before colouring; max_magnitude None
-    normalises by the clip's 99th-percentile magnitude (after resizing), which is returned in meta."""
-    flow = episode_flow(frames, model, stride)
-    if size is not None:
-        flow = resize_flow(flow, size)
+    normalises by the clip's 99th-percentile magnitude (after resizing), which is returned in meta. `frames` may
+    be a list of several cameras' clips: their flows are composed into one image (`compose_flows`; needs size)."""
+    if isinstance(frames, (list, tuple)):
+        if size is None:
+            raise ValueError("composing several views' flow needs an image size")
+        flow = compose_flows([episode_flow(f, model, stride) for f in frames], size)
+    else:
+        flow = episode_flow(frames, model, stride)
+        if size is not None:
+            flow = resize_flow(flow, size)
     images, used = flow_to_rgb(flow, max_magnitude)
     desc = model.describe() if hasattr(model, "describe") else {"model": getattr(model, "name", type(model).__name__)}
     meta = {"max_magnitude": used, "normalisation": "fixed" if max_magnitude is not None else "p99",

@@ -202,7 +202,7 @@ class TierWriter:
         self._ids.add(ep.episode_id)
         members: list[tuple[str, bytes]] = []
         fps = float(self.spec.fps or ep.fps)
-        for view in sorted(ep.frames):
+        for view in ep.frames:  # the source's camera order: its first camera is the view a window takes by default
             data, ext = encode_frames(ep.frames[view], self.spec.codec, fps)
             members.append((f"{ep.episode_id}.{view}.{ext}", data))
             self.views.setdefault(view, list(ep.frames[view].shape[1:3]))
@@ -225,6 +225,7 @@ class TierWriter:
             self.state_dim = int(state.shape[1])
         meta = ep.metadata()
         meta["native_action_dim"] = native
+        meta["view_order"] = list(ep.frames)  # `views` is a mapping the sorted-key JSON reorders; older shards lack it
         members.append((f"{ep.episode_id}.meta.json", json.dumps(meta, sort_keys=True).encode()))
 
         size = sum(len(d) for _, d in members)
@@ -345,7 +346,9 @@ class Tier:
             f.seek(info.offset_data)
             return f.read(info.size)
 
-    def read_episode(self, episode_id: str, views: list[str] | None = None) -> Episode:
+    def read_episode(self, episode_id: str, views: list[str] | None = None, prefer: str | None = None) -> Episode:
+        """The episode with `views` decoded (None: every view; with `prefer`: only that view where the episode
+        has it, else only its first, so a reader wanting one camera never decodes the others)."""
         rec = self._by_id.get(episode_id)
         if rec is None:
             raise KeyError(f"tier '{self.name}' has no episode '{episode_id}'")
@@ -353,7 +356,10 @@ class Tier:
         members = self._shard_members(shard)
         meta = json.loads(self._read(shard, f"{episode_id}.meta.json"))
         frames = {}
-        for view in views or list(meta["views"]):
+        order = meta.get("view_order") or list(meta["views"])
+        if views is None and prefer is not None:
+            views = [prefer] if prefer in order else order[:1]
+        for view in views or order:
             name = next((n for n in members if n.startswith(f"{episode_id}.{view}.") and not n.endswith((".npy", ".json"))), None)
             if name is None:
                 raise TierError(f"{self.path}: episode '{episode_id}' has no view '{view}' (has {list(meta['views'])})")

@@ -32,7 +32,8 @@ import torch
 from ..contracts import check_normalization
 from ..data.loader import TierWindows, collate_windows
 from ..data.tier import Tier
-from .metrics import FeatureNet, action_mse, feature_statistics, frechet_distance, psnr, ssim
+from ..model.rectified_flow import window_action_mse
+from .metrics import FeatureNet, feature_statistics, frechet_distance, psnr, ssim
 
 # identical frames have infinite PSNR (the copy-forward floor on a still scene): averaged per frame, one such
 # frame would make the mean infinite, so a frame counts at most this much (MSE 1e-10, as training validation)
@@ -105,7 +106,7 @@ def offline_metrics(exported: Any, params: Any, tiers: Sequence[str], *, per_tie
                 seed * 7919 + b * 131 + d * 1_000_003 + salt)
             for salt, mode in enumerate(("vla", "idm", "joint")):
                 out = model.sample(mode, **common, generator=gen(salt))
-                mse[mode] = mse.get(mode, 0) + _masked_mse(out.actions, actions, dims) / draws
+                mse[mode] = mse.get(mode, 0) + window_action_mse(out.actions, actions, dims) / draws
                 if mode == "joint":
                     joint_video = out.video_latents
             wm = model.sample("wm", **common, actions=actions, generator=gen(9))
@@ -118,8 +119,8 @@ def offline_metrics(exported: Any, params: Any, tiers: Sequence[str], *, per_tie
                 pred0 = pred  # the first draw's frames: LPIPS / FVD, the per-window record, the frame strip
         conditions = {k: v for k, v in common.items() if k != "steps"}
         for mode in ("vla", "idm"):  # deterministic: one step from the noise's mean (MotusModel.estimate_x0)
-            mse[f"{mode}_x0"] = _masked_mse(model.estimate_x0(mode, **conditions).actions, actions, dims)
-        mse["floor_zero"] = _masked_mse(torch.zeros_like(actions), actions, dims)
+            mse[f"{mode}_x0"] = window_action_mse(model.estimate_x0(mode, **conditions).actions, actions, dims)
+        mse["floor_zero"] = window_action_mse(torch.zeros_like(actions), actions, dims)
         mse["untrained"] = 1.0 + mse["floor_zero"]  # an untrained sampler returns its N(0, 1) noise
 
         recon = (vae.decode(inputs["video_latents"]) + 1) / 2
@@ -155,8 +156,6 @@ def offline_metrics(exported: Any, params: Any, tiers: Sequence[str], *, per_tie
                          per_window, sample_frames)
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    return torch.stack([action_mse(pred[i:i + 1], target[i:i + 1], d)[0] for i, d in enumerate(dims)])
 
 
 def _mean(values: list[float]) -> float:

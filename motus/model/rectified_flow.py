@@ -7,6 +7,8 @@ independently, so every conditioning pattern (every mode) is seen during trainin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .presets import FlowConfig
@@ -55,3 +57,12 @@ def inference_schedule(steps: int, shift: float) -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"inference steps must be >= 1, got {steps}")
     return shift_time(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def window_action_mse(pred: torch.Tensor, target: torch.Tensor, dims: Sequence[int | None]) -> torch.Tensor:
+    """Action MSE per window [B] over each window's real action dimensions (`dims[i]`: its tier's width, padding
+    into the unified space excluded; None: all of them). Validation and evaluation score modes with it."""
+    if pred.shape != target.shape:
+        raise ValueError(f"predicted actions {tuple(pred.shape)} and targets {tuple(target.shape)} differ in shape")
+    err = (pred.float() - target.float()) ** 2
+    return torch.stack([err[i, ..., :d].mean() if d else err[i].mean() for i, d in enumerate(dims)])

@@ -64,7 +64,7 @@ class RuleResult:
         if self.threshold is not None:
             bounds.append(f"{self.comparator} {self.threshold:g}")
         if self.relative_to is not None:
-            bounds.append(f"{self.comparator} a multiple of {self.relative_to}"
+            bounds.append(f"{self.comparator} a bound from {self.relative_to}"
                           + ("" if self.bound is None else f" ({self.bound:.6g})"))
         if self.max_regression is not None:
             bounds.append(f"max_regression {self.max_regression:g}")
@@ -153,12 +153,16 @@ def judge_rule(rule: Any, metrics: Mapping[str, float], champion_metrics: Mappin
             passed = False
             reasons.append(f"{relative_to} was not logged by the same evaluation: nothing to compare with")
         else:
-            bound = rule.factor * other
+            offset = getattr(rule, "offset", 0.0)
+            bound = rule.factor * other + offset
             ok = _COMPARE[cmp](value, bound)
             passed &= ok
-            what = f"{rule.factor:g} x {relative_to} {_fmt(other)} = {_fmt(bound)}"
+            plus = f" {'+' if offset > 0 else '-'} {abs(offset):g}" if offset else ""
+            what = f"{rule.factor:g} x {relative_to} {_fmt(other)}{plus} = {_fmt(bound)}"
+            # a multiple of the other metric only means something for a positive scale without a margin
+            ratio = f", {_fmt(value / other)} x" if not offset and other > 0 else ""
             reasons.append(f"{_fmt(value)} {cmp} {what}" if ok else f"{_fmt(value)} is not {cmp} {what} "
-                           f"(off by {_fmt(abs(value - bound))}, {_fmt(value / other if other else math.inf)} x)")
+                           f"(off by {_fmt(abs(value - bound))}{ratio})")
     if rule.max_regression is not None:
         if champion_version is None:
             reasons.append("no champion yet: nothing to regress from")

@@ -65,6 +65,7 @@ def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 25
     embodiment's native dims, fitted on train pairs, scored on held-out episodes (`lam/probe_r2/<embodiment>`);
     `lam/probe_r2` is their mean. Plus flow reconstruction PSNR on held-out pairs."""
     vae.eval()
+    device = next(vae.parameters()).device  # the job's device (CUDA under a GPU job); the pairs are host arrays
     out: dict[str, float] = {}
 
     def labelled(pairs: FlowPairs, emb: str, count: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +75,7 @@ def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 25
             img, a, m = pairs.pick(rng, True, emb)
             imgs.append(img)
             acts.append(a[m])
-        return vae.latent(_to_input(imgs)).cpu().numpy(), np.stack(acts)
+        return vae.latent(_to_input(imgs).to(device)).float().cpu().numpy(), np.stack(acts)
 
     scores = []
     for emb in sorted(set(train.by_embodiment) & set(held.by_embodiment)):
@@ -85,8 +86,8 @@ def quality(vae: LatentActionVAE, train: FlowPairs, held: FlowPairs, n: int = 25
     if scores:
         out["lam/probe_r2"] = float(np.mean(scores))
     rng = np.random.default_rng([seed, 3])
-    x = _to_input([held.pick(rng, False)[0] for _ in range(min(n, 64))])
-    recon = vae.decode(vae.latent(x)).clamp(-1, 1)
+    x = _to_input([held.pick(rng, False)[0] for _ in range(min(n, 64))]).to(device)
+    recon = vae.decode(vae.latent(x)).float().clamp(-1, 1)
     mse = float(((recon - x) / 2).pow(2).mean())  # in [0, 1] pixel units
     out["lam/recon_psnr"] = 10 * math.log10(1.0 / max(mse, 1e-10))
     return out
@@ -119,6 +120,13 @@ class LatentActionJob(TrainModule):
         self.tiers = lam_tiers(self.params)
         self.train_pairs = FlowPairs(self.params, self.tiers, "train", cfg.latent_dim, la.action_target)
         self.held_pairs = FlowPairs(self.params, self.tiers, "heldout", cfg.latent_dim, la.action_target)
+        # the baseline a gate compares with: the same probe and reconstruction on the VAE as initialised (same
+        # seed, same pairs), logged beside every validation; a resumed job computes it again, identically
+        self.untrained: dict[str, float] = {}
+        if self.ctx.rank == 0:
+            self.untrained = {f"lam/untrained_{k[4:]}": v for k, v in
+                              quality(self.model, self.train_pairs, self.held_pairs, seed=self.seed).items()}
+            self.model.train()
 
     def optimizer(self):
         la = self.la
@@ -161,7 +169,7 @@ class LatentActionJob(TrainModule):
     def validate(self, engine: Any, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.ctx.rank == 0:
-            metrics = quality(engine.module, self.train_pairs, self.held_pairs, seed=self.seed)
+            metrics = {**quality(engine.module, self.train_pairs, self.held_pairs, seed=self.seed), **self.untrained}
             engine.module.train()
             self.tracker.log_metrics(metrics, step)
             self.append_metrics(step, metrics)

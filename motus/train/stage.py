@@ -24,6 +24,7 @@ from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spe
 from ..data.tier import Tier
 from ..data.versioning import locked_hash
 from ..model import MotusModel
+from ..model.rectified_flow import window_action_mse
 from ..model.text import FrozenTextEncoder
 from ..model.vlm import FrozenVAE, FrozenVLM
 from .distributed import PEAK_FLOPS, JobContext, init_distributed, job_hours
@@ -308,7 +309,7 @@ class StageJob(TrainModule):
                             add(f"{kind}_loss", losses[f"{kind}_loss"] / 3)
                 if actions is not None:
                     vla = model.sample("vla", **common, generator=gen(7))
-                    add("vla_action_mse", _masked_mse(vla.actions, actions, dims))
+                    add("vla_action_mse", window_action_mse(vla.actions, actions, dims))
                     wm = model.sample("wm", **common, actions=actions, generator=gen(8))
                 else:
                     wm = model.sample("vgm", **dict(common, state=None), generator=gen(8), action_stream=False)
@@ -324,8 +325,8 @@ class StageJob(TrainModule):
         # each key got one entry per draw (`*_loss`: one per fixed t and draw, already divided by the 3 t's)
         per_window = {k: torch.stack(v).sum(0) / self.s.validation.draws for k, v in out.items()}
         if actions is not None:
-            per_window["vla_action_mse_x0"] = _masked_mse(vla0.actions, actions, dims)
-            per_window["floor_zero_action_mse"] = _masked_mse(torch.zeros_like(actions), actions, dims)
+            per_window["vla_action_mse_x0"] = window_action_mse(vla0.actions, actions, dims)
+            per_window["floor_zero_action_mse"] = window_action_mse(torch.zeros_like(actions), actions, dims)
         per_window["wm_video_mse_x0"] = future_mse(wm0.video_latents)
         return {k: v.float().cpu().numpy() for k, v in per_window.items()}
 
@@ -378,7 +379,3 @@ def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | N
             dist.destroy_process_group()
 
 
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, dims: list[int | None]) -> torch.Tensor:
-    """Action MSE per window [B] over each window's real action dimensions (its tier's; padding excluded)."""
-    err = (pred.float() - target.float()) ** 2
-    return torch.stack([err[i, ..., :d].mean() if d else err[i].mean() for i, d in enumerate(dims)])

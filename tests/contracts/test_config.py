@@ -105,7 +105,7 @@ def test_shipped_params_validate() -> None:
     assert params.stages["stage2"].parent == params.stages["stage1"].registered_model == "motus-vgm"
     assert params.stages["stage3"].parent == params.stages["stage2"].registered_model == "motus-latent-action"
     assert params.stages["stage3"].registered_model == "motus-aloha"
-    assert set(params.gates) == {"motus-vgm", "motus-latent-action", "motus-aloha"}
+    assert set(params.gates) == {"motus-vgm", "motus-latent-action", "motus-aloha", params.latent_action.registered_model}
     assert {pool.gpu for pool in params.pools.values()} == {"A100", "H100"}
     for stage in params.stages.values():
         assert stage.betas == (0.9, 0.95)
@@ -240,12 +240,17 @@ def test_gate_rules_that_could_never_be_judged_are_config_errors(tmp_path: Path)
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 0.2, "statistic": "wilson"},  # fine
         {"metric": "eval/success_rate", "comparator": ">=", "threshold": 1.0, "statistic": "clopper-pearson"},
         {"metric": "val/vla_mse", "comparator": "<=", "relative_to": "val/floor_zero_action_mse", "factor": 0.8},
+        {"metric": "lam/probe_r2/aloha", "comparator": ">=", "relative_to": "lam/untrained_probe_r2/aloha"},  # fine
+        {"metric": "lam/probe", "comparator": ">=", "threshold": 0.3},
     ]
     err = errors_of(tmp_path, data)
     found = dict(err.errors)
     assert list(found) == ["gates.policy.rules.0.relative_to", "gates.policy.rules.1.metric",
                            "gates.policy.rules.2.min_episodes", "gates.policy.rules.3.threshold",
-                           "gates.policy.rules.5.threshold", "gates.policy.rules.6.metric"]
+                           "gates.policy.rules.5.threshold", "gates.policy.rules.6.metric",
+                           "gates.policy.rules.8.metric"]
+    assert "the latent-action job does not log lam/probe (it logs lam/ probe_r2, recon_psnr" in \
+        found["gates.policy.rules.8.metric"]
     assert "stage jobs do not log val/vla_mse" in found["gates.policy.rules.6.metric"]
     assert "no number of episodes reaches it" in found["gates.policy.rules.5.threshold"]  # an interval never hits 1
     assert "does not report eval/floor_zero_actoin_mse" in found["gates.policy.rules.0.relative_to"]
@@ -325,7 +330,14 @@ def test_gate_rule_needs_threshold_or_max_regression(tmp_path: Path) -> None:
 def test_gate_for_unregistered_model(tmp_path: Path) -> None:
     data = good_data()
     data["gates"]["polcy"] = {"rules": []}
-    assert keys(errors_of(tmp_path, data)) == ["gates.polcy"]
+    err = errors_of(tmp_path, data)
+    assert keys(err) == ["gates.polcy"] and "neither a stage nor latent_action registers" in str(err)
+    # the latent-action VAE's registered model is gated like a stage's, and may not also be a stage's
+    del data["gates"]["polcy"]
+    data["gates"]["motus-lam"] = {"rules": [{"metric": "lam/probe_r2", "comparator": ">=", "threshold": 0.0}]}
+    assert load_params(write(tmp_path, yaml.safe_dump(data))).gates["motus-lam"].rules[0].metric == "lam/probe_r2"
+    data["latent_action"] = {"registered_model": "policy"}
+    assert keys(errors_of(tmp_path, data)) == ["latent_action.registered_model", "gates.motus-lam"]
 
 
 def test_full_preset_needs_weights(tmp_path: Path) -> None:
@@ -480,7 +492,7 @@ def test_cli_validate_ok(invoke) -> None:
     result = invoke("validate", "--params", str(SHIPPED))
     assert result.exit_code == 0, result.output
     assert "ok" in result.output
-    assert "preset tiny, 6 tiers, 3 stages, 3 gates, 2 pools" in result.output
+    assert "preset tiny, 6 tiers, 3 stages, 4 gates, 2 pools" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

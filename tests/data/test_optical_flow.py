@@ -14,6 +14,8 @@ from motus.data.optical_flow import (
     ROUND_TRIP_TOLERANCE,
     DISFlow,
     TorchScriptFlow,
+    compose_flows,
+    composition_cells,
     dis_flow,
     episode_flow_images,
     flow_to_rgb,
@@ -124,6 +126,33 @@ def test_resize_flow_scales_vectors():
     assert out.shape == (2, 20, 30, 2)
     np.testing.assert_allclose(out[..., 0], 1.5, atol=1e-5)
     np.testing.assert_allclose(out[..., 1], -3.0, atol=1e-5)
+
+
+def test_several_views_compose_head_over_wrists_each_in_its_own_cell():
+    """Three cameras in one 16 px flow image: the head camera over the top half, the wrists side by side below,
+    each view's vectors scaled to its cell's grid; a view's motion stays in its cell."""
+    assert composition_cells(1, (16, 16)) == [(0, 0, 16, 16)]
+    assert composition_cells(3, (16, 16)) == [(0, 0, 8, 16), (8, 0, 8, 8), (8, 8, 8, 8)]
+    assert composition_cells(2, (15, 10)) == [(0, 0, 7, 10), (7, 0, 8, 10)]
+    with pytest.raises(ValueError, match="4 views do not fit a 16x2 image"):
+        composition_cells(4, (16, 2))
+    head, left, right = (np.zeros((3, 64, 64, 2), np.float32) for _ in range(3))
+    head[..., 0] = 4.0   # the head camera sees motion to the right
+    right[..., 1] = 8.0  # the right wrist's view moves down; the left wrist sees nothing
+    out = compose_flows([head, left, right], (16, 16))
+    assert out.shape == (3, 16, 16, 2)
+    np.testing.assert_allclose(out[:, :8, :, 0], 1.0, atol=1e-5)  # 64 -> 16 px wide: 4 px -> 1 px
+    np.testing.assert_allclose(out[:, :8, :, 1], 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[:, 8:, :8], 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[:, 8:, 8:, 1], 1.0, atol=1e-5)  # 64 -> 8 px tall: 8 px -> 1 px
+    with pytest.raises(ValueError, match="differ in length"):
+        compose_flows([head, left[:2]], (16, 16))
+    img = texture()
+    frames = np.stack([shifted(img, 2 * t, 0) for t in range(4)])
+    images, meta = episode_flow_images([frames, frames, frames], DISFlow(), size=(16, 16), max_magnitude=1.0)
+    assert images.shape == (3, 16, 16, 3) and meta["size"] == [16, 16]
+    with pytest.raises(ValueError, match="needs an image size"):
+        episode_flow_images([frames, frames], DISFlow(), size=None)
 
 
 class _ConstantFlow(torch.nn.Module):

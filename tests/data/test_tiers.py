@@ -62,6 +62,31 @@ def test_tier_roundtrip_manifest_and_determinism(tmp_path):
     assert "sha256 differs" in Tier(tmp_path / "t").verify()[0]
 
 
+def test_views_keep_the_sources_camera_order_and_a_window_decodes_only_its_own(tmp_path):
+    """A window's default view is the source's first camera, not the alphabetically first name (a tier with a
+    head camera and wrist cameras must not train on a wrist by default), and reading it decodes no other view."""
+    from motus.data.loader import TierWindows, WindowSpec
+
+    views = ("top", "left_wrist", "right_wrist")
+    spec = TierSpec("t", level=4, embodiment="aloha", action_dim=14, codec="npz")
+    w = TierWriter(tmp_path / "t", spec)
+    for i in range(2):
+        w.add(episode(i, views=views))
+    assert list(w.close().views) == list(views)
+    tier = Tier(tmp_path / "t")
+    assert list(tier.manifest.views) == list(views)  # read back from JSON written with sorted keys
+    assert list(tier.read_episode("ep0000").frames) == list(views)
+    assert list(tier.read_episode("ep0000", prefer="right_wrist").frames) == ["right_wrist"]
+    assert list(tier.read_episode("ep0000", prefer="wrist").frames) == ["top"]  # absent: its first view only
+    ds = TierWindows(tier, WindowSpec(chunk=4, video_action_ratio=2, downsample=1, image_size=(16, 16)), split="all")
+    assert ds.view == "top"
+    decoded = []
+    real = tier.read_episode
+    tier.read_episode = lambda *a, **k: decoded.append(real(*a, **k)) or decoded[-1]
+    ds[0]
+    assert [list(e.frames) for e in decoded] == [["top"]]
+
+
 def test_mp4_codec_tier(tmp_path):
     e = episode(1, t=8, size=(32, 32), frames=None) if False else episode(1, t=8, size=(32, 32))
     smooth = np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, None, :, None], (8, 32, 1, 3))

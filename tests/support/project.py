@@ -67,8 +67,10 @@ def loosen_gates(raw: dict) -> dict:
         for rule in gate["rules"]:
             if rule.get("threshold") is not None and rule["metric"].endswith("_loss"):
                 rule["threshold"] = 50.0
-            if rule.get("relative_to") is not None:
+            if rule.get("relative_to") is not None and rule["comparator"] in ("<=", "<"):
                 rule["factor"] = 50.0
+            elif rule.get("relative_to") is not None:  # scores that may be negative (R^2): a margin, not a factor
+                rule["offset"] = -50.0
             if rule.get("statistic") is not None:
                 rule["min_episodes"] = 1
     return raw

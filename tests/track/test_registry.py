@@ -302,6 +302,19 @@ def test_a_rule_relative_to_another_metric_of_the_same_evaluation():
     assert type(untrained).from_json(untrained.to_json()) == untrained
 
 
+def test_a_score_that_may_be_negative_is_judged_against_its_baseline_plus_a_margin():
+    """The latent-action VAE's gate: the held-out probe R^2 against the same probe on the untrained VAE."""
+    gate = Gate(rules=[RuleModel(metric="lam/probe_r2", comparator=">=", relative_to="lam/untrained_probe_r2",
+                                 offset=0.05)])
+    untrained = judge("m", 1, gate, {"lam/probe_r2": -0.2, "lam/untrained_probe_r2": -0.2}, None, None)
+    (rule,) = untrained.rules
+    assert not untrained.passed and rule.bound == pytest.approx(-0.15)
+    assert "-0.2 is not >= 1 x lam/untrained_probe_r2 -0.2 + 0.05 = -0.15" in rule.reason
+    assert judge("m", 1, gate, {"lam/probe_r2": 0.1, "lam/untrained_probe_r2": -0.2}, None, None).passed
+    with pytest.raises(ValueError, match="offset is added to factor x relative_to"):
+        RuleModel(metric="lam/probe_r2", comparator=">=", threshold=0.1, offset=0.05)
+
+
 def test_a_success_rate_is_judged_through_its_confidence_interval():
     from motus.contracts import rate_interval
 

@@ -139,6 +139,7 @@ PROBE_STEPS, PROBE_FLOW = 1200, {"image_size": 16, "max_magnitude": 0.5}  # the 
 # Meta-World 0.319 -> 0.396, ALOHA 0.077 -> 0.173. The floors sit a little under the measurement; ALOHA's is
 # below the 0.3 (what it takes is open: more episodes helped, 32 px flow and 128 px renders did not).
 PROBE_FLOOR = {"sawyer": 0.35, "aloha": 0.12}
+ALOHA_VIEWS = ["top", "left_wrist", "right_wrist"]  # composed into one flow image, head over wrists
 PROBE_MARGIN = 0.05
 
 
@@ -153,12 +154,12 @@ def probe_project(tmp_path_factory):
                          "sim": "metaworld", "tasks": PROBE_TASKS, "episodes_per_task": 6, "seed": 300}}},
         "aloha-probe": {"level": 4, "embodiment": "aloha", "description": "ALOHA random reaching for the probe.",
                         "action_dim": 14, "source": {"kind": "simulator", "options": {
-                            "sim": "aloha-random", "n": 64, "seed": 400}}}}
+                            "sim": "aloha-random", "n": 64, "seed": 400, "cameras": ALOHA_VIEWS}}}}
     for stage in raw["stages"].values():
         stage["tiers"] = {"mw-probe": 0.5, "aloha-probe": 0.5}
     raw["latent_action"].update(tiers=None, steps=PROBE_STEPS, checkpoint_every=PROBE_STEPS,
                                 validate_every=PROBE_STEPS)  # the shipped labelled_fraction, lr and batch
-    raw["latent_action"]["flow"].update(PROBE_FLOW)
+    raw["latent_action"]["flow"].update(PROBE_FLOW, views={"aloha-probe": ALOHA_VIEWS})
     return write_project(tmp_path_factory.mktemp("lam-probe"), raw)
 
 

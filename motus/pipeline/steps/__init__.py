@@ -26,7 +26,10 @@ def build_steps(params: Any) -> list[Step]:
         lam_model = params.latent_action.registered_model
         steps.append(Step("latent-action", "latent-action", lam_model,
                           tuple(f"flow:{t}" for t in lam) + tuple(f"tier:{t}" for t in lam)))
-        steps += [Step(f"latent-actions:{t}", "latent-actions", t, ("latent-action", f"flow:{t}")) for t in lam]
+        # the VAE is gated like a stage's model: latents for Stage 2 come only from a VAE whose probe passed
+        steps.append(Step(f"gate:{lam_model}", "gate", lam_model, ("latent-action",)))
+        steps += [Step(f"latent-actions:{t}", "latent-actions", t, ("latent-action", f"gate:{lam_model}",
+                                                                    f"flow:{t}")) for t in lam]
     for key, s in stages:
         deps = [f"tier:{t}" for t in s.tiers]
         if s.action_source == "latent":

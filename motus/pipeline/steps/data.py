@@ -113,7 +113,9 @@ class FlowStep(FeatureStep):
         from ...data.latent_actions import flow_stride
 
         # the stride as resolved: a null stride follows the window's downsample, which must change the key too
-        return {"latent_action": {"flow": {**pipe.resolved["latent_action"]["flow"], "stride": flow_stride(pipe.params)}}}
+        flow = pipe.resolved["latent_action"]["flow"]
+        return {"latent_action": {"flow": {**flow, "stride": flow_stride(pipe.params),
+                                           "views": flow["views"].get(step.target)}}}  # this tier's views only
 
 
 class LatentActionsStep(FeatureStep):
