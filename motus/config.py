@@ -410,8 +410,8 @@ class FlowSettings(_Section):
         "downsample, so each latent stands for the motion between two actions a Stage 2 window samples.")
     views: dict[str, list[str]] = Field(
         default_factory=dict, description="Per tier, the camera views whose flow is composed into one flow image "
-        "(the first over the top half, the others side by side below: the head-over-wrists layout Motus composes "
-        "real-robot frames in); a tier not named here: its first view.")
+        "(the first over the top half, the others side by side below: head over wrists, as Motus composes "
+        "real-robot frames); a tier not named here: its first view.")
 
     @field_validator("views")
     @classmethod

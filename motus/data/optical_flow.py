@@ -287,7 +287,8 @@ def episode_flow(frames: np.ndarray, model: FlowModel, stride: int = 1) -> np.nd
 def composition_cells(views: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """Where each of `views` cameras sits in one image of `size` (height, width), as (top, left, height, width):
     one view fills it; with more, the first (the head camera) spans the top half and the others share the bottom
-    half side by side, the layout Motus composes real-robot frames in (head over the two wrists)."""
+    half side by side: head over the wrists as in Motus's three-view frames (`data.episode.compose_three_view`),
+    in halves so that a square flow image gives the wrists square cells."""
     h, w = int(size[0]), int(size[1])
     if views < 1:
         raise ValueError("need at least one view")

@@ -268,3 +268,46 @@ def test_feature_errors(tmp_path):
     assert not any(p.name.startswith(".x.tmp") for p in tmp_path.iterdir())
     with pytest.raises(FeatureError, match="no episodes"):
         FeatureWriter(tmp_path / "y", "flow", "sim", "h").close()
+
+
+def test_a_tiers_flow_feature_composes_the_views_params_name_and_refuses_a_missing_one(tmp_path, monkeypatch):
+    """`latent_action.flow.views.<tier>`: the flow of those cameras in one image per pair; a view the tier does
+    not hold is an error naming the key, the tier and the views it has."""
+    from motus.config import validate_params
+    from motus.data.episode import Episode
+    from motus.data.latent_actions import build_flow_feature
+    from motus.data.tier import TierSpec, TierWriter
+
+    from ..support.project import shipped_params
+
+    monkeypatch.chdir(tmp_path)
+    views = ["top", "left_wrist", "right_wrist"]
+    w = TierWriter(tmp_path / "data" / "tiers" / "cams", TierSpec("cams", level=4, embodiment="aloha", action_dim=None,
+                                                                      codec="npz"))
+    img = texture(64)
+    moves = {"top": (0.4, 0.0), "left_wrist": (0.5, 0.0), "right_wrist": (0.0, 1.0)}  # px per frame at 64 px
+    frames = {v: np.stack([shifted(img, moves[v][0] * t, moves[v][1] * t) for t in range(7)]) for v in views}
+    w.add(Episode("ep0", frames, actions=None, state=None, instructions=[], fps=10.0, embodiment="aloha",
+                  source="test"))
+    w.close()
+    raw = shipped_params()
+    raw["latent_action"]["flow"]["views"] = {"cams": views}
+    raw["tiers"]["cams"] = {"level": 4, "embodiment": "aloha", "description": "three cameras",
+                            "source": {"kind": "simulator", "options": {"sim": "aloha-random", "n": 1}}}
+    params = validate_params(raw)
+    build_flow_feature(params, "cams")
+    f = Feature(tmp_path / "data" / "features" / "flow" / "cams")
+    assert f.meta["views"] == views and f.meta["stride"] == 3
+    flow = rgb_to_flow(f.get("ep0", "flow"), f.meta["max_magnitude"])
+    assert flow.shape == (4, 16, 16, 2)
+    # each cell shows its own camera's motion over the 3-frame stride in its cell's grid (head 16 px wide from 64,
+    # wrists 8 px square from 64): (dx, dy) in flow-image pixels
+    expect = [((2, 6, 4, 12), (3 * 0.4 * 16 / 64, 0.0)), ((10, 14, 2, 6), (3 * 0.5 * 8 / 64, 0.0)),
+              ((10, 14, 10, 14), (0.0, 3 * 1.0 * 8 / 64))]
+    for (r0, r1, c0, c1), want in expect:
+        seen = np.median(flow[:, r0:r1, c0:c1].reshape(-1, 2), axis=0)
+        np.testing.assert_allclose(seen, want, atol=0.06, err_msg=f"cell at row {r0}, column {c0}")
+    raw["latent_action"]["flow"]["views"] = {"cams": ["top", "wrist"]}
+    with pytest.raises(ValueError, match=r"latent_action.flow.views.cams: tier 'cams' has no view wrist \(it has "
+                                         r"top, left_wrist, right_wrist\)"):
+        build_flow_feature(validate_params(raw), "cams")
