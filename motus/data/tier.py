@@ -362,7 +362,7 @@ class Tier:
         for view in views or order:
             name = next((n for n in members if n.startswith(f"{episode_id}.{view}.") and not n.endswith((".npy", ".json"))), None)
             if name is None:
-                raise TierError(f"{self.path}: episode '{episode_id}' has no view '{view}' (has {list(meta['views'])})")
+                raise TierError(f"{self.path}: episode '{episode_id}' has no view '{view}' (has {order})")
             frames[view] = decode_frames(self._read(shard, name), name.rsplit(".", 1)[1])
         load = lambda key: (np.load(io.BytesIO(self._read(shard, f"{episode_id}.{key}.npy")))  # noqa: E731
                             if f"{episode_id}.{key}.npy" in members else None)
