@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -32,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -72,10 +74,35 @@ DEFAULT_PARAMS_FILE = Path("params.yaml")
 _CONSISTENCY_ERROR = "params_consistency"
 
 
-class _Section(BaseModel):
-    """Base of every params.yaml model: unknown keys are errors."""
+# Counts (steps, batch sizes, episodes, intervals) above this are typing accidents (`steps: 1e30`), not plans.
+MAX_COUNT = 2**31 - 1
 
-    model_config = ConfigDict(extra="forbid")
+
+def _numeric_kinds(annotation: Any) -> set[type]:
+    """int / float among a field's annotation (through Optional and unions)."""
+    if annotation in (int, float):
+        return {annotation}
+    return {a for a in get_args(annotation) if a in (int, float)}
+
+
+class _Section(BaseModel):
+    """Base of every params.yaml model: unknown keys are errors; numbers are finite, never booleans, and counts
+    are below `MAX_COUNT`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _sane_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        kinds = _numeric_kinds(field.annotation) if field is not None else set()
+        if not kinds:
+            return value
+        if isinstance(value, bool):  # YAML's `true` would otherwise be read as 1
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        if kinds == {int} and isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > MAX_COUNT:
+            raise ValueError(f"{value:g} is beyond any count a job could reach (at most {MAX_COUNT})")
+        return value
 
 
 # --------------------------------------------------------------------------------------------- project
@@ -164,6 +191,15 @@ class TierSource(_Section):
     """Where a tier's episodes come from. `kind` selects a reader in the data room; `options` go to it."""
 
     kind: str = Field(min_length=1, description="Reader kind, e.g. `simulator`, `lerobot`, `mp4-folder`.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from .contracts import SOURCE_KINDS
+
+        if v not in SOURCE_KINDS:
+            raise ValueError(f"no reader for source kind '{v}' (readers: {', '.join(SOURCE_KINDS)})")
+        return v
     options: dict[str, Any] = Field(default_factory=dict, description="Reader-specific options.")
 
 
@@ -808,8 +844,9 @@ def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(shown, [("", f"YAML error: {exc}")]) from None
 
-    if data is None:  # empty file or only comments
-        return {}
+    if data is None:  # empty file or only comments: every default would pass, which is never what was meant
+        raise ConfigError(shown, [("", "the file is empty (or only comments): start from the shipped params.yaml "
+                                       "(`motus config show` prints every key with its default)")])
     if not isinstance(data, dict):
         problem = (
             f"the top level must be a mapping of sections (project, model, ...), got {type(data).__name__}"

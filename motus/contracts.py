@@ -439,6 +439,10 @@ VALIDATION_METRICS = frozenset({
 LATENT_ACTION_METRICS = frozenset({"probe_r2", "recon_psnr", "untrained_probe_r2", "untrained_recon_psnr"})
 LATENT_ACTION_PER_EMBODIMENT = frozenset({"probe_r2", "untrained_probe_r2"})
 
+# The kinds of tier source a reader exists for (`motus.data.ingest` maps each to its reader; a test keeps the two
+# equal), so that `params.yaml` naming another fails at `motus config validate`, not at ingest.
+SOURCE_KINDS = ("simulator", "lerobot", "motus-folder", "mp4-folder", "composite", "python")
+
 
 def is_rate(metric: str) -> bool:
     """A success rate: a fraction of episodes, judged with a confidence bound by statistical gate rules."""

@@ -126,9 +126,9 @@ def test_stage_levels_follow_the_pyramid() -> None:
 # ---------------------------------------------------------------------------------------------- defaults
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
-def test_empty_file_gives_defaults(tmp_path: Path, text: str) -> None:
-    params = load_params(write(tmp_path, text))
+def test_an_explicit_empty_mapping_gives_defaults(tmp_path: Path) -> None:
+    """`{}` says "every default" on purpose; an empty file is refused (below)."""
+    params = load_params(write(tmp_path, "{}\n"))
     assert params == Params()
     assert params.project.name == "motus"
     assert params.project.seed == 0
@@ -601,3 +601,32 @@ def test_one_stage_resolver_for_the_cli_the_launchers_and_the_worker():
     assert stage_key(params, "latent-action") == "latent-action"
     with pytest.raises(ValueError, match="params.yaml: stages: no stage '9'"):
         stage_key(params, 9)
+
+
+def test_numbers_that_cannot_be_meant_an_empty_file_and_an_unknown_reader_are_named_errors(tmp_path: Path) -> None:
+    """The five cases a campaign found accepted: each an error naming its key at load (`motus config validate`)."""
+    data = good_data()
+    data["stages"]["first"]["steps"] = 1e30
+    data["stages"]["first"]["lr"] = float("inf")  # YAML's 1e400
+    data["stages"]["last"]["steps"] = True
+    data["tiers"]["ego"]["source"]["kind"] = "ftp"
+    err = errors_of(tmp_path, yaml.safe_dump(data).replace(".inf", "1e400"))
+    found = dict(err.errors)
+    assert set(found) == {"stages.first.steps", "stages.first.lr", "stages.last.steps", "tiers.ego.source.kind"}
+    assert "1e+30 is beyond any count a job could reach" in found["stages.first.steps"]
+    assert "finite" in found["stages.first.lr"]
+    assert "expected a number, got the boolean true" in found["stages.last.steps"]
+    assert "no reader for source kind 'ftp' (readers: simulator, lerobot" in found["tiers.ego.source.kind"]
+    for text in ("", "# only a comment\n"):
+        err = errors_of(tmp_path, text)
+        assert "the file is empty" in str(err) and "motus config show" in str(err)
+    data = good_data()
+    data["stages"]["first"]["steps"] = 2.0  # a whole number written as a float is still the count it says
+    assert load_params(write(tmp_path, yaml.safe_dump(data))).stages["first"].steps == 2
+
+
+def test_every_source_kind_the_config_accepts_has_a_reader() -> None:
+    from motus.contracts import SOURCE_KINDS
+    from motus.data.ingest import SOURCE_KINDS as READERS
+
+    assert set(SOURCE_KINDS) == set(READERS)
