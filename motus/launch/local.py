@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 from ..contracts import JobSpec
+from ..train.run_lock import refuse_if_busy
 from .launcher import FAILED, KILLED, SUCCEEDED, JobHandle, JobOutcome
 from .runner import Runners, warm_command
+
+GUARD = Path(__file__).with_name("guard.py")
 
 # Ports for a job's rendezvous are drawn below the kernel's ephemeral range. The port is picked here but bound
 # seconds later by the job (after its imports); a port from the ephemeral range can be taken in between as the
@@ -95,6 +98,7 @@ class LocalLauncher:
         self._procs: dict[str, subprocess.Popen] = {}
 
     def submit(self, spec: JobSpec) -> JobHandle:
+        refuse_if_busy(Path(spec.run_dir))  # a live job holds that folder: say who, start nothing
         Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
         cmd, env = command(spec), environment(spec)
         note = ""
@@ -107,6 +111,8 @@ class LocalLauncher:
         out = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child holds it for its lifetime
         if note:
             out.write(note.encode()) if out else sys.stderr.write(note)
+        # the guard leads the job's process group and takes it down if this process dies (see guard.py)
+        cmd = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--", *cmd]
         try:
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out,
                                     stderr=subprocess.STDOUT if out else None)

@@ -48,6 +48,9 @@ def held_out_line(held_out: dict[str, list[float]]) -> str:
     floor = (held_out.get("val/floor_zero_action_mse") or [None, None])[-1]
     parts = []
     for k, (a, b) in held_out.items():
+        if k.startswith("lam/"):  # a score against the untrained VAE's: no percentage of an R^2
+            parts.append(f"; {k.removeprefix('lam/')} {a:.3g} (untrained) -> {b:.3g}")
+            continue
         if not a or k == "val/floor_zero_action_mse":
             continue
         part = f"; {k.removeprefix('val/')} {a:.3g} -> {b:.3g} ({(b - a) / a:+.0%})"

@@ -12,6 +12,7 @@ complete checkpoint continues with exactly the losses an uninterrupted run would
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ import torch.distributed as dist
 from .checkpoint import find_latest_complete, save_checkpoint
 from .distributed import JobContext, accounting, job_hours, mean_across_ranks
 from .engine import resume_latest
+from .run_lock import RunFolderLock, remove_leftovers
 from .tracking import NullTracker, Tracker
+
+log = logging.getLogger("motus.trainer")
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,10 @@ class Trainer:
         import deepspeed
 
         m = self.m
+        if m.ctx.rank == 0:  # one job per run folder, taken before anything is built; released when the job exits
+            self.lock = RunFolderLock(m.run_dir).acquire()
+            for p in remove_leftovers(m.run_dir / "checkpoints"):
+                log.info("removed %s, left by a save that never finished", p)
         m.build()
         m.before_engine(fresh=find_latest_complete(m.run_dir / "checkpoints") is None)
         opt, sched = m.optimizer()
@@ -140,6 +148,13 @@ class Trainer:
         return self.engine
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:  # the process usually exits next, which frees the lock anyway; an in-process rerun needs it now
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
+
+    def _run(self) -> TrainResult:
         m, ctx, c = self.m, self.m.ctx, self.m.cadence
         self.start()
         resumed = self.resumed

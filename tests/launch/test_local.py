@@ -1,5 +1,6 @@
 """The `local` launcher: the worker command and environment for one process and for several."""
 
+import os
 import socket
 from pathlib import Path
 
@@ -90,3 +91,100 @@ def test_a_rendezvous_port_is_free_and_outside_the_range_outgoing_connections_ta
         s.bind(("127.0.0.1", held))
         s.listen()
         assert free_port() == other
+
+
+GUARDED = """
+import sys
+from pathlib import Path
+
+import motus.launch.local as local
+from motus.contracts import JobSpec
+
+run_dir = Path(sys.argv[1])
+job = ("import subprocess, sys, time; "
+       "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+       "print('grandchild', p.pid, flush=True); time.sleep(600)")
+local.command = lambda spec, port=None: [sys.executable, "-c", job]
+launcher = local.LocalLauncher(log=run_dir / "job.log")
+handle = launcher.submit(JobSpec(stage="stage1", run_dir=run_dir, params_file=Path("p.yaml")))
+print(handle.name, flush=True)
+launcher.wait(handle)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a dead child nobody reaped yet is dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_killing_the_launcher_takes_the_whole_job_down(tmp_path):
+    """A job runs in a process group of its own (so a cancel reaches all of it); SIGKILL to the launcher's group
+    must not leave it running: the guard leading the job's group stops it, grandchildren included."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(GUARDED)
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    guard = int(launcher.stdout.readline())
+    log = tmp_path / "run" / "job.log"
+    deadline = time.time() + 60
+    while "grandchild" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    grandchild = int(log.read_text().split("grandchild")[1].split()[0])
+    assert os.getpgid(grandchild) == guard  # the job's tree is in the guard's group, not the launcher's
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 15
+    while _alive(guard) or _alive(grandchild):
+        assert time.time() < deadline, "the job outlived its launcher"
+        time.sleep(0.1)
+    assert "the launcher (pid" in log.read_text() and "stopping the job's process group" in log.read_text()
+
+
+def test_a_second_job_on_a_locked_run_folder_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
+        tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    import motus.train.run_lock as run_lock
+    from motus.train.run_lock import RunFolderBusy, RunFolderLock, holder, remove_leftovers
+
+    monkeypatch.setattr(run_lock, "RELEASE_WAIT_S", 0.5)  # how long a dying holder is given before a refusal
+
+    run_dir = tmp_path / "run"
+    spec = JobSpec(stage="stage1", run_dir=run_dir, params_file=tmp_path / "p.yaml")
+    lock = RunFolderLock(run_dir).acquire()
+    assert holder(run_dir)["pid"] == os.getpid()
+    t0 = time.monotonic()
+    with pytest.raises(RunFolderBusy, match=rf"run folder {run_dir} is in use by pid {os.getpid()} on "):
+        LocalLauncher().submit(spec)
+    assert 0.5 <= time.monotonic() - t0 < 5
+    with pytest.raises(RunFolderBusy):
+        RunFolderLock(run_dir).acquire()
+    lock.release()
+    assert holder(run_dir) is None
+    # a holder killed with SIGKILL leaves its file behind, but not its lock: the next job takes over
+    code = (f"from motus.train.run_lock import RunFolderLock; import os, signal; "
+            f"RunFolderLock({str(run_dir)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert (run_dir / "job.lock").read_text() and holder(run_dir) is None
+    RunFolderLock(run_dir).acquire().release()
+    # what a save that never finished leaves is removed by the next holder
+    for name in (".tmp-step-000004-ab12", ".tmp-step-000008-cd34-replaced"):
+        (run_dir / "checkpoints" / name).mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000002").mkdir()
+    assert [p.name for p in remove_leftovers(run_dir / "checkpoints")] == [".tmp-step-000004-ab12",
+                                                                           ".tmp-step-000008-cd34-replaced"]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]

@@ -8,6 +8,9 @@ def test_a_training_step_shows_its_drop_and_its_action_error_against_the_floor()
                           "val/floor_zero_action_mse": [0.96, 0.96]})
     assert line == "; video_loss 1.42 -> 0.53 (-63%); vla_action_mse 1.96 -> 0.24 (-88%, 0.25x floor)"
     assert held_out_line({"val/video_loss": [0.0, 0.5]}) == ""  # no relative change from zero
+    # the latent-action VAE against its untrained self (an R^2 may start below zero: no percentage)
+    assert held_out_line({"lam/probe_r2": [-0.02, 0.17], "lam/recon_psnr": [7.1, 25.6]}) == \
+        "; probe_r2 -0.02 (untrained) -> 0.17; recon_psnr 7.1 (untrained) -> 25.6"
 
 
 def test_an_evaluation_shows_action_error_as_a_multiple_of_the_floor_and_successes_of_the_ceiling():

@@ -16,6 +16,7 @@ from motus.config import load_params
 from motus.contracts import LineageRecord
 from motus.model import MotusModel, build_config, tiny
 from motus.train.parent import ParentLoadError, load_parent
+from motus.train.run_lock import holder
 
 from ..support.project import MOTUS, project_env
 
@@ -131,9 +132,12 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(project):
         assert proc.poll() is None, "the job ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
+    job = os.getpgid(holder(run_dir)["pid"])  # rank 0's group: the rest dies with the launcher's guard
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both workers, mid-training
+    os.killpg(job, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "checkpoints" / "step-000008").exists()
+    _wait_free(run_dir)  # every worker is gone (rank 0 held the run folder's lock until it died)
     # a half-written checkpoint from the kill, if any, is a .tmp-* folder that resume ignores
     train(project, "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track", *bf16)
     resumed = losses(run_dir)
@@ -148,6 +152,56 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(project):
               check=False)
     assert r.returncode != 0
     assert "written with precision bf16; this job runs fp32" in r.stdout + r.stderr
+
+
+def _wait_free(run_dir: Path, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while holder(run_dir) is not None:
+        assert time.time() < deadline, f"a job still holds {run_dir}: {holder(run_dir)}"
+        time.sleep(0.1)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `text`."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state not in ("Z", "X"):
+            found.append(int(d.name))
+    return found
+
+
+def test_killing_motus_train_leaves_no_orphan_and_a_second_job_on_its_folder_is_refused(project):
+    """SIGKILL to `motus train`'s process group (a closed terminal, a killed CI step): torchrun and both workers
+    stop too; while the job runs, another `motus train` on the same run folder is refused naming the holder.
+    Cold job processes here, so every process of the job names its run folder on its command line."""
+    run_dir = project / "runs" / "guarded"
+    env = {**env_for(project), "MOTUS_WARM_JOBS": "false"}
+    cmd = [str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track"]
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while holder(run_dir) is None:  # rank 0 takes the folder before it builds anything
+        assert proc.poll() is None and time.time() < deadline, "the job ended before it could be seen running"
+        time.sleep(0.05)
+    rank0 = holder(run_dir)["pid"]
+    second = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and f"is in use by pid {rank0} on" in second.stderr, second.stderr[-2000:]
+    job = _processes_naming(str(run_dir))
+    assert len(job) >= 4, job  # motus train, the guard, torchrun, two workers (at least)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while left := _processes_naming(str(run_dir)):
+        assert time.time() < deadline, f"orphans of the killed job still running: {left}"
+        time.sleep(0.2)
+    assert holder(run_dir) is None
 
 
 def test_bad_precision_fails_at_the_command_line(project):

@@ -149,6 +149,8 @@ class StageStep(JobStep):
 
 
 HELD_OUT = ("val/video_loss", "val/action_loss", "val/vla_action_mse", "val/floor_zero_action_mse")
+# the latent-action VAE does not validate at step 0: its baseline is the untrained VAE's number, logged beside
+LAM_HELD_OUT = {"lam/probe_r2": "lam/untrained_probe_r2", "lam/recon_psnr": "lam/untrained_recon_psnr"}
 
 
 def _held_out(pipe: Context, run_id: str | None) -> dict[str, list[float]]:
@@ -164,6 +166,13 @@ def _held_out(pipe: Context, run_id: str | None) -> dict[str, list[float]]:
             return out
         if len(history) >= 2:
             out[key] = [float(history[0].value), float(history[-1].value)]
+    try:
+        run = pipe.registry.client.get_run(run_id).data.metrics
+    except Exception:  # noqa: BLE001 - as above
+        return out
+    for key, base in LAM_HELD_OUT.items():
+        if key in run and base in run:
+            out[key] = [float(run[base]), float(run[key])]
     return out
 
 
