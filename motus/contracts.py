@@ -20,6 +20,8 @@ Hashes have two names and two meanings, never mixed:
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -578,3 +580,68 @@ def episodes_for(threshold: float, confidence: float = 0.95, method: str = "wils
     while rate_interval(n, n, confidence, method)[0] < threshold:
         n += 1
     return n
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+
+# Credentials live in the environment only. Anything the platform prints, writes or logs passes through
+# `mask_secrets`: the password of any URI (`scheme://user:PASSWORD@host`) and the value of every credential-bearing
+# environment variable are replaced by `***`, wherever they appear in the text.
+MASK = "***"
+_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@/\s'\"]+)(?=@)", re.IGNORECASE)
+_MIN_SECRET = 4  # shorter values would mask ordinary words
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the environment's credential variables, and the passwords inside URIs the environment holds."""
+    env = os.environ if env is None else env
+    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET}
+    for v in env.values():
+        found.update(m.group("pw") for m in _URI_PASSWORD.finditer(v) if len(m.group("pw")) >= _MIN_SECRET)
+    return sorted(found, key=len, reverse=True)  # longest first: a secret containing another is masked whole
+
+
+def mask_secrets(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` with every URI password and every credential value of the environment replaced by `***`."""
+    if not text:
+        return text
+    out = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    for secret in secret_values(env):
+        out = out.replace(secret, MASK)
+    return out
+
+
+class MaskedStream:
+    """A text stream that masks secrets in everything written through it (see `mask_secrets`): what a process's
+    stdout/stderr become at its entry point, so every printer, table, log line and traceback is covered. The
+    secrets are read from the environment once, when the stream is made."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self._secrets = secret_values()
+
+    def write(self, text: str) -> int:
+        out = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+        for secret in self._secrets:
+            out = out.replace(secret, MASK)
+        self._stream.write(out)
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, flush, ...: the real stream's
+        return getattr(self._stream, name)
+
+
+def mask_process_output() -> None:
+    """Route this process's stdout and stderr through `MaskedStream` (idempotent)."""
+    import sys
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, MaskedStream):
+            setattr(sys, name, MaskedStream(stream))
+
+
+class ServiceUnreachable(RuntimeError):
+    """A service the platform needs (the tracking store, the object store) does not answer: said at once, in one
+    line naming the (masked) address, by every entry point."""

@@ -43,4 +43,11 @@ def demo(seconds: float = typer.Option(5.0, help="How long to train the tiny mod
 
 
 def main() -> None:
-    app()
+    from ..contracts import ServiceUnreachable, mask_process_output
+
+    mask_process_output()  # no credential of the environment reaches a terminal, a log or a CI transcript
+    try:
+        app()
+    except ServiceUnreachable as e:  # an outage is one line naming what is down, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None

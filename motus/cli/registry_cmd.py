@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..contracts import mask_secrets
+
 registry_app = typer.Typer(no_args_is_help=True, help="Registered models: register, evaluate gates, promote, roll back.")
 lineage_app = typer.Typer(no_args_is_help=True, help="What made a model, and what a data tier went into.")
 
@@ -72,7 +74,7 @@ def list_models(model: Annotated[str | None, typer.Argument(help="Show this mode
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        table = Table("model", "latest", "champion", "candidate", title=f"registry {reg.tracking_uri}")
+        table = Table("model", "latest", "champion", "candidate", title=f"registry {mask_secrets(reg.tracking_uri)}")
         for r in rows:
             table.add_row(r["model"], *(f"v{r[k]}" if r[k] is not None else "-" for k in ("latest", "champion", "candidate")))
         _console().print(table)

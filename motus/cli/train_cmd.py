@@ -66,6 +66,10 @@ def run_job(spec, settings, what: str) -> None:
     from ..launch.kubernetes import ClusterError
     from ..launch.launcher import run_to_end
 
+    if spec.track:  # a tracking store that does not answer is said now, not after the job built its model
+        from ..track.tracker import check_reachable
+
+        check_reachable(settings.tracking_uri)
     try:
         launcher = launcher_for(settings)
         if launcher.kind != "local":

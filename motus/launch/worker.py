@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..contracts import ContractError, JobSpec
+from ..contracts import ContractError, JobSpec, mask_process_output, mask_secrets
 
 # The exit code of a process whose peer went away (another node of the job was evicted or crashed): not this
 # job's fault, so it is in the range the Training Operator's restartPolicy ExitCode retries (128-255).
@@ -33,6 +33,7 @@ def peer_lost(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    mask_process_output()  # the job's log: no credential of its environment (a warm job's streams are its own)
     try:
         return _main(argv)
     except Exception as e:
@@ -94,7 +95,8 @@ def _main(argv: list[str] | None = None) -> int:
                                 tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
         if run_id is None:
             tracker.log_params({"code": {"commit": git["commit"], "dirty": git["dirty"]}})
-        run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": settings.tracking_uri}))
+        run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id,
+                                        "tracking_uri": mask_secrets(settings.tracking_uri)}))
     status = "FAILED"
     try:
         if stage == "latent-action":

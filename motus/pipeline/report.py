@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..contracts import mask_secrets
+
 REPORT = "last-run.json"
 
 
@@ -38,7 +40,7 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
             "device_hours_by_pool": _by_pool(steps),
             "lost_device_hours": sum(s["lost_device_hours"] or 0.0 for s in steps),
             "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
-            "steps": steps, "champions": pipe.champions(), "tracking_uri": pipe.tracking_uri,
+            "steps": steps, "champions": pipe.champions(), "tracking_uri": mask_secrets(pipe.tracking_uri),
             "pipeline_run": pipe.pipeline_run}
 
 
@@ -109,7 +111,7 @@ def _by_pool(steps: list[dict[str, Any]]) -> dict[str, float]:
 def write_report(pipe: Any, report: dict[str, Any]) -> Path:
     pipe.out_dir.mkdir(parents=True, exist_ok=True)
     path = pipe.out_dir / REPORT
-    path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(mask_secrets(json.dumps(report, indent=2, default=str)))  # errors may quote a URI
     return path
 
 

@@ -56,6 +56,8 @@ from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ..contracts import ServiceUnreachable
+
 logger = logging.getLogger(__name__)
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
@@ -94,13 +96,56 @@ def sqlite_db_path(tracking_uri: str) -> Path | None:
     return Path(path)
 
 
+class TrackingUnreachable(ServiceUnreachable):
+    """The tracking store does not answer: said at once, naming the (masked) URI, instead of minutes of retries."""
+
+
+REACH_TIMEOUT_S = 5.0
+_REACHED: set[str] = set()
+_DB_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_reachable(tracking_uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """One quick probe of a tracking server (any HTTP answer counts) or database (a TCP connect), once per URI and
+    process; TrackingUnreachable naming the masked URI and the reason otherwise. Files (SQLite) need no probe."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from ..contracts import mask_secrets
+
+    if tracking_uri in _REACHED:
+        return
+    u = urlparse(tracking_uri)
+    scheme = u.scheme.split("+")[0]
+    if scheme not in ("http", "https", *_DB_PORTS) or not u.hostname:
+        return
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    try:
+        if scheme in ("http", "https"):
+            base = f"{scheme}://{host}{f':{u.port}' if u.port else ''}{u.path.rstrip('/')}"
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=timeout).close()  # noqa: S310 - http(s) only
+            except urllib.error.HTTPError:
+                pass  # it answered (a 401 of an authenticating server, a 404 behind a proxy): reachable
+        else:
+            socket.create_connection((u.hostname, u.port or _DB_PORTS[scheme]), timeout=timeout).close()
+    except (OSError, urllib.error.URLError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TrackingUnreachable(f"the tracking store {mask_secrets(tracking_uri)} does not answer ({reason}); "
+                                  f"start it or point MOTUS_TRACKING_URI at one that runs") from None
+    _REACHED.add(tracking_uri)
+
+
 def resolve_tracking_uri(tracking_uri: str) -> str:
-    """A SQLite URI with an absolute path (a relative one is taken from the cwd) whose folder exists.
+    """A SQLite URI with an absolute path (a relative one is taken from the cwd) whose folder exists; a server or
+    database URI after one quick reachability probe (`check_reachable`).
 
     `sqlite:///mlflow.db` -> `sqlite:////<cwd>/mlflow.db`. Other URIs are returned unchanged.
     """
     db = sqlite_db_path(tracking_uri)
     if db is None:
+        check_reachable(tracking_uri)
         return tracking_uri
     _, sep, query = tracking_uri.partition("?")
     db = db if db.is_absolute() else Path.cwd() / db

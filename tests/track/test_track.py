@@ -401,3 +401,29 @@ def test_lineage_picture_is_left_to_right_without_overlaps(tmp_path):
         for b in keys[i + 1:]:
             assert not extents[a].overlaps(extents[b]), (a, b)
     assert plot(graph, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tracking_store_that_does_not_answer_is_a_named_error_within_seconds(tmp_path):
+    """No minutes of silent retries and no traceback: one line naming the store (its password masked), exit 1."""
+    import sys
+
+    from motus.launch.local import free_port
+    from motus.track.tracker import TrackingUnreachable, check_reachable
+
+    down = f"http://svc:pw-planted-1@127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnreachable, match=r"the tracking store http://svc:\*\*\*@127\.0\.0\.1:\d+ does not "
+                                                  r"answer \(.*refused"):
+        check_reachable(down)
+    with pytest.raises(TrackingUnreachable, match="postgresql://u:\\*\\*\\*@127.0.0.1"):
+        check_reachable(f"postgresql://u:pw-planted-2@127.0.0.1:{free_port()}/mlflow")
+    check_reachable("sqlite:///nowhere/mlflow.db")  # a file: nothing to probe
+    assert time.monotonic() - t0 < 10  # refused connections answer at once; a silent host waits 5 s at most
+    t0 = time.monotonic()
+    repo = Path(__file__).resolve().parents[2]
+    motus = Path(sys.executable).parent / "motus"
+    r = subprocess.run([str(motus), "registry", "list", "-p", str(repo / "params.yaml")], cwd=tmp_path,
+                       env={**os.environ, "MOTUS_TRACKING_URI": down}, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - t0 < 30  # the command's own start-up (imports) on a loaded machine, plus the probe
+    assert r.returncode == 1 and r.stderr.startswith("error: the tracking store http://svc:***@127.0.0.1:")
+    assert "pw-planted" not in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr

@@ -271,3 +271,38 @@ def test_stage3_from_stage2_drops_only_the_action_io_layers(tmp_path):
         if k in report["loaded"] and k.startswith(("video.", "understanding.", "action.blocks.")):
             assert torch.equal(v, ps[k]), k
     assert child.action.decoder.head.weight.abs().sum() == 0  # re-initialised, zero like a fresh decoder
+
+
+def test_planted_secrets_appear_in_no_file_database_or_output(project, tmp_path):
+    """Credentials in every credential-bearing variable (the tracking URI's password, MLflow's, the object
+    store's keys) through a training job against a real MLflow server, the registry and config commands and a
+    failing command: none of them in any output, file of the project or the job, the server's database, artifacts
+    or log."""
+    from ..support.servers import mlflow_server
+
+    secrets = {"uri": "uriPW7c1f2e", "mlflow": "mlflowPW9a8b", "aws": "awsSECRETd4e5f6", "token": "tokEN3c3c3c"}
+    server_dir = tmp_path / "server"
+    with mlflow_server(f"sqlite:///{server_dir}/mlflow.db", server_dir / "artifacts") as url:
+        uri = url.replace("http://", f"http://svc:{secrets['uri']}@")
+        env = {**env_for(project), "MOTUS_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "svc",
+               "MLFLOW_TRACKING_PASSWORD": secrets["mlflow"], "AWS_ACCESS_KEY_ID": "AKIDPLANTED",
+               "AWS_SECRET_ACCESS_KEY": secrets["aws"], "MOTUS_API_TOKEN": secrets["token"]}
+        run_dir = project / "runs" / "secrets"
+
+        def motus(*args: str) -> str:
+            r = subprocess.run([str(MOTUS), *args], cwd=project, env=env, capture_output=True, text=True,
+                               timeout=600)
+            return r.stdout + r.stderr
+
+        outputs = [motus("train", "--stage", "1", "--run-dir", str(run_dir)),
+                   motus("config", "show"), motus("config", "show", "-f", "json"), motus("registry", "list"),
+                   motus("registry", "evaluate", "no-such-model", "1")]
+        assert "svc:***@127.0.0.1" in outputs[1] and "error" in outputs[4].lower()
+        assert json.loads((run_dir / "run.json").read_text())["tracking_uri"] == uri.replace(secrets["uri"], "***")
+    texts = list(outputs)
+    for root in (run_dir, server_dir, project / "outputs"):
+        for f in Path(root).rglob("*"):
+            if f.is_file():
+                texts.append(f.read_bytes().decode("latin-1"))
+    found = [(name, i) for name, s in secrets.items() for i, t in enumerate(texts) if s in t]
+    assert not found, f"secrets found: {found} (of {len(texts)} outputs and files)"
