@@ -18,7 +18,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from ..track.tracker import default_artifact_location, resolve_tracking_uri
+from ..track.tracker import check_reachable, default_artifact_location, resolve_tracking_uri
 from .keys import StepInputs
 
 MAX_TAG = 7900
@@ -38,6 +38,7 @@ class StepRecord:
 class Ledger:
     def __init__(self, tracking_uri: str, project: str = "motus"):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_reachable(self.tracking_uri)  # one line naming a store that does not answer, not minutes of retries
         self.client = MlflowClient(self.tracking_uri)
         self.experiment_name = f"{project}-pipeline"
         self._experiment_id: str | None = None

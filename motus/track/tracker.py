@@ -138,14 +138,12 @@ def check_reachable(tracking_uri: str, timeout: float = REACH_TIMEOUT_S) -> None
 
 
 def resolve_tracking_uri(tracking_uri: str) -> str:
-    """A SQLite URI with an absolute path (a relative one is taken from the cwd) whose folder exists; a server or
-    database URI after one quick reachability probe (`check_reachable`).
+    """A SQLite URI with an absolute path (a relative one is taken from the cwd) whose folder exists.
 
     `sqlite:///mlflow.db` -> `sqlite:////<cwd>/mlflow.db`. Other URIs are returned unchanged.
     """
     db = sqlite_db_path(tracking_uri)
     if db is None:
-        check_reachable(tracking_uri)
         return tracking_uri
     _, sep, query = tracking_uri.partition("?")
     db = db if db.is_absolute() else Path.cwd() / db
@@ -305,6 +303,7 @@ class MlflowTracker:
         artifact_location: str | None = None,
     ):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_reachable(self.tracking_uri)  # a job against a store that does not answer stops now, naming it
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._finished = False
         self._monitor: Any = None

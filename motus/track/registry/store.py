@@ -17,7 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ..tracker import resolve_tracking_uri
+from ..tracker import check_reachable, resolve_tracking_uri
 
 LOCK_SUFFIX = ".lock"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -69,6 +69,7 @@ class Store:
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        check_reachable(self.tracking_uri)  # one line naming a store that does not answer, not minutes of retries
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def ref(self, mv: Any) -> ModelVersionRef:
