@@ -107,6 +107,13 @@ def status(params: ParamsOption = None, cloud: bool = typer.Option(False, help="
     hashes = v.locked_hashes(root)
     stale = v.stale_tiers(root) if (root / ".dvc").is_dir() else {}
     remote = v.stale_tiers(root, cloud=True) if cloud and (root / ".dvc").is_dir() else {}
+    if "error" in remote:  # never "NOT pushed" for every tier when the question could not be asked
+        from ..config import get_settings
+        from ..contracts import ServiceUnreachable, mask_secrets
+
+        why = " ".join(str(remote["error"]).split())[:300]
+        raise ServiceUnreachable(f"remote unreachable: the DVC remote {mask_secrets(str(get_settings().data_remote))} "
+                                 f"did not answer `dvc status --cloud` ({mask_secrets(why)})")
     rows = []
     for name, tier in p.tiers.items():
         row = {"tier": name, "level": tier.level, "built": False, "dvc_hash": hashes.get(name),

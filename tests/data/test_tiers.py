@@ -276,5 +276,12 @@ def test_dvc_roundtrip_local_s3_server(tmp_path):
         roundtrip(proj, env)
         keys = s3.list_objects_v2(Bucket="tiers").get("KeyCount", 0)
         assert keys > 0
+        up = json.loads(motus(proj, env, "data", "status", "--cloud", "--json").stdout)
+        assert up[0]["pushed"]
     finally:
         server.stop()
+    # the object store down: said so, non-zero, never "NOT pushed" for every tier
+    r = subprocess.run([str(MOTUS), "data", "status", "--cloud"], cwd=proj, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and r.stderr.startswith("error: remote unreachable: the DVC remote s3://tiers/dvc")
+    assert "NOT pushed" not in r.stdout
