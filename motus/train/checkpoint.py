@@ -41,6 +41,7 @@ at the same path.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -176,6 +177,48 @@ def save_checkpoint(
 
     tmp = root / _on_rank0(make_tmp, f"creating a checkpoint dir under {root}")
 
+    try:
+        return _write_and_commit(engine, root, tmp, final, step, stage, data_position, config_hash, parent,
+                                 wall_seconds, extra, keep_last, hash_files, fsync, rank, world)
+    except Exception as e:
+        why = _out_of_space(root, tmp, e, engine)
+        if why is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a rerun must find room again, not a dead partial save
+        raise CheckpointError(why) from None
+
+
+def _out_of_space(root: Path, tmp: Path, error: BaseException, engine: Any) -> str | None:
+    """The message for a save that failed because the disk is full (ENOSPC anywhere in the error's chain, or less
+    room left than a checkpoint takes: torch and DeepSpeed report a full disk as `iostream error` / `file write
+    failed`), or None for any other failure."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    enospc = any(getattr(x, "errno", None) == errno.ENOSPC or "No space left" in str(x) for x in chain)
+    previous = [d for _, d in list_step_dirs(root)]
+    if previous:
+        need = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file())
+    else:  # weights, and an optimizer's two moments of the same size
+        try:
+            need = 3 * sum(p.numel() * p.element_size() for p in engine.module.parameters())
+        except Exception:  # noqa: BLE001 - an engine without a module: judge by ENOSPC alone
+            need = 0
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = 0
+    if not enospc and free >= need:
+        return None
+    mb = lambda n: f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"  # noqa: E731
+    return (f"no space left on {root} (a checkpoint needs ~{mb(need)}, {mb(free)} free): the partial save "
+            f"{tmp.name} was removed; free space there or give the job another run folder")
+
+
+def _write_and_commit(engine: Any, root: Path, tmp: Path, final: Path, step: int, stage: str, data_position: int,
+                      config_hash: str, parent: str | None, wall_seconds: float, extra: dict[str, Any] | None,
+                      keep_last: int | None, hash_files: bool, fsync: bool, rank: int, world: int) -> Path:
     client_state = {"motus": {"step": step, "stage": stage, "data_position": data_position,
                               "config_hash": config_hash}}
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client_state)

@@ -91,7 +91,14 @@ WORKER = textwrap.dedent('''
 
     out = {"losses": {}, "lrs": {}}
     position, step = 0, 0
-    if args["mode"] == "train":
+    if args["mode"] == "full":  # the run folder on a disk too small for one checkpoint
+        loss = engine(**batch(position)); engine.backward(loss); engine.step()
+        try:
+            save("run", 1)
+        except CheckpointError as e:
+            out["error"] = str(e)
+        out["left"] = sorted(p.name for p in (root / "run").iterdir()) if (root / "run").exists() else []
+    elif args["mode"] == "train":
         for step in range(1, args["steps"] + 1):
             loss = engine(**batch(position)); engine.backward(loss); engine.step()
             position += MICRO * world
@@ -136,7 +143,7 @@ def _run_worker(tmp: Path, args: dict, nproc: int = 1, timeout: int = 600) -> li
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(EXT_CACHE), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     port = _free_port()
-    payload = json.dumps({**args, "root": str(tmp / "ckpts"), "out": str(out)})
+    payload = json.dumps({"root": str(tmp / "ckpts"), **args, "out": str(out)})
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, str(script), payload]
@@ -329,3 +336,20 @@ def test_zero3_save_and_resume(tmp_path):
     assert resume["probe"] == train["probe"]
     assert resume["losses"] == {k: v for k, v in train["losses"].items() if int(k) > 2}
     assert resume["lrs"] == {k: v for k, v in train["lrs"].items() if int(k) > 2}
+
+
+def test_a_full_disk_says_no_space_and_leaves_no_partial_save(tmp_path):
+    """A real full disk (a 512 KB tmpfs; a checkpoint of the tiny model takes ~1 MB): "no space left on <path>" with
+    what a checkpoint needs, not a raw `iostream error`, and no `.tmp-*` folder that would block every rerun."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the full-disk case needs one")
+    try:
+        out = _run_worker(tmp_path, dict(mode="full", seed=0, zero_stage=2, root=str(disk)))[0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert out["error"].startswith(f"no space left on {disk}/run (a checkpoint needs ~"), out
+    assert "free): the partial save .tmp-step-000001-" in out["error"] and out["left"] == []
