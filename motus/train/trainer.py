@@ -121,6 +121,18 @@ class TrainModule:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def _exported_from(export: Path, checkpoint: Path | None) -> bool:
+    """Whether `export` is complete (its lineage record is written last) and was made from `checkpoint`."""
+    from ..contracts import ContractError, LineageRecord
+
+    if checkpoint is None or not LineageRecord.exists(export):
+        return False
+    try:
+        return LineageRecord.read(export).checkpoint == str(checkpoint)
+    except (ContractError, OSError, ValueError):
+        return False
+
+
 class Trainer:
     """Runs one `TrainModule` to its end (or `max_steps`); `start` alone builds the engine (benchmarks)."""
 
@@ -198,7 +210,11 @@ class Trainer:
         hours = job_hours(ctx, wall)
         export = None
         if ctx.rank == 0:
-            if end == c.steps:
+            if end == c.steps and resumed.step == end and _exported_from(m.run_dir / "export", last_ckpt):
+                # a rerun of a finished job: its export stands as written (re-exporting would rewrite the lineage
+                # record's timings, so the same model would register as a second version)
+                export = m.run_dir / "export"
+            elif end == c.steps:
                 export = m.export(self.engine, last_ckpt, hours, wall)
             m.tracker.log_loss_curve({k: v for k, v in history.items() if v}, m.loss_curve)
             metrics, tags = accounting(ctx, wall, m.params)

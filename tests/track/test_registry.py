@@ -7,6 +7,7 @@ runs of its own jobs): Stage 1, the latent-action VAE and its features, Stage 2,
 
 import json
 import multiprocessing as mp
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -106,9 +107,12 @@ def test_registration_tags_link_the_chain_by_content(store):
     run = store.client.get_run(v["s3a"].run_id)
     assert s3["motus.code_commit"] == run.data.tags["code.commit"]
     assert store.registry.aliases(STAGE3)["candidate"] == v["s3b"].version
-    # the export is the version's source: artifacts `model/` of the version's own run
-    names = {a.path for a in store.client.list_artifacts(v["s3a"].run_id, "model")}
-    assert {"model/model.safetensors", "model/lineage.json", "model/motus_config.json"} <= names
+    # the export is the version's source: artifacts `model-<content hash>/` of the version's own run, a path of
+    # its own that no other export of that run can overwrite
+    path = s3["motus.artifact_path"]
+    assert path == f"model-{s3['motus.export_hash'][:16]}" and v["s3a"].source.endswith(f"/{path}")
+    names = {a.path for a in store.client.list_artifacts(v["s3a"].run_id, path)}
+    assert {f"{path}/model.safetensors", f"{path}/lineage.json", f"{path}/motus_config.json"} <= names
 
 
 def test_register_is_idempotent_and_fetch_returns_the_export(store, tmp_path):
@@ -119,6 +123,19 @@ def test_register_is_idempotent_and_fetch_returns_the_export(store, tmp_path):
     src = store.runs["s3a"] / "export"
     assert lineage.export_hash(local) == lineage.export_hash(src) == again.tags["motus.export_hash"]
     assert (local / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    # the same run exported again with other timings in its lineage record (what a rerun used to do): a second
+    # version whose files sit beside the first's, and both stay fetchable and intact
+    redo = tmp_path / "redo"
+    shutil.copytree(src, redo)
+    record = json.loads((redo / "lineage.json").read_text())
+    (redo / "lineage.json").write_text(json.dumps({**record, "device_hours": record["device_hours"] * 2,
+                                                   "registered_model": "motus-aloha-redo"}))  # the module's
+    # STAGE3 versions and aliases stay as the other tests expect
+    second = store.registry.register(redo)
+    assert second.version != again.version and second.run_id == again.run_id
+    first_again = store.registry.fetch(f"models:/{STAGE3}/{again.version}", tmp_path / "first-again")
+    assert lineage.export_hash(first_again) == again.tags["motus.export_hash"]
+    assert lineage.export_hash(store.registry.fetch(second, tmp_path / "second")) == second.tags["motus.export_hash"]
     with pytest.raises(RegistryError, match="no version 99"):
         store.registry.version(STAGE3, 99)
     with pytest.raises(RegistryError, match="no alias 'nope'"):

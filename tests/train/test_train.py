@@ -73,6 +73,11 @@ def test_stage1_then_stage3_two_processes(project):
     export = run1 / "export"
     assert {"model.safetensors", "motus_config.json", "lineage.json"} <= {p.name for p in export.iterdir()}
     assert "stage1: done" in r1.stdout
+    # the same command again (a pipeline rerun after a crash while registering): the finished job's export stands
+    # as written, so its content hash, and the version it registers as, cannot change
+    before = {f.name: f.read_bytes() for f in export.iterdir()}
+    train(project, "--stage", "1", "--nproc", "2", "--run-dir", "runs/s1", "--precision", "bf16")
+    assert {f.name: f.read_bytes() for f in export.iterdir()} == before
 
     train(project, "--stage", "3", "--nproc", "2", "--run-dir", "runs/s3", "--init-from", str(export),
           "--precision", "bf16")

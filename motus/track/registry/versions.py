@@ -64,8 +64,12 @@ class Versions:
             if existing:
                 return existing[0]
             tags = self._tags(export, lineage, run, digest, prices or {}, tier_levels or {})
-            client.log_artifacts(run_id, str(export), "model")
-            mv = client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/model",
+            # each version's files at a path of their own, named by their content: a second export of the same
+            # run (a rerun, another checkpoint) never overwrites the files an earlier version points at
+            path = f"model-{digest[:16]}"
+            tags[f"{T}artifact_path"] = path
+            client.log_artifacts(run_id, str(export), path)
+            mv = client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{path}",
                                              run_id=run_id, tags=tags,
                                              description=f"{tags[T + 'stage']} export of run {run_id}")
             version = int(mv.version)
@@ -78,7 +82,8 @@ class Versions:
             raise RegistryError(f"{ref} has no run to download its model from")
         dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"motus-{ref.name}-v{ref.version}-"))
         dst.mkdir(parents=True, exist_ok=True)
-        local = Path(self.store.client.download_artifacts(ref.run_id, "model", str(dst)))
+        path = ref.tags.get(f"{T}artifact_path", "model")  # versions registered before per-version paths: model/
+        local = Path(self.store.client.download_artifacts(ref.run_id, path, str(dst)))
         want = ref.tags.get(f"{T}export_hash")
         if want and export_hash(local) != want:
             raise RegistryError(f"{ref}: downloaded export in {local} does not match its registered hash "
