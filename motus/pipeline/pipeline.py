@@ -284,11 +284,16 @@ class Pipeline:
 
     # -- report ---------------------------------------------------------------------------------------------
     def champions(self) -> dict[str, int | None]:
+        """The champion of every model the recipe gates: the stages' and, where a stage trains on latent
+        actions, the latent-action VAE's."""
+        models = [s.registered_model for _, s in sorted(self.params.stages.items(), key=lambda kv: kv[1].stage)]
+        if any(s.action_source == "latent" for s in self.params.stages.values()):
+            models.append(self.params.latent_action.registered_model)
         out = {}
-        for _key, s in sorted(self.params.stages.items(), key=lambda kv: kv[1].stage):
+        for model in models:
             try:
-                c = self.registry.champion(s.registered_model)
+                c = self.registry.champion(model)
             except Exception:  # noqa: BLE001
                 c = None
-            out[s.registered_model] = None if c is None else int(c.version)
+            out[model] = None if c is None else int(c.version)
         return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from motus.config import load_params
 from motus.contracts import LineageRecord
@@ -188,7 +189,12 @@ def test_killing_motus_train_leaves_no_orphan_and_a_second_job_on_its_folder_is_
     Cold job processes here, so every process of the job names its run folder on its command line."""
     run_dir = project / "runs" / "guarded"
     env = {**env_for(project), "MOTUS_WARM_JOBS": "false"}
-    cmd = [str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track"]
+    # long enough (400 steps) to be still training when the second command and the kill land, however busy
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["stages"]["stage3"].update(steps=400, checkpoint_every=400, validate_every=400)
+    (project / "params-guarded.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cmd = [str(MOTUS), "train", "--stage", "3", "--nproc", "2", "--run-dir", str(run_dir), "--no-track",
+           "--params", "params-guarded.yaml"]
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
