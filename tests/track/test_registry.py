@@ -132,7 +132,8 @@ def test_register_is_idempotent_and_fetch_returns_the_export(store, tmp_path):
                                                    "registered_model": "motus-aloha-redo"}))  # the module's
     # STAGE3 versions and aliases stay as the other tests expect
     second = store.registry.register(redo)
-    assert second.version != again.version and second.run_id == again.run_id
+    assert second.name == "motus-aloha-redo" and second.run_id == again.run_id
+    assert second.tags["motus.artifact_path"] != again.tags["motus.artifact_path"]
     first_again = store.registry.fetch(f"models:/{STAGE3}/{again.version}", tmp_path / "first-again")
     assert lineage.export_hash(first_again) == again.tags["motus.export_hash"]
     assert lineage.export_hash(store.registry.fetch(second, tmp_path / "second")) == second.tags["motus.export_hash"]
