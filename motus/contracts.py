@@ -588,28 +588,42 @@ def episodes_for(threshold: float, confidence: float = 0.95, method: str = "wils
 # `mask_secrets`: the password of any URI (`scheme://user:PASSWORD@host`) and the value of every credential-bearing
 # environment variable are replaced by `***`, wherever they appear in the text.
 MASK = "***"
-_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY)", re.IGNORECASE)
+# a credential variable: a word of its name (split at `_`) says so; `TOKENIZERS_PARALLELISM` is not one
+_SECRET_WORDS = frozenset({"PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
+_SECRET_PAIRS = frozenset({("API", "KEY"), ("PRIVATE", "KEY"), ("ACCESS", "KEY")})
 _URI_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@/\s'\"]+)(?=@)", re.IGNORECASE)
 _MIN_SECRET = 4  # shorter values would mask ordinary words
+_NOT_SECRETS = frozenset({"true", "false", "yes", "no", "none", "null", "auto"})
+
+
+def _is_secret_name(name: str) -> bool:
+    words = name.upper().split("_")
+    return bool(_SECRET_WORDS & set(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+
+
+def _secretish(value: str) -> bool:
+    return len(value) >= _MIN_SECRET and value.lower() not in _NOT_SECRETS
 
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values of the environment's credential variables, and the passwords inside URIs the environment holds."""
     env = os.environ if env is None else env
-    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET}
+    found = {v for k, v in env.items() if _is_secret_name(k) and _secretish(v)}
     for v in env.values():
-        found.update(m.group("pw") for m in _URI_PASSWORD.finditer(v) if len(m.group("pw")) >= _MIN_SECRET)
+        found.update(m.group("pw") for m in _URI_PASSWORD.finditer(v) if _secretish(m.group("pw")))
     return sorted(found, key=len, reverse=True)  # longest first: a secret containing another is masked whole
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    out = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    for secret in secrets:
+        out = out.replace(secret, MASK)
+    return out
 
 
 def mask_secrets(text: str, env: Mapping[str, str] | None = None) -> str:
     """`text` with every URI password and every credential value of the environment replaced by `***`."""
-    if not text:
-        return text
-    out = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
-    for secret in secret_values(env):
-        out = out.replace(secret, MASK)
-    return out
+    return _mask(text, secret_values(env)) if text else text
 
 
 class MaskedStream:
@@ -622,10 +636,7 @@ class MaskedStream:
         self._secrets = secret_values()
 
     def write(self, text: str) -> int:
-        out = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
-        for secret in self._secrets:
-            out = out.replace(secret, MASK)
-        self._stream.write(out)
+        self._stream.write(_mask(text, self._secrets))
         return len(text)
 
     def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno, flush, ...: the real stream's

@@ -630,3 +630,15 @@ def test_every_source_kind_the_config_accepts_has_a_reader() -> None:
     from motus.data.ingest import SOURCE_KINDS as READERS
 
     assert set(SOURCE_KINDS) == set(READERS)
+
+
+def test_masking_hides_credentials_and_nothing_else() -> None:
+    from motus.contracts import mask_secrets
+
+    env = {"MOTUS_TRACKING_URI": "http://svc:pw-1234@mlflow:5000", "AWS_SECRET_ACCESS_KEY": "aws-secret-9",
+           "HF_TOKEN": "hf_abc123", "X_API_KEY": "key-value-7", "TOKENIZERS_PARALLELISM": "false",
+           "MOTUS_TOKEN_REFRESH": "true", "HOME": "/root"}
+    text = ('{"dirty": false, "ok": true} postgresql://u:db-pass@h/x http://svc:pw-1234@mlflow:5000 aws-secret-9 '
+            'hf_abc123 key-value-7 /root')
+    assert mask_secrets(text, env) == ('{"dirty": false, "ok": true} postgresql://u:***@h/x http://svc:***@mlflow:5000 '
+                                       '*** *** *** /root')
