@@ -191,6 +191,27 @@ def history(model: str, tracking_uri: UriOption = None, params: ParamsOption = N
     _console().print(table)
 
 
+@registry_app.command()
+def verify(model: Annotated[str | None, typer.Argument(help="Only this model's versions.")] = None,
+           tracking_uri: UriOption = None, params: ParamsOption = None, as_json: JsonOption = False) -> None:
+    """Download every version's files and check them against the export hash each was registered with (exit 1 if
+    any differs or cannot be fetched); changes nothing."""
+    from rich.table import Table
+
+    reg = _registry(tracking_uri, params)
+    found = _run(reg.verify, model)
+    rows = [{"model": ref.name, "version": ref.version, "ok": why is None, "problem": why} for ref, why in found]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        table = Table("model", "version", "files", title=f"registry {mask_secrets(reg.tracking_uri)}: verify")
+        for r in rows:
+            table.add_row(r["model"], f"v{r['version']}", "intact" if r["ok"] else f"BROKEN: {r['problem']}")
+        _console().print(table)
+    if any(not r["ok"] for r in rows):
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------------------------- lineage
 
 @lineage_app.command()

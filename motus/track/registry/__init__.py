@@ -90,6 +90,25 @@ class Registry:
     def history(self, name: str) -> list[dict[str, Any]]:
         return self.champions.history(name)
 
+    def verify(self, name: str | None = None) -> list[tuple[ModelVersionRef, str | None]]:
+        """Every version of `name` (or of every model): its files downloaded and hashed against the export hash
+        it was registered with. (version, None) when intact, (version, why) otherwise; nothing is changed."""
+        import shutil
+        import tempfile
+
+        refs = self.versions(name) if name else [v for m in self.models() for v in self.versions(m.name)]
+        out: list[tuple[ModelVersionRef, str | None]] = []
+        for ref in sorted(refs, key=lambda r: (r.name, r.version)):
+            tmp = Path(tempfile.mkdtemp(prefix=f"motus-verify-{ref.name}-v{ref.version}-"))
+            try:
+                self._versions.fetch(ref, tmp)
+                out.append((ref, None if ref.tags.get("motus.export_hash") else "no export hash was recorded"))
+            except Exception as e:  # noqa: BLE001 - a version that cannot be fetched is a finding, not a crash
+                out.append((ref, str(e).splitlines()[0][:300]))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
     def metrics(self, ref: ModelVersionRef) -> dict[str, float]:
         return self.verdicts.metrics(ref)
 
