@@ -265,6 +265,29 @@ def test_lock_is_exclusive_and_a_stale_one_is_broken(store):
         owner = store.client.get_registered_model(f"{STAGE3}.lock").tags["motus.lock.owner"]
         assert owner != "dead"
     assert STAGE3 + ".lock" not in {m.name for m in store.client.search_registered_models()}
+    # a lock whose tags are not visible yet is as old as its creation, not 57 years: a contender waits
+    store.client.create_registered_model(f"{STAGE3}.lock")
+    with pytest.raises(LockTimeout):
+        with Registry(store.uri, store.params, lock_ttl=30, lock_wait=1).lock(STAGE3):
+            pass
+    store.client.delete_registered_model(f"{STAGE3}.lock")
+    # a holder alive past the TTL keeps its lock by its heartbeat: a patient contender waits for the release
+    import threading
+
+    beating = Registry(store.uri, store.params, lock_ttl=1.5, lock_wait=30)
+    order = []
+
+    def contender():
+        with beating.lock(STAGE3, owner="next"):
+            order.append("next")
+
+    with beating.lock(STAGE3, owner="long"):
+        other = threading.Thread(target=contender)
+        other.start()
+        time.sleep(4)  # more than twice the TTL
+        order.append("long done")
+    other.join(30)
+    assert order == ["long done", "next"]
 
 
 def test_cli(store, monkeypatch):

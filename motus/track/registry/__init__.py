@@ -36,8 +36,8 @@ class Registry:
     """The registry of one MLflow store (`tracking_uri`, default: settings' MOTUS_TRACKING_URI), judged by the
     gates and priced by the costs of `params` (needed for evaluate/promote; lineage queries work without)."""
 
-    def __init__(self, tracking_uri: str | None = None, params: Any = None, *, lock_ttl: float = 60.0,
-                 lock_wait: float = 30.0):
+    def __init__(self, tracking_uri: str | None = None, params: Any = None, *, lock_ttl: float = 15.0,
+                 lock_wait: float = 60.0):
         if tracking_uri is None:
             from ...config import get_settings
 

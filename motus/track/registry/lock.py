@@ -1,11 +1,13 @@
 """The per-model mutex of the registry, on any MLflow store.
 
 It uses only what every store makes atomic: creating a registered model fails when one with that name exists.
-The lock is the registered model `<name>.lock` (tags: owner, acquired_at); releasing it deletes it. A holder
-that died leaves it behind, so a lock older than `ttl` seconds is broken (deleted) by the next contender, with
-a warning. The TTL must exceed the longest critical section (milliseconds to seconds); a contender waits up to
-`wait` seconds. Known limit: two contenders breaking the same stale lock at the same instant can both believe
-they hold it for one critical section; stale locks only exist after a crash.
+The lock is the registered model `<name>.lock` (tags: owner, acquired_at, heartbeat); releasing it deletes it.
+While it holds the lock the holder refreshes `heartbeat` every `ttl / 3` seconds, so a lock is stale only when
+its holder has stopped beating for `ttl` seconds (it died): the next contender breaks it (deletes it) with a
+warning. A long critical section is never broken, and a dead holder costs its successors `ttl` seconds, not a
+fixed minute. A lock whose tags are not visible yet (a holder between its create and its tags) is aged from its
+creation time, never from the epoch. Known limit: two contenders breaking the same stale lock at the same
+instant can both believe they hold it for one critical section; stale locks only exist after a crash.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 
@@ -28,7 +31,7 @@ class LockTimeout(RegistryError):
 
 
 class ModelLock:
-    def __init__(self, store: Store, *, ttl: float = 60.0, wait: float = 30.0):
+    def __init__(self, store: Store, *, ttl: float = 15.0, wait: float = 60.0):
         self.store, self.ttl, self.wait = store, ttl, wait
 
     @contextlib.contextmanager
@@ -56,11 +59,23 @@ class ModelLock:
                                   f"(it is broken automatically when older than {self.ttl:.0f}s)")
             time.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
             delay = min(delay * 2, 0.5)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(lock_name, stop), daemon=True, name=f"lock-{name}")
+        beat.start()
         try:
             yield
         finally:
+            stop.set()
+            beat.join()
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock_name)
+
+    def _beat(self, lock_name: str, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 3):
+            try:
+                self.store.client.set_registered_model_tag(lock_name, "motus.lock.heartbeat", f"{time.time():.3f}")
+            except MlflowException as e:  # a broken lock (we were presumed dead) or a store hiccup: say so
+                log.warning("could not refresh registry lock %s: %s", lock_name, e)
 
     def _break_if_stale(self, lock_name: str) -> None:
         try:
@@ -68,10 +83,14 @@ class ModelLock:
         except MlflowException:
             return  # released in between
         tags = dict(rm.tags or {})
+        # the holder's last sign of life: its heartbeat, else when it took the lock, else (tags not visible yet)
+        # when the lock was created
+        created = (getattr(rm, "creation_timestamp", None) or time.time() * 1000) / 1000
         try:
-            age = time.time() - float(tags.get("motus.lock.acquired_at", "0"))
+            last = float(tags.get("motus.lock.heartbeat") or tags.get("motus.lock.acquired_at") or created)
         except ValueError:
-            age = float("inf")
+            last = created
+        age = time.time() - last
         if age > self.ttl:
             log.warning("breaking stale registry lock %s held by %s for %.0fs", lock_name,
                         tags.get("motus.lock.owner", "?"), age)
