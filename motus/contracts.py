@@ -592,7 +592,10 @@ MASK = "***"
 _SECRET_WORDS = frozenset({"PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL", "CREDENTIALS", "APIKEY"})
 _SECRET_PAIRS = frozenset({("API", "KEY"), ("PRIVATE", "KEY"), ("ACCESS", "KEY")})
 _URI_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)(?P<pw>[^@/\s'\"]+)(?=@)", re.IGNORECASE)
-_MIN_SECRET = 4  # shorter values would mask ordinary words
+# masked by value only from this length: a shorter value would mask ordinary words (a test fixture's
+# `AWS_SECRET_ACCESS_KEY=test` turned every "pytest" into "py***"); a URI's password is masked by its place in the
+# URI, whatever its length
+_MIN_SECRET = 8
 _NOT_SECRETS = frozenset({"true", "false", "yes", "no", "none", "null", "auto"})
 
 

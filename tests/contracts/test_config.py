@@ -637,8 +637,8 @@ def test_masking_hides_credentials_and_nothing_else() -> None:
 
     env = {"MOTUS_TRACKING_URI": "http://svc:pw-1234@mlflow:5000", "AWS_SECRET_ACCESS_KEY": "aws-secret-9",
            "HF_TOKEN": "hf_abc123", "X_API_KEY": "key-value-7", "TOKENIZERS_PARALLELISM": "false",
-           "MOTUS_TOKEN_REFRESH": "true", "HOME": "/root"}
+           "MOTUS_TOKEN_REFRESH": "true", "AWS_SESSION_TOKEN": "test", "HOME": "/root"}
     text = ('{"dirty": false, "ok": true} postgresql://u:db-pass@h/x http://svc:pw-1234@mlflow:5000 aws-secret-9 '
-            'hf_abc123 key-value-7 /root')
+            'hf_abc123 key-value-7 /root pytest')
     assert mask_secrets(text, env) == ('{"dirty": false, "ok": true} postgresql://u:***@h/x http://svc:***@mlflow:5000 '
-                                       '*** *** *** /root')
+                                       '*** *** *** /root pytest')  # a 4-letter "secret" never masks ordinary words

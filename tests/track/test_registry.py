@@ -132,24 +132,27 @@ def test_register_is_idempotent_and_fetch_returns_the_export(store, tmp_path):
                                                    "registered_model": "motus-aloha-redo"}))  # the module's
     # STAGE3 versions and aliases stay as the other tests expect
     second = store.registry.register(redo)
-    assert second.name == "motus-aloha-redo" and second.run_id == again.run_id
-    assert second.tags["motus.artifact_path"] != again.tags["motus.artifact_path"]
-    first_again = store.registry.fetch(f"models:/{STAGE3}/{again.version}", tmp_path / "first-again")
-    assert lineage.export_hash(first_again) == again.tags["motus.export_hash"]
-    assert lineage.export_hash(store.registry.fetch(second, tmp_path / "second")) == second.tags["motus.export_hash"]
-    # `registry verify`: every version's files against its registered hash; a file changed behind the registry's
-    # back is named, the other versions stay intact, and nothing is repaired silently
-    assert [(r.version, why) for r, why in store.registry.verify("motus-aloha-redo")] == [(second.version, None)]
-    tampered = tmp_path / "tamper" / "lineage.json"
-    tampered.parent.mkdir()
-    tampered.write_text("{}")
-    store.client.log_artifact(second.run_id, str(tampered), second.tags["motus.artifact_path"])
-    ((_, why),) = store.registry.verify("motus-aloha-redo")
-    assert why and "does not match its registered hash" in why
-    assert all(why is None for _, why in store.registry.verify(STAGE3))
-    r = motus(store.proj, store.uri, "registry", "verify", "motus-aloha-redo", "--json", check=False)
-    assert r.returncode == 1 and json.loads(r.stdout)[0]["ok"] is False
-    assert motus(store.proj, store.uri, "registry", "verify", STAGE3, check=False).returncode == 0
+    try:
+        assert second.name == "motus-aloha-redo" and second.run_id == again.run_id
+        assert second.tags["motus.artifact_path"] != again.tags["motus.artifact_path"]
+        first_again = store.registry.fetch(f"models:/{STAGE3}/{again.version}", tmp_path / "first-again")
+        assert lineage.export_hash(first_again) == again.tags["motus.export_hash"]
+        assert lineage.export_hash(store.registry.fetch(second, tmp_path / "second")) == second.tags["motus.export_hash"]
+        # `registry verify`: every version's files against its registered hash; a file changed behind the registry's
+        # back is named, the other versions stay intact, and nothing is repaired silently
+        assert [(r.version, why) for r, why in store.registry.verify("motus-aloha-redo")] == [(second.version, None)]
+        tampered = tmp_path / "tamper" / "lineage.json"
+        tampered.parent.mkdir()
+        tampered.write_text("{}")
+        store.client.log_artifact(second.run_id, str(tampered), second.tags["motus.artifact_path"])
+        ((_, why),) = store.registry.verify("motus-aloha-redo")
+        assert why and "does not match its registered hash" in why
+        assert all(why is None for _, why in store.registry.verify(STAGE3))
+        r = motus(store.proj, store.uri, "registry", "verify", "motus-aloha-redo", "--json", check=False)
+        assert r.returncode == 1 and json.loads(r.stdout)[0]["ok"] is False
+        assert motus(store.proj, store.uri, "registry", "verify", STAGE3, check=False).returncode == 0
+    finally:  # the module's other tests list every model
+        store.client.delete_registered_model("motus-aloha-redo")
     with pytest.raises(RegistryError, match="no version 99"):
         store.registry.version(STAGE3, 99)
     with pytest.raises(RegistryError, match="no alias 'nope'"):
