@@ -612,11 +612,21 @@ def _supersede_newer(root: Path, step: int) -> None:
             log.warning("checkpoint %s is newer than the step being saved (%d): moved aside to %s", d, step, to)
 
 
+def remove_leftovers(root: Path) -> list[Path]:
+    """`.tmp-*` folders of saves that never finished (a crash, a full disk): safe to remove only while no other job
+    writes into `root` (the run folder's lock, `motus.train.run_lock`). Returns what was removed."""
+    gone = []
+    if Path(root).is_dir():
+        for p in sorted(Path(root).iterdir()):
+            if p.name.startswith(".tmp-") and p.is_dir():
+                log.info("removing leftover %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 def _prune(root: Path, keep_last: int | None, *, keep: Path) -> None:
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-") and p.is_dir():
-            log.info("removing leftover %s", p)
-            shutil.rmtree(p, ignore_errors=True)
+    remove_leftovers(root)
     if keep_last is None:
         return
     complete = [d for _, d in list_step_dirs(root)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -104,15 +103,3 @@ class RunFolderLock:
             fcntl.flock(self._f, fcntl.LOCK_UN)
             self._f.close()
             self._f = None
-
-
-def remove_leftovers(checkpoints: Path) -> list[Path]:
-    """`.tmp-*` folders of saves that never finished (a crash, a full disk): safe to remove only while holding the
-    run folder's lock, since no other job can be writing one then. Returns what was removed."""
-    gone = []
-    if Path(checkpoints).is_dir():
-        for p in sorted(Path(checkpoints).iterdir()):
-            if p.name.startswith(".tmp-") and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
-    return gone

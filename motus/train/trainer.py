@@ -12,7 +12,6 @@ complete checkpoint continues with exactly the losses an uninterrupted run would
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,11 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_latest_complete, save_checkpoint
+from .checkpoint import find_latest_complete, remove_leftovers, save_checkpoint
 from .distributed import JobContext, accounting, job_hours, mean_across_ranks
 from .engine import resume_latest
-from .run_lock import RunFolderLock, remove_leftovers
+from .run_lock import RunFolderLock
 from .tracking import NullTracker, Tracker
-
-log = logging.getLogger("motus.trainer")
 
 
 @dataclass(frozen=True)
@@ -149,8 +146,7 @@ class Trainer:
         m = self.m
         if m.ctx.rank == 0:  # one job per run folder, taken before anything is built; released when the job exits
             self.lock = RunFolderLock(m.run_dir).acquire()
-            for p in remove_leftovers(m.run_dir / "checkpoints"):
-                log.info("removed %s, left by a save that never finished", p)
+            remove_leftovers(m.run_dir / "checkpoints")  # saves that never finished: no one else writes here now
         m.build()
         m.before_engine(fresh=find_latest_complete(m.run_dir / "checkpoints") is None)
         opt, sched = m.optimizer()

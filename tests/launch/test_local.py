@@ -159,7 +159,8 @@ def test_a_second_job_on_a_locked_run_folder_is_refused_naming_the_holder_and_a_
     import pytest
 
     import motus.train.run_lock as run_lock
-    from motus.train.run_lock import RunFolderBusy, RunFolderLock, holder, remove_leftovers
+    from motus.train.checkpoint import remove_leftovers
+    from motus.train.run_lock import RunFolderBusy, RunFolderLock, holder
 
     monkeypatch.setattr(run_lock, "RELEASE_WAIT_S", 0.5)  # how long a dying holder is given before a refusal
 
