@@ -120,6 +120,9 @@ class TierManifest:
     frames: int
     shards: tuple[Mapping[str, Any], ...]
     quarantined: int = 0
+    # every episode the source yielded: episodes + quarantined (None: a tier built before this was counted)
+    source_episodes: int | None = None
+    without_instruction: int = 0  # kept episodes with no language instruction (reported, not refused)
     embodiment: str | None = None
     embodiments: Mapping[str, int] = field(default_factory=dict)
     action_dim: int | None = None

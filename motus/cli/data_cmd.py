@@ -64,10 +64,31 @@ def ingest(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (d
             failed.append(name)
             continue
         bar.close()
-        typer.echo(f"{name}: {m.episodes} episodes, {m.frames} frames, {len(m.shards)} shard(s), "
-                   f"{m.quarantined} quarantined, {time.perf_counter() - started:.1f}s -> {Path(p.data.root) / name}")
+        typer.echo(f"{name}: {m.source_episodes} source episodes = {m.episodes} kept + {m.quarantined} quarantined; "
+                   f"{m.frames} frames, {len(m.shards)} shard(s), {time.perf_counter() - started:.1f}s "
+                   f"-> {Path(p.data.root) / name}")
+        if m.quarantined:
+            typer.echo(f"  quarantined by reason: {_reason_counts(Path(p.data.root) / name)}; detail: "
+                       f"{Path(p.data.root) / name / 'ingest.log'}")
+        if m.without_instruction:
+            typer.echo(f"  {m.without_instruction} kept episode(s) have no language instruction (listed in "
+                       f"{Path(p.data.root) / name / 'ingest.log'})")
     if failed:
         raise typer.Exit(1)
+
+
+def _reason_counts(tier_dir: Path) -> str:
+    """'timestamps.negative x2, episode.duplicate_id x2' from a tier's quarantine records."""
+    from collections import Counter
+
+    from ..data.reasons import code_of
+    from ..data.tier import QUARANTINE
+
+    counts: Counter[str] = Counter()
+    path = tier_dir / QUARANTINE
+    for line in path.read_text().splitlines() if path.exists() else []:
+        counts.update(code_of(r) for r in json.loads(line)["reasons"])
+    return ", ".join(f"{code} x{n}" for code, n in counts.most_common())
 
 
 @data_app.command()
@@ -157,8 +178,10 @@ def show(tier: str, params: ParamsOption = None,
     if as_json:
         typer.echo(json.dumps(m.to_json(), indent=2))
         return
-    typer.echo(f"tier {m.tier} (level {m.level}, {m.embodiment}): {m.episodes} episodes, {m.frames} frames, "
-               f"{m.quarantined} quarantined")
+    accounted = "" if m.source_episodes is None else f" of {m.source_episodes} source episodes"
+    typer.echo(f"tier {m.tier} (level {m.level}, {m.embodiment}): {m.episodes} episodes{accounted}, {m.frames} frames, "
+               f"{m.quarantined} quarantined" + (f" ({_reason_counts(t.path)})" if m.quarantined else "")
+               + (f", {m.without_instruction} without instruction" if m.without_instruction else ""))
     typer.echo(f"  action_dim {m.action_dim}, state_dim {m.state_dim}, fps {m.fps or list(m.fps_values)}, "
                f"views {dict(m.views)}, codec {m.codec}")
     typer.echo(f"  embodiments: {json.dumps(dict(m.embodiments))}")

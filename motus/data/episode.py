@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .reasons import coded
+
 SCHEMA_VERSION = 1
 # WebDataset keys end at the first dot, so ids are restricted to a dot-free, path-safe alphabet.
 EPISODE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
@@ -31,6 +33,9 @@ class Episode:
     embodiment: str = "unknown"
     source: str = "unknown"
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-safe provenance (task, seed, success, ...)
+    # widths the source's own metadata declares ({"actions": 14, "state": 14}); not stored. Ingest pads an
+    # episode into a wider tier only when its declared width says the data really is narrower.
+    declared: dict[str, int] = field(default_factory=dict)
 
     @property
     def views(self) -> list[str]:
@@ -47,55 +52,56 @@ class Episode:
     def problems(self, *, action_dim: int | None = None, require_actions: bool = False,
                  require_instruction: bool = False, action_bounds: tuple[float, float] | None = None,
                  min_frames: int = 2) -> list[str]:
-        """Everything that makes this episode unusable, as human-readable reasons (empty = valid)."""
+        """Everything that makes this episode unusable, as coded one-line reasons (empty = valid)."""
         out: list[str] = []
         if not isinstance(self.episode_id, str) or not EPISODE_ID.match(self.episode_id):
-            out.append(f"episode_id {self.episode_id!r} must match {EPISODE_ID.pattern}")
+            out.append(coded("episode.bad_id", f"episode_id {self.episode_id!r} must match {EPISODE_ID.pattern}"))
         if not self.frames:
-            out.append("no camera frames")
+            out.append(coded("frames.missing", "no camera frames"))
         lengths = set()
         for view, arr in self.frames.items():
             if not isinstance(arr, np.ndarray):
-                out.append(f"view '{view}': frames are {type(arr).__name__}, not a numpy array")
+                out.append(coded("frames.type", f"view '{view}': frames are {type(arr).__name__}, not a numpy array"))
                 continue
             if arr.dtype != np.uint8:
-                out.append(f"view '{view}': frames dtype {arr.dtype}, expected uint8")
+                out.append(coded("frames.dtype", f"view '{view}': frames dtype {arr.dtype}, expected uint8"))
             if arr.ndim != 4 or arr.shape[-1] != 3:
-                out.append(f"view '{view}': frames shape {arr.shape}, expected [T, H, W, 3]")
+                out.append(coded("frames.shape", f"view '{view}': frames shape {arr.shape}, expected [T, H, W, 3]"))
                 continue
             if arr.shape[1] == 0 or arr.shape[2] == 0:
-                out.append(f"view '{view}': empty image {arr.shape[1]}x{arr.shape[2]}")
+                out.append(coded("frames.empty", f"view '{view}': empty image {arr.shape[1]}x{arr.shape[2]}"))
             lengths.add(arr.shape[0])
         if len(lengths) > 1:
-            out.append(f"views disagree on length: {sorted(lengths)} frames")
+            out.append(coded("frames.length_mismatch", f"views disagree on length: {sorted(lengths)} frames"))
         t = min(lengths) if lengths else 0
         if lengths and t < min_frames:
-            out.append(f"{t} frames, need at least {min_frames}")
+            out.append(coded("frames.too_short", f"{t} frames, need at least {min_frames}"))
 
         if self.actions is None:
             if require_actions or action_dim is not None:
-                out.append("no actions, but this tier is labelled" + (f" ({action_dim}-d)" if action_dim else ""))
+                out.append(coded("actions.missing", "no actions, but this tier is labelled"
+                                 + (f" ({action_dim}-d)" if action_dim else "")))
         else:
             out += _array_problems("actions", self.actions, t)
             if action_dim is not None and self.actions.ndim == 2 and self.actions.shape[1] != action_dim:
-                out.append(f"actions are {self.actions.shape[1]}-d, tier expects {action_dim}-d")
+                out.append(coded("actions.width", f"actions are {self.actions.shape[1]}-d, tier expects {action_dim}-d"))
             if action_bounds is not None and self.actions.ndim == 2 and np.isfinite(self.actions).all():
                 lo, hi = action_bounds
                 if self.actions.size and (self.actions.min() < lo or self.actions.max() > hi):
-                    out.append(f"actions outside bounds [{lo}, {hi}]: "
-                               f"min {self.actions.min():.3g}, max {self.actions.max():.3g}")
+                    out.append(coded("actions.out_of_bounds", f"actions outside bounds [{lo}, {hi}]: "
+                                     f"min {self.actions.min():.3g}, max {self.actions.max():.3g}"))
         if self.state is not None:
             out += _array_problems("state", self.state, t)
 
         if not isinstance(self.fps, (int, float)) or not math.isfinite(self.fps) or self.fps <= 0:
-            out.append(f"fps {self.fps!r} must be a positive number")
+            out.append(coded("fps.invalid", f"fps {self.fps!r} must be a positive number"))
         if any(not isinstance(s, str) for s in self.instructions):
-            out.append("instructions must be strings")
+            out.append(coded("instruction.type", "instructions must be strings"))
         elif require_instruction and not any(s.strip() for s in self.instructions):
-            out.append("no language instruction, but this tier requires one")
+            out.append(coded("instruction.missing", "no language instruction, but this tier requires one"))
         for name in ("embodiment", "source"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                out.append(f"{name} must be a non-empty string")
+                out.append(coded(f"episode.{name}", f"{name} must be a non-empty string"))
         return out
 
     def metadata(self) -> dict[str, Any]:
@@ -117,20 +123,20 @@ class Episode:
 
 def _array_problems(name: str, arr: Any, t: int) -> list[str]:
     if not isinstance(arr, np.ndarray):
-        return [f"{name} are {type(arr).__name__}, not a numpy array"]
+        return [coded(f"{name}.type", f"{name} are {type(arr).__name__}, not a numpy array")]
     out = []
     if arr.ndim != 2:
-        return [f"{name} shape {arr.shape}, expected [T, D]"]
+        return [coded(f"{name}.shape", f"{name} shape {arr.shape}, expected [T, D]")]
     if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-        out.append(f"{name} dtype {arr.dtype} is not numeric")
+        out.append(coded(f"{name}.dtype", f"{name} dtype {arr.dtype} is not numeric"))
         return out
     if t and arr.shape[0] != t:
-        out.append(f"{name} have {arr.shape[0]} steps but frames have {t}")
+        out.append(coded(f"{name}.length_mismatch", f"{name} have {arr.shape[0]} steps but frames have {t}"))
     if arr.shape[1] == 0:
-        out.append(f"{name} have zero width")
+        out.append(coded(f"{name}.width", f"{name} have zero width"))
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        out.append(f"{name} contain NaN/inf in {bad} step(s)")
+        out.append(coded(f"{name}.non_finite", f"{name} contain NaN/inf in {bad} step(s)"))
     return out
 
 

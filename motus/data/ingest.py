@@ -2,6 +2,20 @@
 
 Ingest fails (IngestError, naming the file or tier) only when the source itself is unreadable or nothing
 valid remains; a bad episode never stops the good ones, and a failed ingest leaves the previous tier intact.
+
+Every episode the source yields is accounted for: the manifest's ``source_episodes`` is kept + quarantined.
+A quarantine reason is one coded line (``motus.data.reasons``); the untruncated detail goes to the tier's
+``ingest.log``. Beyond each episode's own checks, ingest refuses:
+
+* an id claimed twice: every claimant is quarantined (``episode.duplicate_id``), the one already stored
+  withdrawn from its shard, because which of them the id really names cannot be known;
+* joint values outside the embodiment's physical range (``motus.data.bounds``, on by default);
+* a width other than the one declared for the episode (by the source's metadata, else by the embodiment's
+  table, else by the embodiment's first episode): ``pad_actions`` pads only an episode whose data is declared
+  narrower, never a row that lost a joint.
+
+Kept episodes without an instruction are counted (``without_instruction``) and listed in the log even when the
+tier does not require one.
 """
 
 from __future__ import annotations
@@ -13,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ..contracts import TierManifest
+from .bounds import bounds_problem, declared_width, resolve_bounds
 from .episode import Episode
+from .reasons import code_of, coded, detail_line
 from .sources import SourceError, SourceUnreadable
 from .tier import TierSpec, TierWriter
 
 # options the ingest step consumes itself; everything else goes to the source reader unchanged
 INGEST_OPTIONS = ("drop_actions", "pad_actions", "limit", "require_instruction", "action_bounds", "codec",
-                  "shard_mb")
+                  "shard_mb", "physical_bounds")
 
 # kind -> "module:function" (imported lazily: simulators pull in MuJoCo)
 SOURCE_KINDS: dict[str, str] = {
@@ -91,15 +107,50 @@ def open_source(kind: str, options: dict[str, Any]) -> Iterable[Episode | Source
         raise IngestError(f"source '{kind}': bad options {sorted(opts)}: {e}") from None
 
 
-def _episode_problems(ep: Episode, tier: Any, options: dict[str, Any]) -> list[str]:
+def _width_problem(ep: Episode, tier: Any, options: dict[str, Any], first_width: dict[str, int]) -> str | None:
+    """The action width against the tier's, and against the width declared for this episode."""
+    if tier.action_dim is None or ep.action_dim is None or ep.actions is None or ep.actions.ndim != 2:
+        return None
+    if "actions" in ep.declared:
+        declared, by = ep.declared["actions"], "the source declares"
+    elif declared_width(ep.embodiment) is not None:
+        declared, by = declared_width(ep.embodiment), f"a '{ep.embodiment}' robot has"
+    else:
+        declared, by = first_width.setdefault(ep.embodiment, ep.action_dim), f"the first '{ep.embodiment}' episode has"
+    if ep.action_dim != declared:
+        return coded("actions.width", f"actions are {ep.action_dim}-d, {by} {declared}-d (a partial row is never "
+                                      f"padded); tier expects {tier.action_dim}-d")
+    if ep.action_dim > tier.action_dim:
+        return coded("actions.width", f"actions are {ep.action_dim}-d, tier expects {tier.action_dim}-d")
+    if ep.action_dim < tier.action_dim and not options.get("pad_actions", False):
+        return coded("actions.width", f"actions are {ep.action_dim}-d, tier expects {tier.action_dim}-d (the data is "
+                                      f"declared {declared}-d: set pad_actions: true to zero-pad)")
+    return None
+
+
+def _episode_problems(ep: Episode, tier: Any, options: dict[str, Any], first_width: dict[str, int]) -> list[str]:
     problems = ep.problems(require_instruction=bool(options.get("require_instruction", False)),
                            action_bounds=tuple(options["action_bounds"]) if options.get("action_bounds") else None,
                            require_actions=tier.action_dim is not None)
-    if tier.action_dim is not None and ep.action_dim is not None and ep.action_dim != tier.action_dim:
-        if ep.action_dim > tier.action_dim or not options.get("pad_actions", False):
-            problems.append(f"actions are {ep.action_dim}-d, tier expects {tier.action_dim}-d"
-                            + ("" if ep.action_dim > tier.action_dim else " (set pad_actions: true to pad)"))
+    width = _width_problem(ep, tier, options, first_width)
+    if width:
+        problems.append(width)
+    bounds = resolve_bounds(options.get("physical_bounds"), ep.embodiment)
+    if bounds:
+        names = list(tier.action_names) if tier.action_names else None
+        for key, values in (("actions", ep.actions), ("state", ep.state)):
+            found = bounds_problem(key, values, bounds.get(key), names)
+            if found:
+                problems.append(coded(*found))
     return problems
+
+
+def _quarantine(writer: TierWriter, episode: str, file: str, reasons: list[str], *, details: list[str] | None = None,
+                **extra: Any) -> None:
+    """One quarantine record (coded one-line reasons) and its untruncated details in the ingest log."""
+    writer.add_quarantined({"episode": episode, "file": file, "reasons": reasons, **extra})
+    for reason, detail in zip(reasons, details or reasons, strict=True):
+        writer.log_lines.append(detail_line(episode, file, code_of(reason), detail))
 
 
 def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable[[int, int], None] | None = None
@@ -111,44 +162,65 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
         action_names=tuple(tier.action_names) if tier.action_names else None,
         codec=options.get("codec", "mp4"), pad_state=bool(options.get("pad_actions", False)), shard_bytes=int(float(options.get("shard_mb", 256)) * 2**20),
         source={"kind": tier.source.kind, "options": tier.source.options}, description=tier.description))
-    good = bad = 0
+    seen = 0
+    claims: dict[str, list[str]] = {}  # episode id -> the file of every source episode that claimed it
+    first_width: dict[str, int] = {}
     try:
         try:
             stream = open_source(tier.source.kind, options)
             limit = options.get("limit")
             stream = itertools.islice(stream, limit) if limit else stream
             for item in stream:
+                seen += 1
                 if isinstance(item, SourceError):
-                    writer.add_quarantined({"episode": item.episode_ref, "file": str(item.file), "reasons": [item.reason]})
-                    bad += 1
+                    _quarantine(writer, item.episode_ref, str(item.file), [coded(item.code, item.reason)],
+                                details=[item.reason])
                 elif isinstance(item, Episode):
-                    if options.get("drop_actions"):
-                        item.actions = None
-                        item.state = None
-                    problems = _episode_problems(item, tier, options)
-                    if item.episode_id in writer._ids:
-                        problems.append(f"duplicate episode id '{item.episode_id}'")
-                    if not problems and writer.state_problem(item):
-                        problems.append(writer.state_problem(item))
-                    if problems:
-                        writer.add_quarantined({"episode": str(item.episode_id), "file": item.extra.get("file", ""),
-                                                "source": item.source, "reasons": problems})
-                        bad += 1
-                    else:
-                        writer.add(item)
-                        good += 1
+                    _ingest_episode(writer, item, tier, options, claims, first_width)
                 else:
                     raise IngestError(f"source '{tier.source.kind}' yielded {type(item).__name__}, not an Episode")
                 if progress:
-                    progress(good, bad)
+                    progress(len(writer.index), len(writer.quarantine))
         except SourceUnreadable as e:
             raise IngestError(f"tier '{name}': source unreadable: {e}") from None
-        if good == 0:
-            raise IngestError(f"tier '{name}': no valid episodes ({bad} quarantined; first reasons: "
-                              f"{[q['reasons'] for q in writer.quarantine[:3]]})")
+        if not writer.index:
+            raise IngestError(f"tier '{name}': no valid episodes ({len(writer.quarantine)} quarantined; first "
+                              f"reasons: {[q['reasons'] for q in writer.quarantine[:3]]})")
+        writer.source_episodes = seen
+        writer.without_instruction = sum(1 for r in writer.index if not any(s.strip() for s in r["instructions"]))
+        for r in writer.index:
+            if not any(s.strip() for s in r["instructions"]):
+                writer.log_lines.append(detail_line(r["id"], claims[r["id"]][0], "instruction.missing",
+                                                    "kept without a language instruction"))
         manifest = writer.close()
     except BaseException:
         writer.abort()
         raise
     return manifest
+
+
+def _ingest_episode(writer: TierWriter, ep: Episode, tier: Any, options: dict[str, Any],
+                    claims: dict[str, list[str]], first_width: dict[str, int]) -> None:
+    """Keep one episode, or quarantine it (and, for a duplicate id, every earlier claimant too)."""
+    if options.get("drop_actions"):
+        ep.actions = None
+        ep.state = None
+    eid, file = str(ep.episode_id), str(ep.extra.get("file", ""))
+    earlier = claims.setdefault(eid, [])
+    earlier.append(file)
+    if len(earlier) > 1:
+        why = f"episode id '{eid}' is claimed by {len(earlier)} source episodes"
+        if eid in writer._ids and eid not in writer._withdrawn:
+            writer.withdraw(eid)
+            _quarantine(writer, eid, earlier[0], [coded("episode.duplicate_id", why + " (this one was read first)")],
+                        source=ep.source)
+        _quarantine(writer, eid, file, [coded("episode.duplicate_id", why)], source=ep.source)
+        return
+    problems = _episode_problems(ep, tier, options, first_width)
+    if not problems and writer.state_problem(ep):
+        problems.append(coded("state.width", writer.state_problem(ep)))
+    if problems:
+        _quarantine(writer, eid, file, problems, source=ep.source)
+    else:
+        writer.add(ep)
 

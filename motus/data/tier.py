@@ -3,7 +3,9 @@
     <tier>/manifest.json      name, level, embodiment(s), action/state dims, fps, counts, statistics,
                               every shard's sha256, schema version, source description, content hash
     <tier>/episodes.jsonl     one line per episode: id, shard, frames, embodiment, native action dim
-    <tier>/quarantine.jsonl   episodes ingest refused, with the reason (written by ingest)
+    <tier>/quarantine.jsonl   episodes ingest refused, each with one-line coded reasons (written by ingest)
+    <tier>/ingest.log         the untruncated detail of every quarantine reason, and the kept episodes that
+                              have no instruction (tab-separated: episode, code, file, detail)
     <tier>/shards/shard-000000.tar ...
 
 Shards, not one file per frame or episode: DVC and object stores slow badly past ~1e5 files. Shards are
@@ -35,6 +37,7 @@ from .video import decode_frames, encode_frames
 MANIFEST = MANIFEST_FILE
 INDEX = "episodes.jsonl"
 QUARANTINE = "quarantine.jsonl"
+INGEST_LOG = "ingest.log"
 SHARD_DIR = "shards"
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 
@@ -171,6 +174,10 @@ class TierWriter:
         self.fps_values: set[float] = set()
         self.state_dim: int | None = None
         self._ids: set[str] = set()
+        self._withdrawn: set[str] = set()
+        self.log_lines: list[str] = []  # ingest.log
+        self.source_episodes: int | None = None  # set by ingest: what the source yielded, kept or not
+        self.without_instruction = 0
 
     # -- shards -------------------------------------------------------------------------------------------
     def _shard_path(self, i: int) -> Path:
@@ -258,14 +265,67 @@ class TierWriter:
     def add_quarantined(self, record: dict[str, Any]) -> None:
         self.quarantine.append(record)
 
+    def withdraw(self, episode_id: str) -> dict[str, Any]:
+        """Take back a stored episode (a later source episode claimed its id, so neither can be trusted);
+        returns its index record. Its shard is rewritten without it, and the tier's statistics recounted,
+        at `close()`."""
+        rec = next((r for r in self.index if r["id"] == episode_id), None)
+        if rec is None:
+            raise KeyError(f"tier '{self.spec.name}' holds no episode '{episode_id}' to withdraw")
+        self.index.remove(rec)
+        self._withdrawn.add(episode_id)
+        return rec
+
+    def _rewrite_without_withdrawn(self) -> None:
+        """Drop withdrawn episodes' members from their shards, then recount everything the manifest states
+        from what remains, so no number in it counts an episode the tier does not hold."""
+        prefixes = tuple(f"{i}." for i in self._withdrawn)
+        for i, shard in enumerate(self.shards):
+            path = self._shard_path(i)
+            with tarfile.open(path) as tar:
+                members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+            if not any(n.startswith(prefixes) for n, _ in members):
+                continue
+            kept = [(n, d) for n, d in members if not n.startswith(prefixes)]
+            with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, data in kept:
+                    _add(tar, name, data)
+            shard.update(episodes=sum(1 for n, _ in kept if n.endswith(".meta.json")), sha256=sha256_file(path),
+                         bytes=path.stat().st_size)
+        self.action_stats, self.state_stats = RunningStats(), RunningStats()
+        self.frames, self.views, self.embodiments, self.fps_values = 0, {}, {}, set()
+        for rec in self.index:
+            with tarfile.open(self._shard_path(rec["shard"])) as tar:
+                read = lambda key, rec=rec, tar=tar: tar.extractfile(f"{rec['id']}.{key}").read()  # noqa: E731
+                names = set(tar.getnames())
+                meta = json.loads(read("meta.json"))
+                for key, stats in (("actions", self.action_stats), ("state", self.state_stats)):
+                    if f"{rec['id']}.{key}.npy" in names:
+                        stats.update(np.load(io.BytesIO(read(f"{key}.npy"))))
+            for view in meta.get("view_order") or meta["views"]:
+                self.views.setdefault(view, list(meta["views"][view]))
+            self.frames += rec["frames"]
+            self.fps_values.add(float(self.spec.fps or meta["fps"]))
+            emb = self.embodiments.setdefault(rec["embodiment"], {"episodes": 0, "frames": 0,
+                                                                  "action_dim": rec["native_action_dim"]})
+            emb["episodes"] += 1
+            emb["frames"] += rec["frames"]
+
     def close(self) -> TierManifest:
         self._finish_shard()
+        if self._withdrawn:
+            self._rewrite_without_withdrawn()
         if not self.index:
             self.abort()
             raise TierError(f"tier '{self.spec.name}': no valid episodes to write")
+        if self.source_episodes is not None and self.source_episodes != len(self.index) + len(self.quarantine):
+            self.abort()  # an episode in no record at all is the failure this count exists to catch
+            raise TierError(f"tier '{self.spec.name}': the source yielded {self.source_episodes} episodes but "
+                            f"{len(self.index)} were kept and {len(self.quarantine)} quarantined")
         manifest = self._manifest()
         write_jsonl(self.tmp / INDEX, self.index)
         write_jsonl(self.tmp / QUARANTINE, self.quarantine)
+        (self.tmp / INGEST_LOG).write_text("".join(line + "\n" for line in self.log_lines))
         (self.tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
         swap_into_place(self.tmp, self.out)
         return manifest
@@ -294,6 +354,8 @@ class TierWriter:
             episodes=len(self.index),
             frames=self.frames,
             quarantined=len(self.quarantine),
+            source_episodes=self.source_episodes,
+            without_instruction=self.without_instruction,
             views=self.views,
             codec=self.spec.codec,
             shards=tuple(self.shards),

@@ -516,3 +516,102 @@ def test_mp4_folder_reader(tmp_path):
     assert len({e.episode_id for e in eps}) == 2 and all(re.match(r"^[A-Za-z0-9_-]+$", e.episode_id) for e in eps)
     with pytest.raises(SourceUnreadable):
         read_mp4_folder(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------- ingest accounts for everything
+
+
+def _rewrite_parquet(path: Path, **columns: pa.Array) -> None:
+    table = pq.read_table(path)
+    for name, values in columns.items():
+        table = table.set_column(table.column_names.index(name), name, values)
+    pq.write_table(table, path)
+
+
+def test_lerobot_v3_misaligned_episodes_are_quarantined_with_coded_one_line_reasons(tmp_path):
+    """Each way a LeRobot episode can pair frames with the wrong actions, on v3 data written here: quarantined
+    (or, for a duplicate id, every claimant), one coded line each; the manifest accounts for every episode."""
+    from motus.config import validate_params
+    from motus.data.ingest import ingest_tier
+    from motus.data.reasons import code_of
+    from motus.data.tier import Tier
+
+    root = tmp_path / "v3"
+    lengths = (2, 3, 3, 2, 2, 2, 3, 2)  # 19 frames: the frame marker counts to 20
+    truth = make_v3(root, lengths=lengths, cams={"top": (32, 48), "left_wrist": (32, 32)})
+    starts = truth["starts"]
+    rows = lambda e: slice(starts[e], starts[e] + lengths[e])  # noqa: E731
+    data = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(data)
+    ts = np.asarray(table.column("timestamp").to_pylist(), np.float32)
+    ts[rows(1)] -= 1.0                                     # ep1: negative timestamps
+    s2 = ts[rows(2)].copy()
+    s2[[1, 2]] = s2[[2, 1]]
+    ts[rows(2)] = s2                                       # ep2: two rows out of order
+    ts[rows(3)] *= 1.5                                     # ep3: 15 fps of timestamps in a 10 fps dataset
+    actions = np.clip(truth["actions"], -2.5, 2.5)
+    actions[starts[4] + 1, 1] = 50.0                       # ep4: a joint far outside its range
+    action_rows = [list(map(float, a)) for a in actions]
+    for i in range(*rows(5).indices(len(actions))):        # ep5: an action column narrower than declared
+        action_rows[i] = action_rows[i][:5]
+    _rewrite_parquet(data, timestamp=pa.array(ts), action=pa.array(action_rows, pa.list_(pa.float32())))
+    ep_meta = root / "meta/episodes/chunk-000/file-000.parquet"
+    meta = pq.read_table(ep_meta)
+    pq.write_table(pa.concat_tables([meta, meta.slice(0, 1)]), ep_meta)  # ep0 claimed by two metadata rows
+
+    params = validate_params({"tiers": {"so100": {"level": 6, "embodiment": "so100", "action_dim": 6, "source": {
+        "kind": "lerobot", "options": {"root": str(root), "codec": "npz", "physical_bounds": [[-3, 3]] * 6}}}}})
+    m = ingest_tier("so100", params.tiers["so100"], tmp_path / "tier")
+    t = Tier(tmp_path / "tier")
+    codes = {}
+    for q in t.quarantined():
+        assert q["reasons"] and all(len(r) <= 200 and r.isprintable() for r in q["reasons"]), q
+        codes.setdefault(q["episode"], []).extend(code_of(r) for r in q["reasons"])
+    assert codes == {"ep000000": ["episode.duplicate_id", "episode.duplicate_id"],
+                     "ep000001": ["timestamps.negative"], "ep000002": ["timestamps.non_monotonic"],
+                     "ep000003": ["timestamps.fps_mismatch"], "ep000004": ["actions.out_of_bounds"],
+                     "ep000005": ["shape.mismatch"]}
+    assert [r["id"] for r in t.index] == ["ep000006", "ep000007"]
+    assert m.source_episodes == 9 == m.episodes + m.quarantined
+    assert list(m.views) == ["top", "left_wrist"]  # info.json's camera order, not the alphabet's
+    assert t.read_episode("ep000006").views == ["top", "left_wrist"]
+    detail = (tmp_path / "tier/ingest.log").read_text()
+    assert "declared at meta/episodes/chunk-000/file-000.parquet row 0 is also declared at" in detail
+
+
+def test_lerobot_v2_video_with_frames_no_row_takes_is_refused(tmp_path):
+    root = tmp_path / "v2"
+    make_v2(root, lengths=(6, 8))
+    longer = marked_clip(0, 9, 32, 48)  # episode 0 has 6 rows; its top video 9 frames
+    (root / "videos/chunk-000/observation.images.top/episode_000000.mp4").write_bytes(encode_mp4(longer, FPS))
+    eps, errs = split(read_lerobot(root))
+    assert [e.episode_id for e in eps] == ["ep000001"]
+    assert errs[0].code == "frames.count_mismatch" and "9 decoded frames span the episode's 6 rows" in errs[0].reason
+
+
+def test_reason_lines_are_short_and_free_of_control_codes():
+    from motus.data.reasons import code_of, coded, detail_line
+
+    upstream = "\x1b[31mERROR\x1b[0m decoder said:\n" + "x" * 1170 + "\r\x07"
+    line = coded("video.undecodable", upstream)
+    assert len(line) <= 200 and line.isprintable() and line.startswith("video.undecodable: ERROR decoder said: xxx")
+    assert code_of(line) == "video.undecodable" and code_of("an old reason: no code") == "unknown"
+    full = detail_line("ep1", "a.mp4", "video.undecodable", upstream)
+    assert full.count("x") >= 1170 and "\x1b" not in full and "\\x1b[31m" in full
+    with pytest.raises(ValueError, match="dotted"):
+        coded("Bad Code", "x")
+
+
+def test_motus_layout_found_from_the_dataset_root(tmp_path):
+    torch = pytest.importorskip("torch")
+    for split_name, task in (("clean", "adjust_bottle"), ("randomized", "adjust_bottle")):
+        folder = tmp_path / "robotwin2" / split_name / task
+        for sub in ("videos", "qpos", "umt5_wan"):
+            (folder / sub).mkdir(parents=True)
+        (folder / "videos/0.mp4").write_bytes(encode_mp4(smooth_clip(4, 24, 16), 25))
+        torch.save(torch.full((4, 14), 0.5), folder / "qpos/0.pt")
+    eps, errs = split(read_motus_folder(tmp_path / "robotwin2"))
+    assert not errs
+    assert [e.episode_id for e in eps] == ["clean_adjust_bottle_0", "randomized_adjust_bottle_0"]
+    assert [e.extra["task"] for e in eps] == ["clean/adjust_bottle", "randomized/adjust_bottle"]
+    assert all(e.instructions == [] for e in eps)  # only pre-encoded text: reported by ingest, not an error

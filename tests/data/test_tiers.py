@@ -109,7 +109,8 @@ from motus.data.sources import SourceError
 def ep(i, t=12, d=14, **kw):
     rng = np.random.default_rng(i)
     base = dict(episode_id=f"ep{i:04d}", frames={"top": rng.integers(0, 255, (t, 16, 16, 3), dtype=np.uint8)},
-                actions=rng.normal(size=(t, d)).astype(np.float32), state=rng.normal(size=(t, 14)).astype(np.float32),
+                actions=rng.uniform(0.1, 0.9, (t, d)).astype(np.float32),  # inside every ALOHA joint's range
+                state=rng.uniform(0.1, 0.9, (t, 14)).astype(np.float32),
                 instructions=["pick up the cube"], fps=10.0, embodiment="aloha", source="fixture")
     base.update(kw)
     return Episode(**base)
@@ -134,6 +135,8 @@ def episodes(n_good=4, bad=True):
     yield ep(112, actions=np.full((12, 14), 50.0, np.float32))          # outside action bounds
     yield ep(0)                                                         # duplicate id
     yield ep(113, actions=None)                                         # unlabelled in a labelled tier
+    deg = ep(115); deg.state[:, 1] = 60.0; yield deg                    # shoulder in degrees, not radians
+    yield ep(116, d=13)                                                 # an ALOHA row that lost a joint
     yield SourceError("ep0114", "videos/ep0114.mp4", "undecodable video: moov atom not found")
 '''
 
@@ -154,21 +157,38 @@ def tier_cfg(source_file: Path, **options):
 def test_malformed_episodes_are_quarantined_and_every_good_one_survives(tmp_path):
     m = ingest_tier("robot", tier_cfg(write_source(tmp_path)), tmp_path / "robot")
     t = Tier(tmp_path / "robot")
-    assert sorted(r["id"] for r in t.index) == [f"ep{i:04d}" for i in range(4)]
-    q = {r["episode"]: " ".join(r["reasons"]) for r in t.quarantined()}
+    # ep0000 was stored, then claimed again: neither claimant can be trusted, both are quarantined
+    assert sorted(r["id"] for r in t.index) == [f"ep{i:04d}" for i in range(1, 4)]
+    records = t.quarantined()
+    q = {r["episode"]: " ".join(r["reasons"]) for r in records}
     expected = {
-        "ep0100": "NaN/inf", "ep0101": "state contain NaN/inf", "ep0102": "7-d, tier expects 14-d",
+        "ep0100": "actions.non_finite: actions contain NaN/inf", "ep0101": "state.non_finite: state contain NaN/inf",
+        "ep0102": "actions.width: actions are 7-d, a 'aloha' robot has 14-d",
         "ep0103": "actions have 10 steps but frames have 12", "ep0104": "dtype float32, expected uint8",
         "ep0105": "expected [T, H, W, 3]", "ep0106": "views disagree on length", "ep0107": "no camera frames",
         "ep0108": "1 frames, need at least 2", "bad.id": "must match", "ep0110": "requires one",
-        "ep0111": "fps 0.0", "ep0112": "outside bounds", "ep0000": "duplicate episode id", "ep0113": "no actions",
-        "ep0114": "undecodable video",
+        "ep0111": "fps 0.0", "ep0112": "actions.out_of_bounds: actions outside bounds [-10, 10]",
+        "ep0000": "episode.duplicate_id: episode id 'ep0000' is claimed by 2 source episodes",
+        "ep0113": "actions.missing", "ep0114": "source.unreadable: undecodable video",
+        "ep0115": "state.out_of_bounds: state dim 1 = 60 at step 0, physical range [-1.9, 1.307]",
+        "ep0116": "actions.width: actions are 13-d, a 'aloha' robot has 14-d",
     }
     assert len(expected) >= 10
     for eid, reason in expected.items():
         assert reason in q.get(eid, ""), (eid, q.get(eid))
-    assert m.quarantined == len(expected)
-    assert (tmp_path / "robot" / "quarantine.jsonl").exists()
+    assert [r["episode"] for r in records].count("ep0000") == 2  # both claimants
+    assert m.quarantined == len(expected) + 1
+    assert m.source_episodes == m.episodes + m.quarantined == 3 + len(expected) + 1
+    assert all(len(reason) <= 200 and reason.isprintable() for r in records for reason in r["reasons"])
+    log = (tmp_path / "robot" / "ingest.log").read_text().splitlines()
+    assert len(log) == sum(len(r["reasons"]) for r in records)
+    assert all(line.split("\t")[1] == "instruction.missing" or line.split("\t")[0] in q for line in log)
+    # the shard no longer holds the withdrawn claimant, and the manifest counts only what the tier holds
+    assert not Tier(tmp_path / "robot").verify()
+    assert m.frames == sum(r["frames"] for r in t.index) and m.embodiments["aloha"]["episodes"] == 3
+    import tarfile
+    with tarfile.open(tmp_path / "robot" / m.shards[0]["name"]) as tar:
+        assert not [n for n in tar.getnames() if n.startswith("ep0000.")]
 
 
 def test_ingest_fails_only_when_nothing_valid_and_keeps_the_old_tier(tmp_path):
@@ -185,7 +205,8 @@ def test_ingest_fails_only_when_nothing_valid_and_keeps_the_old_tier(tmp_path):
 
 def test_narrow_actions_are_padded_only_when_asked(tmp_path):
     f = tmp_path / "narrow.py"
-    f.write_text(textwrap.dedent(SOURCE) + "\ndef narrow():\n    yield ep(1, d=4)\n    yield ep(2)\n")
+    f.write_text(textwrap.dedent(SOURCE) + "\ndef narrow():\n    yield ep(1, d=4, embodiment='metaworld')\n"
+                 "    yield ep(2)\n    yield ep(3, d=13)\n")
     with pytest.raises(IngestError):
         ingest_tier("robot", tier_cfg(f, function="narrow", require_instruction=False) if False else
                     validate_params({"tiers": {"robot": {"level": 5, "embodiment": "mixed", "action_dim": 14, "source": {
@@ -199,6 +220,9 @@ def test_narrow_actions_are_padded_only_when_asked(tmp_path):
     assert a.shape == (12, 14) and np.all(a[:, 4:] == 0)
     assert {r["native_action_dim"] for r in t.index} == {4, 14}
     assert m.episodes == 2
+    # the 13-d ALOHA episode is not padded: its robot has 14 joints, so a column is missing, not narrower data
+    (reason,) = [q["reasons"] for q in t.quarantined() if q["episode"] == "ep0003"][0]
+    assert reason.startswith("actions.width: actions are 13-d, a 'aloha' robot has 14-d")
 
 
 # ------------------------------------------------------------------------------------------- DVC

@@ -16,8 +16,12 @@ Source kinds (each a module here, each a generator of ``Episode | SourceError``)
 Error contract, shared by every reader:
 
 * A problem confined to one episode (a missing or unreadable file, an undecodable video, lengths that do
-  not agree) never aborts the read: the reader yields a ``SourceError`` naming the episode, the file and the
-  reason, and goes on with the next episode. Ingest quarantines it.
+  not agree) never aborts the read: the reader yields a ``SourceError`` naming the episode, the file, the
+  reason and its code, and goes on with the next episode. Ingest quarantines it.
+* Two source episodes claiming one identity are both yielded as ``SourceError`` (code
+  ``episode.duplicate_id``): which of them is the real one cannot be known, so neither is kept.
+* Widths the source's metadata declares go into ``Episode.declared`` (ingest pads only a declared-narrow
+  episode), and data that contradicts its declaration is an error for that episode (``shape.mismatch``).
 * A source that cannot be read at all (no metadata file, bad JSON, an unknown format version, a missing
   root) raises ``SourceUnreadable`` naming the offending path, when the reader is called.
 """
@@ -34,11 +38,13 @@ __all__ = ["SourceError", "SourceUnreadable", "sanitize_episode_id"]
 
 @dataclass(frozen=True)
 class SourceError:
-    """One episode a source could not produce: which episode, which file, and why."""
+    """One episode a source could not produce: which episode, which file, why (any length: the whole text goes
+    to the tier's ingest log) and a reason code (`motus.data.reasons`) for the one-line quarantine reason."""
 
     episode_ref: str
     file: str
     reason: str
+    code: str = "source.unreadable"
 
     def __str__(self) -> str:
         return f"{self.episode_ref}: {self.reason} ({self.file})"

@@ -55,6 +55,13 @@ the dataset root is read when ``bytes`` is null) or plain binary columns; both a
 Errors: a dataset-level problem raises ``SourceUnreadable`` when ``read_lerobot`` is called; a problem with
 one episode (missing parquet or video, undecodable video or image, lengths that disagree, a missing
 column) yields a ``SourceError`` for that episode and the read goes on.
+
+Per-frame invariants the format declares are checked for every episode, each failure a coded ``SourceError``:
+timestamps not negative, strictly increasing in frame order and 1/fps apart within ``timestamp_tolerance_s``
+(``timestamps.*``); every row finds a frame within half a period and no decoded frame of the episode's span is
+left without a row (``frames.*``; v2 videos are decoded whole, so trailing extra frames count); vector columns
+and camera frames as wide as ``info.json``'s ``shape`` (``shape.mismatch``); an ``episode_index`` declared by
+two metadata rows yields every claimant as ``episode.duplicate_id``.
 """
 
 from __future__ import annotations
@@ -97,9 +104,9 @@ _VERSION = re.compile(r"^v?(\d+)\.(\d+)")
 
 
 class _EpisodeFailure(Exception):
-    def __init__(self, file: Path | str, reason: str):
+    def __init__(self, file: Path | str, reason: str, code: str = "source.unreadable"):
         super().__init__(reason)
-        self.file, self.reason = str(file), reason
+        self.file, self.reason, self.code = str(file), reason, code
 
 
 @dataclass
@@ -117,6 +124,7 @@ class _EpisodeMeta:
     data_file: Path | None = None
     row_range: tuple[int, int] | None = None  # v3 global [from, to)
     videos: dict[str, tuple[Path, float]] = field(default_factory=dict)  # key -> (file, from_timestamp)
+    claimed_at: str = ""  # the metadata file and row that declares it
 
 
 @dataclass
@@ -131,6 +139,39 @@ class _Dataset:
     task_names: dict[int, str]
     episodes_file: Path
     episode_columns: set[str] = field(default_factory=set)  # v3: columns of meta/episodes
+    # episode_index -> where each claimant of an index claimed more than once is declared ("file row N")
+    duplicates: dict[int, list[str]] = field(default_factory=dict)
+    timestamp_tolerance_s: float = 1e-4
+
+    def claim(self, ep: _EpisodeMeta, where: str) -> None:
+        """Record an episode's metadata row; a second claim on an index makes every claimant a duplicate."""
+        if ep.index in self.episodes or ep.index in self.duplicates:
+            first = self.episodes.pop(ep.index, None)
+            claims = self.duplicates.setdefault(ep.index, [first.claimed_at] if first else [])
+            claims.append(where)
+            return
+        ep.claimed_at = where
+        self.episodes[ep.index] = ep
+
+    def declared_width(self, key: str) -> int | None:
+        """The per-frame width `info.json` declares for a vector feature (prod of its shape), or None."""
+        spec = self.info["features"].get(key)
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
+            return None
+        return int(np.prod(shape)) if shape else 1
+
+    def declared_image_size(self, key: str) -> tuple[int, int] | None:
+        """(height, width) an image/video feature declares, read through its `names` when given."""
+        spec = self.info["features"].get(key)
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(n, int) for n in shape):
+            return None
+        names = spec.get("names")
+        if isinstance(names, list) and len(names) == 3 and {"height", "width"} <= set(map(str, names)):
+            named = dict(zip(map(str, names), shape, strict=True))
+            return named["height"], named["width"]
+        return (shape[1], shape[2]) if shape[0] == 3 else (shape[0], shape[1])
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -138,7 +179,8 @@ class _Dataset:
 
 def read_lerobot(root: str | Path, *, views: list[str] | None = None, embodiment: str | None = None,
                  episodes: list[int] | None = None,
-                 compose_three_view: tuple[str, str, str] | None = None) -> Iterator[Episode | SourceError]:
+                 compose_three_view: tuple[str, str, str] | None = None,
+                 timestamp_tolerance_s: float = 1e-4) -> Iterator[Episode | SourceError]:
     """Episodes of the LeRobot dataset at ``root`` (v2.0/v2.1/v3.0), in episode_index order.
 
     Raises ``SourceUnreadable`` (naming the file) right away when the dataset itself cannot be read or a
@@ -147,6 +189,10 @@ def read_lerobot(root: str | Path, *, views: list[str] | None = None, embodiment
     if compose_three_view is not None and len(compose_three_view) != 3:
         raise ValueError(f"compose_three_view needs (head, left_wrist, right_wrist), got {compose_three_view!r}")
     ds = _open_dataset(Path(root))
+    if not (isinstance(timestamp_tolerance_s, (int, float)) and 0 < timestamp_tolerance_s < 0.5 / ds.fps):
+        raise ValueError(f"timestamp_tolerance_s must be in (0, half a frame = {0.5 / ds.fps:g} s), "
+                         f"got {timestamp_tolerance_s!r}")
+    ds.timestamp_tolerance_s = float(timestamp_tolerance_s)
     by_name = {c.view: c for c in ds.cameras} | {c.key: c for c in ds.cameras}
     selected = list(views) if views is not None else ([] if compose_three_view else [c.view for c in ds.cameras])
     needed = selected + list(compose_three_view or ())
@@ -277,9 +323,8 @@ def _v2_metadata(ds: _Dataset) -> None:
             if not isinstance(row.get("episode_index"), int):
                 raise SourceUnreadable(ep_path, f"line {n}: no integer episode_index")
             length = row.get("length")
-            ds.episodes[row["episode_index"]] = _EpisodeMeta(
-                index=row["episode_index"], length=int(length) if isinstance(length, int) else None,
-                tasks=_as_tasks(row.get("tasks")))
+            ds.claim(_EpisodeMeta(index=row["episode_index"], length=int(length) if isinstance(length, int) else None,
+                                  tasks=_as_tasks(row.get("tasks"))), f"{V2_EPISODES} line {n}")
     elif isinstance(ds.info.get("total_episodes"), int):
         ds.episodes = {i: _EpisodeMeta(index=i) for i in range(ds.info["total_episodes"])}
     else:
@@ -332,7 +377,7 @@ def _v3_metadata(ds: _Dataset) -> None:
         for need in ("episode_index", "data/chunk_index", "data/file_index"):
             if need not in table.column_names:
                 raise SourceUnreadable(path, f"no '{need}' column")
-        for row in table.to_pylist():
+        for n, row in enumerate(table.to_pylist()):
             idx = row["episode_index"]
             if not isinstance(idx, int):
                 raise SourceUnreadable(path, f"episode_index {idx!r} is not an integer")
@@ -358,7 +403,7 @@ def _v3_metadata(ds: _Dataset) -> None:
                     video_key=cam.key, chunk_index=int(row[c_chunk]), file_index=int(row[c_file]),
                     episode_index=idx, episode_chunk=0)
                 ep.videos[cam.key] = (file, float(row.get(c_from) or 0.0))
-            ds.episodes[idx] = ep
+            ds.claim(ep, f"{path.relative_to(ds.root)} row {n}")
     ds.episode_columns = columns
 
 
@@ -369,29 +414,37 @@ def _iterate(ds: _Dataset, out_views: list[_Camera], load: list[_Camera],
              compose: tuple[str, str, str] | None, robot: str,
              wanted: list[int] | None) -> Iterator[Episode | SourceError]:
     cache: dict[Path, pa.Table] = {}
-    indices = sorted(ds.episodes) if wanted is None else sorted({int(i) for i in wanted})
+    indices = sorted(set(ds.episodes) | set(ds.duplicates)) if wanted is None else sorted({int(i) for i in wanted})
     for idx in indices:
         ref = f"ep{idx:06d}"
+        for where in ds.duplicates.get(idx, []):
+            # every claimant is a source episode of its own: each is accounted for, none is kept
+            others = [w for w in ds.duplicates[idx] if w != where]
+            yield SourceError(ref, str(ds.root / where.split(" ")[0]),
+                              f"episode_index {idx} declared at {where} is also declared at {', '.join(others)}",
+                              "episode.duplicate_id")
         meta = ds.episodes.get(idx)
+        if meta is None and idx in ds.duplicates:
+            continue
         if meta is None:
             yield SourceError(ref, str(ds.episodes_file), f"episode {idx} is not in the dataset")
             continue
         try:
             yield _episode(ds, meta, out_views, load, compose, robot, cache)
         except _EpisodeFailure as e:
-            yield SourceError(ref, e.file, e.reason)
+            yield SourceError(ref, e.file, e.reason, e.code)
         except Exception as e:  # noqa: BLE001 - one bad episode must never abort the read
-            yield SourceError(ref, str(meta.data_file), f"unexpected {type(e).__name__}: {e}")
+            yield SourceError(ref, str(meta.data_file), f"unexpected {type(e).__name__}: {e}", "source.unexpected")
 
 
 def _data_table(path: Path, cache: dict[Path, pa.Table]) -> pa.Table:
     if path not in cache:
         if not path.is_file():
-            raise _EpisodeFailure(path, "missing data parquet")
+            raise _EpisodeFailure(path, "missing data parquet", "file.missing")
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as e:
-            raise _EpisodeFailure(path, f"unreadable data parquet: {e}") from e
+            raise _EpisodeFailure(path, f"unreadable data parquet: {e}", "file.unreadable") from e
         cache.clear()  # episodes come in index order, so one file at a time is enough (v3 packs many)
         cache[path] = table
     return cache[path]
@@ -407,64 +460,91 @@ def _episode_rows(ds: _Dataset, meta: _EpisodeMeta, cache: dict[Path, pa.Table])
         lo, hi = meta.row_range
         table = table.filter(pc.and_(pc.greater_equal(table["index"], lo), pc.less(table["index"], hi)))
     elif ds.major == 3:
-        raise _EpisodeFailure(meta.data_file, "no episode_index or index column to find the episode's rows")
+        raise _EpisodeFailure(meta.data_file, "no episode_index or index column to find the episode's rows",
+                              "rows.unlocatable")
     if "frame_index" in names:
         table = table.sort_by("frame_index")
     if table.num_rows == 0:
-        raise _EpisodeFailure(meta.data_file, f"no rows for episode {meta.index}")
+        raise _EpisodeFailure(meta.data_file, f"no rows for episode {meta.index}", "rows.missing")
     if meta.length is not None and table.num_rows != meta.length:
         raise _EpisodeFailure(meta.data_file, f"length mismatch: episode metadata says {meta.length} frames, "
-                                              f"the parquet holds {table.num_rows} rows")
+                                              f"the parquet holds {table.num_rows} rows", "rows.count_mismatch")
     return table
 
 
 def _vectors(table: pa.Table, name: str, file: Path) -> np.ndarray:
     col = table.column(name).combine_chunks()
     if col.null_count:
-        raise _EpisodeFailure(file, f"column '{name}' has {col.null_count} null row(s)")
+        raise _EpisodeFailure(file, f"column '{name}' has {col.null_count} null row(s)", "column.null")
     n = len(col)
     arr = col
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
         lengths = pc.list_value_length(arr)
         if len(lengths) and pc.min_max(lengths)["min"].as_py() != pc.min_max(lengths)["max"].as_py():
-            raise _EpisodeFailure(file, f"column '{name}' has rows of different lengths")
+            raise _EpisodeFailure(file, f"column '{name}' has rows of different lengths", "column.ragged")
         arr = arr.flatten()
     if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type)):
-        raise _EpisodeFailure(file, f"column '{name}' is {col.type}, not numeric")
+        raise _EpisodeFailure(file, f"column '{name}' is {col.type}, not numeric", "column.dtype")
     if arr.null_count:
-        raise _EpisodeFailure(file, f"column '{name}' holds null values")
+        raise _EpisodeFailure(file, f"column '{name}' holds null values", "column.null")
     values = arr.to_numpy(zero_copy_only=False).astype(np.float32)
     if n == 0 or values.size % n:
-        raise _EpisodeFailure(file, f"column '{name}': {values.size} values do not split into {n} rows")
+        raise _EpisodeFailure(file, f"column '{name}': {values.size} values do not split into {n} rows",
+                              "column.ragged")
     return values.reshape(n, -1)
 
 
 def _timestamps(ds: _Dataset, table: pa.Table, file: Path) -> np.ndarray:
+    """Each row's time in the episode (seconds), checked against what the format declares: not negative,
+    strictly increasing in frame order, and one frame period (1/fps) apart within the tolerance (LeRobot's
+    own check uses 1e-4 s). Any of these broken means a frame would be paired with another row's action."""
     if "timestamp" in table.column_names:
         ts = _vectors(table, "timestamp", file)[:, 0].astype(np.float64)
     elif "frame_index" in table.column_names:
         ts = _vectors(table, "frame_index", file)[:, 0].astype(np.float64) / ds.fps
     else:
-        ts = np.arange(table.num_rows, dtype=np.float64) / ds.fps
+        return np.arange(table.num_rows, dtype=np.float64) / ds.fps
+    if (ts < 0).any():
+        i = int(np.argmax(ts < 0))
+        raise _EpisodeFailure(file, f"timestamp {ts[i]:.4f} s at row {i} is negative "
+                                    f"({int((ts < 0).sum())} negative row(s))", "timestamps.negative")
+    step = np.diff(ts)
+    if (step <= 0).any():
+        i = int(np.argmax(step <= 0)) + 1
+        raise _EpisodeFailure(file, f"row {i} at {ts[i]:.4f} s does not follow row {i - 1} at {ts[i - 1]:.4f} s "
+                                    f"({int((step <= 0).sum())} step(s) out of order)", "timestamps.non_monotonic")
+    period = 1.0 / ds.fps
+    # float32 timestamps lose precision as they grow: allow their rounding on top of the tolerance
+    tol = ds.timestamp_tolerance_s + 2 * np.spacing(ts[1:].astype(np.float32)).astype(np.float64)
+    off = np.abs(step - period) > tol
+    if off.any():
+        i = int(np.argmax(off)) + 1
+        raise _EpisodeFailure(file, f"rows {i - 1}->{i} are {step[i - 1] * 1000:.2f} ms apart, fps {ds.fps:g} "
+                                    f"says {period * 1000:.2f} ms (tolerance {ds.timestamp_tolerance_s * 1000:g} ms; "
+                                    f"{int(off.sum())} step(s) off)", "timestamps.fps_mismatch")
     return ts
 
 
 def _video_frames(ds: _Dataset, cam: _Camera, meta: _EpisodeMeta, ts: np.ndarray) -> np.ndarray:
     if cam.key not in meta.videos:
-        raise _EpisodeFailure(ds.episodes_file, f"no video location for camera {cam.key}")
+        raise _EpisodeFailure(ds.episodes_file, f"no video location for camera {cam.key}", "video.missing")
     path, offset = meta.videos[cam.key]
     if not path.is_file():
-        raise _EpisodeFailure(path, f"missing video for camera {cam.key}")
+        raise _EpisodeFailure(path, f"missing video for camera {cam.key}", "video.missing")
     tol = 0.5 / ds.fps
     query = offset + ts
     start = float(query.min()) - tol
+    # one file per episode (v2): decode it whole, so frames beyond the last row are counted too
+    whole = ds.major == 2
     try:
-        video = read_video(path, start_s=start if start > 0 else None, end_s=float(query.max()) + tol)
+        video = read_video(path, start_s=None if whole or start <= 0 else start,
+                           end_s=None if whole else float(query.max()) + tol)
     except (ValueError, OSError) as e:  # VideoDecodeError is a ValueError
-        raise _EpisodeFailure(path, f"undecodable video for camera {cam.key}: {e}") from e
+        raise _EpisodeFailure(path, f"undecodable video for camera {cam.key}: {e}", "video.undecodable") from e
     times = video.times
     if len(times) == 0:
-        raise _EpisodeFailure(path, f"camera {cam.key}: no frames between {start:.3f}s and {query.max() + tol:.3f}s")
+        raise _EpisodeFailure(path, f"camera {cam.key}: no frames between {start:.3f}s and {query.max() + tol:.3f}s",
+                              "video.no_frames")
     right = np.clip(np.searchsorted(times, query), 0, len(times) - 1)
     left = np.clip(right - 1, 0, len(times) - 1)
     pick = np.where(np.abs(times[left] - query) <= np.abs(times[right] - query), left, right)
@@ -472,13 +552,22 @@ def _video_frames(ds: _Dataset, cam: _Camera, meta: _EpisodeMeta, ts: np.ndarray
     if (err > tol + 1e-6).any():
         bad = int(np.argmax(err > tol + 1e-6))
         raise _EpisodeFailure(path, f"camera {cam.key}: video has {len(times)} frame(s) for {len(query)} rows; "
-                                    f"no frame within {tol * 1000:.1f} ms of row {bad} (t={query[bad]:.3f}s)")
+                                    f"no frame within {tol * 1000:.1f} ms of row {bad} (t={query[bad]:.3f}s)",
+                              "frames.timestamp_gap")
+    # every row finds its frame; now the other way round: a frame between the rows that no row takes means
+    # rows are missing from the parquet (or frames were inserted), and the actions would pair with the wrong
+    # frames after the gap
+    inside = len(times) if whole else int(((times >= query.min() - tol) & (times <= query.max() + tol)).sum())
+    if inside != len(query):
+        raise _EpisodeFailure(path, f"camera {cam.key}: {inside} decoded frames span the episode's "
+                                    f"{len(query)} rows ({query.min():.3f}s..{query.max():.3f}s)",
+                              "frames.count_mismatch")
     return video.frames[pick]
 
 
 def _image_frames(ds: _Dataset, cam: _Camera, table: pa.Table, file: Path) -> np.ndarray:
     if cam.key not in table.column_names:
-        raise _EpisodeFailure(file, f"no image column '{cam.key}'")
+        raise _EpisodeFailure(file, f"no image column '{cam.key}'", "image.missing")
     images = []
     for i, cell in enumerate(table.column(cam.key).to_pylist()):
         data = cell
@@ -489,16 +578,17 @@ def _image_frames(ds: _Dataset, cam: _Camera, table: pa.Table, file: Path) -> np
                 try:
                     data = img_path.read_bytes()
                 except OSError as e:
-                    raise _EpisodeFailure(img_path, f"camera {cam.key} row {i}: unreadable image file ({e})") from e
+                    raise _EpisodeFailure(img_path, f"camera {cam.key} row {i}: unreadable image file ({e})",
+                                          "image.missing") from e
         if not isinstance(data, (bytes, bytearray)):
-            raise _EpisodeFailure(file, f"camera {cam.key} row {i}: no image bytes")
+            raise _EpisodeFailure(file, f"camera {cam.key} row {i}: no image bytes", "image.missing")
         try:
             images.append(decode_image(data))
         except ValueError as e:
-            raise _EpisodeFailure(file, f"camera {cam.key} row {i}: {e}") from e
+            raise _EpisodeFailure(file, f"camera {cam.key} row {i}: {e}", "image.undecodable") from e
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise _EpisodeFailure(file, f"camera {cam.key}: images of different sizes {sorted(shapes)}")
+        raise _EpisodeFailure(file, f"camera {cam.key}: images of different sizes {sorted(shapes)}", "image.size")
     return np.stack(images)
 
 
@@ -520,10 +610,26 @@ def _episode(ds: _Dataset, meta: _EpisodeMeta, out_views: list[_Camera], load: l
         try:
             frames[THREE_VIEW] = _compose(head, left, right)
         except ValueError as e:
-            raise _EpisodeFailure(file, f"three-view composition failed: {e}") from e
+            raise _EpisodeFailure(file, f"three-view composition failed: {e}", "frames.compose") from e
+
+    for cam in load:
+        size = ds.declared_image_size(cam.key)
+        if size is not None and tuple(loaded[cam.key].shape[1:3]) != size:
+            raise _EpisodeFailure(file, f"camera {cam.key}: frames are {loaded[cam.key].shape[1]}x"
+                                        f"{loaded[cam.key].shape[2]}, info.json declares {size[0]}x{size[1]}",
+                                  "shape.mismatch")
 
     actions = _vectors(table, ACTION_KEY, file) if ACTION_KEY in table.column_names else None
     state = _vectors(table, STATE_KEY, file) if STATE_KEY in table.column_names else None
+    declared = {}
+    for name, key, values in (("actions", ACTION_KEY, actions), ("state", STATE_KEY, state)):
+        width = ds.declared_width(key)
+        if width is None:
+            continue
+        declared[name] = width
+        if values is not None and values.shape[1] != width:
+            raise _EpisodeFailure(file, f"column '{key}' is {values.shape[1]}-d, info.json declares "
+                                        f"shape {ds.info['features'][key]['shape']}", "shape.mismatch")
 
     instructions = list(meta.tasks)
     if not instructions and "task_index" in table.column_names:
@@ -536,5 +642,5 @@ def _episode(ds: _Dataset, meta: _EpisodeMeta, out_views: list[_Camera], load: l
     return Episode(
         episode_id=f"ep{meta.index:06d}", frames=frames, actions=actions, state=state,
         instructions=instructions, fps=ds.fps, embodiment=robot, source=f"lerobot:{ds.root.name}",
-        extra={"lerobot_version": ds.version, "episode_index": meta.index},
+        extra={"lerobot_version": ds.version, "episode_index": meta.index}, declared=declared,
     )

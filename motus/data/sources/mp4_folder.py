@@ -71,12 +71,13 @@ def _iterate(root: Path, paths: list[Path], max_frames: int | None, resize: tupl
         try:
             video = read_video(path, max_frames=max_frames, size=tuple(resize) if resize else None)
         except (ValueError, OSError) as e:  # VideoDecodeError is a ValueError
-            yield SourceError(rel, str(path), f"undecodable video: {e}")
+            yield SourceError(rel, str(path), f"undecodable video: {e}", "video.undecodable")
             continue
         try:
             instructions = _instructions(path, mode)
         except (OSError, UnicodeDecodeError) as e:
-            yield SourceError(rel, str(path.with_suffix(".txt")), f"unreadable sidecar instruction: {e}")
+            yield SourceError(rel, str(path.with_suffix(".txt")), f"unreadable sidecar instruction: {e}",
+                              "instruction.unreadable")
             continue
         yield Episode(
             episode_id=sanitize_episode_id(Path(rel).with_suffix("").as_posix()),
