@@ -61,7 +61,8 @@ def _console():
 @registry_app.command("list")
 def list_models(model: Annotated[str | None, typer.Argument(help="Show this model's versions.")] = None,
                 tracking_uri: UriOption = None, params: ParamsOption = None, as_json: JsonOption = False) -> None:
-    """Registered models with their champion and candidate, or one model's versions and verdicts."""
+    """Registered models with their champion and candidate, or one model's versions and verdicts. An alias moved
+    outside the platform (not what the audit trail says) is flagged UNVERIFIED."""
     from rich.table import Table
 
     reg = _registry(tracking_uri, params)
@@ -70,37 +71,57 @@ def list_models(model: Annotated[str | None, typer.Argument(help="Show this mode
         for rm in _run(reg.models):
             aliases = {a: int(v) for a, v in (rm.aliases or {}).items()}
             latest = max((int(v.version) for v in rm.latest_versions or []), default=None)
-            rows.append({"model": rm.name, "latest": latest, **{a: aliases.get(a) for a in ("champion", "candidate")}})
+            bad = [s for s in _run(reg.alias_states, rm.name) if not s.verified]
+            rows.append({"model": rm.name, "latest": latest, **{a: aliases.get(a) for a in ("champion", "candidate")},
+                         "unverified": [s.describe() for s in bad]})
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        table = Table("model", "latest", "champion", "candidate", title=f"registry {mask_secrets(reg.tracking_uri)}")
+        table = Table("model", "latest", "champion", "candidate", "audit",
+                      title=f"registry {mask_secrets(reg.tracking_uri)}")
         for r in rows:
-            table.add_row(r["model"], *(f"v{r[k]}" if r[k] is not None else "-" for k in ("latest", "champion", "candidate")))
+            table.add_row(r["model"], *(f"v{r[k]}" if r[k] is not None else "-" for k in ("latest", "champion", "candidate")),
+                          "\n".join(f"[red]{d}[/red]" for d in r["unverified"]) or "ok")
         _console().print(table)
         return
     refs = _run(reg.versions, model)
     aliases = _run(reg.aliases, model)
+    bad = [s for s in _run(reg.alias_states, model) if not s.verified]
+    unverified = {s.alias for s in bad}
     by_version: dict[int, list[str]] = {}
     for a, v in aliases.items():
         by_version.setdefault(v, []).append(a)
     from ..pipeline.report import model_numbers
 
-    rows = [{"version": r.version, "aliases": sorted(by_version.get(r.version, [])), "stage": r.tags.get("motus.stage"),
+    rows = [{"version": r.version, "aliases": sorted(by_version.get(r.version, [])),
+             "unverified_aliases": sorted(set(by_version.get(r.version, [])) & unverified),
+             "stage": r.tags.get("motus.stage"),
              "verdict": r.tags.get("motus.verdict", ""), "run_id": r.run_id,
              "device_hours_total": r.tags.get("motus.device_hours_total"), "cost_total": r.tags.get("motus.cost_total"),
              "metrics": _version_metrics(reg, r)}
             for r in refs]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
+        _say_unverified(model, bad, err=True)  # stdout stays one JSON document
         return
     table = Table("version", "aliases", "stage", "verdict", "run", "device h (total)", "cost (total)",
                   "own numbers (held out)", title=model)
     for r in rows:
-        table.add_row(f"v{r['version']}", ", ".join(r["aliases"]), r["stage"] or "", r["verdict"] or "-",
+        shown = [f"[red]{a} (UNVERIFIED)[/red]" if a in unverified else a for a in r["aliases"]]
+        table.add_row(f"v{r['version']}", ", ".join(shown), r["stage"] or "", r["verdict"] or "-",
                       (r["run_id"] or "")[:12], r["device_hours_total"] or "", r["cost_total"] or "",
                       model_numbers(r["metrics"]))
     _console().print(table)
+    _say_unverified(model, bad)
+
+
+def _say_unverified(model: str, states: list[Any], err: bool = False) -> None:
+    """One line per alias that disagrees with the audit trail, and the fix."""
+    for s in states:
+        typer.echo(f"{model}: {s.describe()}", err=err)
+    if states:
+        typer.echo(f"  gates and pipelines refuse it; `motus registry verify {model} --repair` restores the "
+                   "audited state", err=err)
 
 
 def _version_metrics(reg: Any, ref: Any) -> dict[str, float]:
@@ -176,39 +197,71 @@ def rollback(model: str, actor: Annotated[str | None, typer.Option(help="Who rol
 
 @registry_app.command()
 def history(model: str, tracking_uri: UriOption = None, params: ParamsOption = None, as_json: JsonOption = False) -> None:
-    """Every alias move of a model, oldest first."""
+    """Every alias move of a model, oldest first; an alias that is not where its last move put it is flagged."""
     from rich.table import Table
 
     reg = _registry(tracking_uri, params)
     entries = _run(reg.history, model)
+    bad = [s for s in _run(reg.alias_states, model) if not s.verified]
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
+        _say_unverified(model, bad, err=True)
         return
-    table = Table("#", "when (UTC)", "action", "alias", "from", "to", "actor", title=f"{model}: alias history")
+    table = Table("#", "when (UTC)", "action", "alias", "from", "to", "actor", "note", title=f"{model}: alias history")
+    last: dict[str, Any] = {}
     for e in entries:
-        table.add_row(str(e["seq"]), e["at"], e["action"], e["alias"], "-" if e["from"] is None else f"v{e['from']}",
-                      f"v{e['to']}", e.get("actor", ""))
+        alias, seen = e["alias"], e["from"]
+        note = e.get("found", "")
+        if not note and seen != last.get(alias):  # the move found the alias elsewhere than the last move left it
+            was = "none" if last.get(alias) is None else f"v{last[alias]}"
+            note = f"found {'none' if seen is None else f'v{seen}'}, audited {was}: moved outside the platform before"
+        last[alias] = e["to"]
+        table.add_row(str(e["seq"]), e["at"], e["action"], alias, "-" if seen is None else f"v{seen}",
+                      "-" if e["to"] is None else f"v{e['to']}", e.get("actor", ""), note)
     _console().print(table)
+    _say_unverified(model, bad)
 
 
 @registry_app.command()
 def verify(model: Annotated[str | None, typer.Argument(help="Only this model's versions.")] = None,
+           repair: Annotated[bool, typer.Option("--repair", help="Put aliases moved outside the platform back "
+                                                "to their audited versions (audited as `repair`).")] = False,
+           actor: Annotated[str | None, typer.Option(help="Who repairs (audit).")] = None,
            tracking_uri: UriOption = None, params: ParamsOption = None, as_json: JsonOption = False) -> None:
-    """Download every version's files and check them against the export hash each was registered with (exit 1 if
-    any differs or cannot be fetched); changes nothing."""
+    """Download every version's files and check them against the export hash each was registered with, and every
+    alias against its audit trail (exit 1 if a file differs or cannot be fetched, or an alias is not where its last
+    audited move put it). Changes nothing, unless `--repair`: then every such alias goes back to its audited
+    version (or is deleted where the audit has none), under the model's lock."""
     from rich.table import Table
 
     reg = _registry(tracking_uri, params)
     found = _run(reg.verify, model)
     rows = [{"model": ref.name, "version": ref.version, "ok": why is None, "problem": why} for ref, why in found]
+    bad = _run(reg.unverified, model)
+    repaired: set[tuple[str, str]] = set()
+    if repair:
+        for name in sorted({n for n, _ in bad}):
+            repaired |= {(name, e["alias"]) for e in _run(reg.repair, name, actor=actor)}
+    alias_rows = [{"model": name, "alias": s.alias, "live": s.live, "audited": s.audited,
+                   "ok": (name, s.alias) in repaired, "problem": s.describe(),
+                   "repaired": (name, s.alias) in repaired} for name, s in bad]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps(rows + alias_rows, indent=2))
     else:
         table = Table("model", "version", "files", title=f"registry {mask_secrets(reg.tracking_uri)}: verify")
         for r in rows:
             table.add_row(r["model"], f"v{r['version']}", "intact" if r["ok"] else f"BROKEN: {r['problem']}")
         _console().print(table)
-    if any(not r["ok"] for r in rows):
+        for r in alias_rows:
+            audited = "none" if r["audited"] is None else f"v{r['audited']}"
+            fixed = f" -> repaired: {r['alias']} is {audited} again" if r["repaired"] else ""
+            typer.echo(f"{r['model']}: {r['problem']}{fixed}")
+        if not alias_rows:
+            typer.echo("aliases: every alias is where its last audited move put it")
+        elif not repair:
+            typer.echo("  gates and pipelines refuse these; `motus registry verify "
+                       f"{model or 'MODEL'} --repair` restores the audited state")
+    if any(not r["ok"] for r in rows + alias_rows):
         raise typer.Exit(1)
 
 

@@ -9,7 +9,8 @@ Four parts, each a module of this package, over one MLflow store (`store.py`, re
 - `versions.py`: register an export (tags for lineage, cost from the prices given), fetch one back.
 - `verdicts.py`: judge a version under a gate against the champion, record the verdict on it.
 - `champion.py`: the aliases, `promote` (only on the version's own passing, still-current verdict),
-  `rollback`, and the audit trail of every move.
+  `rollback`, the audit trail of every move, and the check of every alias against it (an alias moved outside
+  the platform is unverified: never handed to a gate or a pipeline, flagged, repaired on request).
 `Registry` is the one object the CLI, the pipeline and the evaluation use: it owns the project's params and
 hands each part the gate, prices and tier levels it needs as arguments; the parts read no configuration.
 """
@@ -17,19 +18,21 @@ hands each part the gate, prices and tier levels it needs as arguments; the part
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..gates import GateError, Verdict
-from .champion import AUDIT_PREFIX, Champion, PromotionRefused
+from .champion import AUDIT_PREFIX, AliasState, Champion, PromotionRefused, UnverifiedAlias
 from .lock import LockTimeout, ModelLock
 from .store import CANDIDATE, CHAMPION, LOCK_SUFFIX, ModelVersionRef, RegistryError, Store, default_actor
 from .verdicts import VERDICT_JSON_TAG, VERDICT_TAG, Verdicts
 from .versions import Versions
 
-__all__ = ["AUDIT_PREFIX", "CANDIDATE", "CHAMPION", "LOCK_SUFFIX", "VERDICT_JSON_TAG", "VERDICT_TAG", "LockTimeout",
-           "ModelVersionRef", "PromotionRefused", "Registry", "RegistryError", "default_actor"]
+__all__ = ["AUDIT_PREFIX", "CANDIDATE", "CHAMPION", "LOCK_SUFFIX", "VERDICT_JSON_TAG", "VERDICT_TAG", "AliasState",
+           "LockTimeout", "ModelVersionRef", "PromotionRefused", "Registry", "RegistryError", "UnverifiedAlias",
+           "default_actor"]
 
 
 class Registry:
@@ -75,10 +78,23 @@ class Registry:
         return self.store.aliases(name)
 
     def champion(self, name: str) -> ModelVersionRef | None:
+        """The champion as audited; UnverifiedAlias when the alias was moved outside the platform."""
         return self.champions.current(name)
 
+    def alias_states(self, name: str) -> list[AliasState]:
+        """Every alias of `name`, live against audited (`AliasState.verified`)."""
+        return self.champions.states(name)
+
+    def unverified(self, name: str | None = None) -> list[tuple[str, AliasState]]:
+        """(model, alias state) for every alias of `name` (or of every model) that disagrees with its audit."""
+        names = [name] if name else [m.name for m in self.models()]
+        return [(n, s) for n in names for s in self.alias_states(n) if not s.verified]
+
     def resolve(self, uri: str) -> ModelVersionRef:
-        return self.store.resolve(uri)
+        """`models:/NAME/VERSION`, or `models:/NAME@ALIAS` when the alias is as audited (UnverifiedAlias if not)."""
+        m = re.match(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w-]+)/?$", uri.strip())
+        ref = self.champions.verified(m["name"], m["alias"]) if m else None
+        return ref if ref is not None else self.store.resolve(uri)  # by version; an absent alias is named there
 
     def models(self) -> list[Any]:
         return self.store.models()
@@ -150,3 +166,7 @@ class Registry:
     def rollback(self, name: str, actor: str | None = None) -> ModelVersionRef:
         """Give `champion` back to the champion before the current one; returns it."""
         return self.champions.rollback(name, actor)
+
+    def repair(self, name: str, actor: str | None = None) -> list[dict[str, Any]]:
+        """Every alias of `name` back to its audited state, each repair audited; the entries written."""
+        return self.champions.repair(name, actor)
