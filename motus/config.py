@@ -930,6 +930,9 @@ class Settings(BaseSettings):
         description="The params file to load (MOTUS_PARAMS).",
     )
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    tracking_buffer_mb: float = Field(64.0, gt=0, description="What a job keeps in its run folder "
+                                      "(tracking-buffer.jsonl and artifact copies) while the tracking store does not "
+                                      "answer; beyond it points are dropped, counted and said.")
     data_remote: str = Field(".dvc-remote", description="DVC remote: a local folder or an s3:// URL.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO etc.); None = AWS.")
     launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")

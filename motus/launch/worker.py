@@ -92,7 +92,9 @@ def _main(argv: list[str] | None = None) -> int:
         run_id = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
         tracker = MlflowTracker(settings.tracking_uri, experiment=params.project.name,
                                 run_name=f"{stage}-{run_dir.name}", run_id=run_id,
-                                tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()})
+                                tags={"code.commit": git["commit"], "code.dirty": str(git["dirty"]).lower()},
+                                # a store that goes away mid-run: the job goes on, its points wait in the run folder
+                                buffer_dir=run_dir, buffer_mb=settings.tracking_buffer_mb)
         if run_id is None:
             tracker.log_params({"code": {"commit": git["commit"], "dirty": git["dirty"]}})
         run_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id,

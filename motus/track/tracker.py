@@ -38,12 +38,13 @@ import logging
 import math
 import re
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -53,10 +54,11 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity
-from mlflow.entities import DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag
+from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 
 from ..contracts import ServiceUnreachable
+from .outage import DEFAULT_BUFFER_MB, DROPPED_TAG, REPLAY_HINT, TrackingBuffer, apply_entry, drain
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +70,40 @@ PARAM_TRUNCATION_MARKER = "...[truncated; full value in config/params.json]"
 # MLflow's limits (mlflow.utils.validation), fixed here so they do not depend on a private module.
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
 MAX_DATASET_DIGEST_LENGTH = 36
-DATASET_CONTEXT_TAG = "mlflow.data.context"
 ARTIFACTS_FOLDER = "mlartifacts"
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-_T = TypeVar("_T")
 
 
 class ParamConflictError(ValueError):
     """A param logged again with a different value (MLflow params are write-once)."""
+
+
+class _Outage(Exception):
+    """A send that the store did not answer (in time): the entry goes to the buffer."""
+
+
+def _reason(error: BaseException) -> str:
+    """An outage in a few words: the OS error inside MLflow's "API request to ... failed with exception ...
+    HTTPConnectionPool(...): Max retries exceeded ... NewConnectionError(...)" when there is one."""
+    text = str(error)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno:
+        return errno.group(0)
+    if "Caused by " in text:  # e.g. ProtocolError('Connection aborted.', RemoteDisconnected(...))
+        return text.split("Caused by ", 1)[1].splitlines()[0][:200].rstrip(")")
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether a failed MLflow call means the store is away (a refused or dropped connection, a timeout, a 5xx, a
+    database that does not answer) rather than that it refused the request (a 4xx: a bug to raise, not buffer)."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status in (408, 429)
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or type(error).__module__.startswith(
+        ("requests", "urllib3", "sqlalchemy", "psycopg2"))
 
 
 # ---------------------------------------------------------------------------------------------- URIs
@@ -105,31 +129,48 @@ _REACHED: set[str] = set()
 _DB_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
 
 
-def check_reachable(tracking_uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """One quick probe of a tracking server (any HTTP answer counts) or database (a TCP connect), once per URI and
-    process; TrackingUnreachable naming the masked URI and the reason otherwise. Files (SQLite) need no probe."""
+def _probe(tracking_uri: str, timeout: float) -> None:
+    """One request to a tracking server (any HTTP answer counts) or a TCP connect to a database; OSError or
+    URLError when it does not answer. Files (SQLite) and unknown schemes: nothing to probe."""
     import socket
     import urllib.error
     import urllib.request
 
-    from ..contracts import mask_secrets
-
-    if tracking_uri in _REACHED:
-        return
     u = urlparse(tracking_uri)
     scheme = u.scheme.split("+")[0]
     if scheme not in ("http", "https", *_DB_PORTS) or not u.hostname:
         return
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    if scheme in ("http", "https"):
+        base = f"{scheme}://{host}{f':{u.port}' if u.port else ''}{u.path.rstrip('/')}"
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=timeout).close()  # noqa: S310 - http(s) only
+        except urllib.error.HTTPError:
+            pass  # it answered (a 401 of an authenticating server, a 404 behind a proxy): reachable
+    else:
+        socket.create_connection((u.hostname, u.port or _DB_PORTS[scheme]), timeout=timeout).close()
+
+
+def answers(tracking_uri: str, timeout: float = 2.0) -> bool:
+    """Whether the tracking store answers one quick probe now (never cached: the outage buffer asks again)."""
     try:
-        if scheme in ("http", "https"):
-            base = f"{scheme}://{host}{f':{u.port}' if u.port else ''}{u.path.rstrip('/')}"
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=timeout).close()  # noqa: S310 - http(s) only
-            except urllib.error.HTTPError:
-                pass  # it answered (a 401 of an authenticating server, a 404 behind a proxy): reachable
-        else:
-            socket.create_connection((u.hostname, u.port or _DB_PORTS[scheme]), timeout=timeout).close()
+        _probe(tracking_uri, timeout)
+    except OSError:  # URLError is an OSError
+        return False
+    return True
+
+
+def check_reachable(tracking_uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """One quick probe of a tracking server (any HTTP answer counts) or database (a TCP connect), once per URI and
+    process; TrackingUnreachable naming the masked URI and the reason otherwise. Files (SQLite) need no probe."""
+    import urllib.error
+
+    from ..contracts import mask_secrets
+
+    if tracking_uri in _REACHED:
+        return
+    try:
+        _probe(tracking_uri, timeout)
     except (OSError, urllib.error.URLError) as e:
         reason = getattr(e, "reason", None) or e
         raise TrackingUnreachable(f"the tracking store {mask_secrets(tracking_uri)} does not answer ({reason}); "
@@ -217,11 +258,6 @@ def _deep_merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    for i in range(0, len(items), size):
-        yield items[i: i + size]
-
-
 # ---------------------------------------------------------------------------------------------- datasets
 
 
@@ -301,6 +337,12 @@ class MlflowTracker:
         *,
         system_metrics_interval: float = 2.0,
         artifact_location: str | None = None,
+        buffer_dir: Path | None = None,
+        buffer_mb: float = DEFAULT_BUFFER_MB,
+        send_timeout: float = 10.0,
+        retry_s: float = 5.0,
+        retry_max_s: float = 60.0,
+        finish_wait: float = 60.0,
     ):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         check_reachable(self.tracking_uri)  # a job against a store that does not answer stops now, naming it
@@ -309,6 +351,17 @@ class MlflowTracker:
         self._monitor: Any = None
         self._params: dict[str, str] = {}
         self._config: dict[str, Any] = {}
+        # outages (see motus.track.outage): a bounded wait per send, then the buffer and a backoff between retries
+        self.send_timeout, self.finish_wait = send_timeout, finish_wait
+        self._retry_first, self._retry_max = retry_s, retry_max_s
+        self._backoff = retry_s
+        self._retry_at = 0.0  # time.monotonic() before which no send is tried (the store was found down)
+        self._down_since: float | None = None
+        self._stuck: threading.Thread | None = None  # a send that outlived send_timeout, still inside MLflow
+        self._buffer: TrackingBuffer | None = None
+        self._dropped_reported = 0
+        self._held_upto: dict[str, int] = {}  # metric key -> highest step the run held before this attempt
+        self._skipped_held = 0
 
         if run_id is None:
             self.experiment_id = self._ensure_experiment(experiment, artifact_location)
@@ -321,9 +374,13 @@ class MlflowTracker:
         self.run_id: str | None = run.info.run_id
         self.run_name: str = run.info.run_name
         self.artifact_uri: str = run.info.artifact_uri
+        if buffer_dir is not None:
+            self._buffer = TrackingBuffer(Path(buffer_dir), self.run_id, buffer_mb)
+            self._adopt_leftover_buffer()
         if self.resumed:
             self._params = dict(run.data.params)
             self._config = self._load_logged_config()
+            self._held_upto = self._steps_held()
             if tags:
                 self.set_tags(tags)
         atexit.register(self._finish_at_exit)
@@ -379,7 +436,11 @@ class MlflowTracker:
         self._monitor = monitor
 
     def finish(self, status: Status = "FINISHED") -> None:
-        """End the run with `status` and stop system metrics. Later calls do nothing."""
+        """End the run with `status` and stop system metrics. Later calls do nothing.
+
+        With a buffer: what is buffered is replayed first, waiting up to `finish_wait` seconds for a store that is
+        down; if it is still down, the run's end joins the buffer and the log says how to replay it.
+        """
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         if self._finished:
@@ -388,8 +449,171 @@ class MlflowTracker:
         atexit.unregister(self._finish_at_exit)
         if self._monitor is not None:
             monitor, self._monitor = self._monitor, None
-            monitor.finish()  # flushes its last samples while the run is still RUNNING
-        self.client.set_terminated(self.run_id, status=status)
+            if self._buffer is None:
+                monitor.finish()  # flushes its last samples while the run is still RUNNING
+            else:  # its thread may sit in MLflow's retries of a store that is down: a bounded wait, not theirs
+                stopper = threading.Thread(target=monitor.finish, daemon=True, name="motus-system-metrics-stop")
+                stopper.start()
+                stopper.join(self.send_timeout)
+        end = {"kind": "end", "status": status, "dropped": self._buffer.dropped if self._buffer else 0}
+        self._deliver(end)
+        if self._buffer is None:
+            return
+        deadline = time.monotonic() + self.finish_wait
+        while self._buffer.pending():
+            self._retry_at = 0.0  # waiting anyway: one cheap probe a second rather than the backoff
+            if self._try_drain() or time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if self._buffer.pending():
+            from ..contracts import mask_secrets
+
+            logger.warning(
+                "the tracking store %s still does not answer after %g s: run %s ends %s, but its last metrics, "
+                "params and tags and its end are kept in %s; once the store answers, replay them with `%s` "
+                "(or rerun the job, which replays them before it resumes)", mask_secrets(self.tracking_uri),
+                self.finish_wait, self.run_id, status, self._buffer.path,
+                REPLAY_HINT.format(folder=self._buffer.folder))
+
+    # ------------------------------------------------------------------------------------ outages
+
+    def _deliver(self, entry: dict[str, Any], stash: Path | None = None) -> None:
+        """Send one entry (see motus.track.outage) now, or buffer it when the store is down or a buffer waits
+        (entries reach the store in the order they were made). Without a buffer folder: MLflow's call as is.
+
+        `stash`: for an artifact, the file or folder a buffered entry keeps a copy of."""
+        if self._buffer is None:
+            apply_entry(self.client, self.run_id, entry)
+            return
+        if not self._buffer.pending() and not self._sending() and time.monotonic() >= self._retry_at:
+            try:
+                self._send(entry)
+                return
+            except _Outage as e:
+                self._went_down(str(e))
+        if self._buffer.append(entry, stash, force=entry["kind"] == "end"):
+            self._try_drain()
+
+    def _sending(self) -> bool:
+        """Whether a send that outlived its wait is still inside MLflow (no other send starts before it ends: two
+        writes of one tag must not land out of order)."""
+        if self._stuck is not None and not self._stuck.is_alive():
+            self._stuck = None
+        return self._stuck is not None
+
+    def _send(self, entry: dict[str, Any], run_id: str | None = None) -> None:
+        """`apply_entry` in a thread this call waits `send_timeout` seconds for: a store that hangs (or MLflow's
+        minute of retries against a refused connection) costs a step that long at most, once, and the send goes
+        on in the background (if it lands, its replay later is a no-op: a point keeps its timestamp).
+        _Outage when it does not answer in time or fails as an outage does; any other error is the caller's."""
+        result: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                apply_entry(self.client, run_id or self.run_id, entry, self._buffer.files if run_id else None)
+            except BaseException as e:  # handed to the waiting thread
+                result["error"] = e
+
+        thread = threading.Thread(target=run, daemon=True, name="motus-tracking-send")
+        thread.start()
+        thread.join(self.send_timeout)
+        if thread.is_alive():
+            self._stuck = thread
+            raise _Outage(f"no answer within {self.send_timeout:g} s")
+        error = result.get("error")
+        if error is None:
+            return
+        if is_outage(error):
+            raise _Outage(_reason(error)) from error
+        raise error
+
+    def _went_down(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            from ..contracts import mask_secrets
+
+            self._down_since = now
+            logger.warning("the tracking store %s does not answer (%s): training goes on; metrics, params, tags and "
+                           "artifacts are kept in %s and sent when it answers again (first retry in %g s)",
+                           mask_secrets(self.tracking_uri), mask_secrets(reason), self._buffer.path if self._buffer
+                           else "(no buffer)", self._backoff)
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, self._retry_max)
+
+    def _try_drain(self) -> bool:
+        """Replay the buffer if it is time to retry and the store answers a probe; True when nothing is left."""
+        buffer = self._buffer
+        if buffer is None or not buffer.pending():
+            return True
+        if self._sending() or time.monotonic() < self._retry_at:
+            return False
+        if not answers(self.tracking_uri, min(2.0, self.send_timeout)):
+            self._went_down("no answer to a probe")
+            return False
+
+        def send(run_id: str, entry: dict[str, Any]) -> None:
+            try:
+                self._send(entry, run_id)
+            except _Outage:
+                raise
+            except Exception as e:  # the store answers but refuses this entry: it must not hold up the others
+                logger.error("the tracking store refused a buffered %s entry of run %s (%s); passing over it",
+                             entry.get("kind"), run_id, e)
+
+        down_for = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        try:
+            replayed = drain(buffer, send)
+        except _Outage as e:
+            self._went_down(str(e))
+            return False
+        self._down_since, self._backoff, self._retry_at = None, self._retry_first, 0.0
+        logger.warning("the tracking store answers again: %d buffered entries (%d metric, param and tag points) "
+                       "replayed into run %s from %s%s", replayed.entries, replayed.points, replayed.run_id,
+                       buffer.path, f" after {down_for:.0f} s" if down_for else "")
+        if buffer.dropped > self._dropped_reported:
+            logger.warning("tracking buffer %s was full for a while: %d point(s) were dropped in all (the run's "
+                           "tag %s records the count)", buffer.path, buffer.dropped, DROPPED_TAG)
+            self._dropped_reported = buffer.dropped
+        return True
+
+    def _adopt_leftover_buffer(self) -> None:
+        """A buffer an earlier process of this run folder left (it crashed, or ended while the store was down):
+        replayed now, before anything new is logged, so its points come first and count as held on resume."""
+        buffer = self._buffer
+        assert buffer is not None
+        if not buffer.pending():
+            return
+        leftover_run = buffer.header_run_id
+        logger.warning("%s holds what an earlier attempt could not send to run %s: replaying it", buffer.path,
+                       leftover_run)
+        if not self._try_drain() and leftover_run not in (None, self.run_id):
+            raise RuntimeError(
+                f"{buffer.path} holds unsent entries of another MLflow run ({leftover_run}) and the store stopped "
+                f"answering while they were replayed; run `{REPLAY_HINT.format(folder=buffer.folder)}` once it "
+                "answers, then start the job again")
+
+    def _steps_held(self) -> dict[str, int]:
+        """Per metric key, the highest step this run already holds (or has buffered) before this attempt logs.
+
+        Why a resumed job must not log those steps again: it resumes from its latest checkpoint at step S, but the
+        attempt that crashed may have logged steps up to k > S; the resumed job computes S+1..k again (the same
+        values: a step is a pure function of seed, step and rank) and MLflow would hold each of them twice, since
+        a metric point is (key, step, timestamp, value) and the timestamps differ. Checkpoints do not know what
+        reached the store, so the store says it: one metric history query per key at resume (system metrics,
+        which MLflow's monitor numbers itself, left out), and `log_metrics` passes over a point whose step is at
+        or below its key's highest held step. One number per key, not a set of steps: a long run's history
+        stays in MLflow, not in the job's memory; a resumed job only ever logs forward of its checkpoint.
+        """
+        held: dict[str, int] = {}
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("system/")]
+        for key in keys:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            if steps:
+                held[key] = max(steps)
+        if self._buffer is not None and self._buffer.header_run_id == self.run_id:
+            for key, step in self._buffer.pending_metric_steps().items():
+                held[key] = max(held.get(key, step), step)
+        return held
 
     @property
     def finished(self) -> bool:
@@ -438,9 +662,9 @@ class MlflowTracker:
                 f"MLflow run {self.run_id} already has different values for {len(conflicts)} param(s): "
                 f"{shown}{more}. A resumed run must use the configuration it started with; "
                 "start a new run for a new configuration.")
-        new = [Param(k, v) for k, v in flat.items() if k not in self._params]
-        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+        new = {k: v for k, v in flat.items() if k not in self._params}
+        if new:
+            self._deliver({"kind": "params", "params": new})
         self._params.update(flat)
         _deep_merge(self._config, _jsonable(params))
         self._write_artifact(PARAMS_ARTIFACT, lambda p: p.write_text(
@@ -468,17 +692,18 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._check_open()
-        run_tags = [RunTag(_key(k), truncate_value(str(v), MAX_TAG_VALUE_LENGTH, "...[truncated]"))
-                    for k, v in tags.items()]
-        for chunk in _chunks(run_tags, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=chunk, synchronous=True)
+        run_tags = {_key(k): truncate_value(str(v), MAX_TAG_VALUE_LENGTH, "...[truncated]") for k, v in tags.items()}
+        if run_tags:
+            self._deliver({"kind": "tags", "tags": run_tags})
 
     # ------------------------------------------------------------------------------------ metrics
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One batch at `step`; None is skipped, NaN/inf are logged as they are."""
+        """One batch at `step`; None is skipped, NaN/inf are logged as they are. A resumed run passes over the
+        steps it already holds (see `_steps_held`)."""
         self._check_open()
         timestamp = int(time.time() * 1000)
+        step = int(step)
         batch = []
         for key, value in metrics.items():
             if value is None:
@@ -487,9 +712,15 @@ class MlflowTracker:
                 number = float(value)
             except (TypeError, ValueError) as e:
                 raise TypeError(f"metric {key!r}: {value!r} is not a number") from e
-            batch.append(Metric(key=str(key), value=number, timestamp=timestamp, step=int(step)))
-        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            if step <= self._held_upto.get(str(key), -(2**63)):
+                if not self._skipped_held:
+                    logger.info("run %s already holds %s up to step %d (an earlier attempt logged it): the resumed "
+                                "job does not log those steps again", self.run_id, key, self._held_upto[str(key)])
+                self._skipped_held += 1
+                continue
+            batch.append([str(key), number, step, timestamp])
+        if batch:
+            self._deliver({"kind": "metrics", "metrics": batch})
 
     # ------------------------------------------------------------------------------------ datasets
 
@@ -507,7 +738,9 @@ class MlflowTracker:
         profile = json.dumps(_jsonable({**(extra or {}), "digest": digest}), default=str)
         entity = DatasetEntity(name=d["name"], digest=d["digest"], source_type=d["source_type"],
                                source=d["source"], schema=d.get("schema"), profile=profile)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag(DATASET_CONTEXT_TAG, context)])])
+        self._deliver({"kind": "dataset", "context": context, "dataset": {
+            "name": entity.name, "digest": entity.digest, "source_type": entity.source_type, "source": entity.source,
+            "schema": entity.schema, "profile": entity.profile}})
         self.set_tags({f"tier.{name}.digest": digest})
 
     # ------------------------------------------------------------------------------------ artifacts
@@ -518,9 +751,9 @@ class MlflowTracker:
         path = Path(path)
         if path.is_dir():
             dest = path.resolve().name if artifact_path is None else f"{artifact_path}/{path.resolve().name}"
-            self.client.log_artifacts(self.run_id, str(path), dest)
+            self._deliver({"kind": "artifact", "path": str(path), "artifact_path": dest}, stash=path)
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._deliver({"kind": "artifact", "path": str(path), "artifact_path": artifact_path}, stash=path)
         else:
             raise FileNotFoundError(f"no file or directory to log as an artifact: {path}")
 
@@ -533,7 +766,8 @@ class MlflowTracker:
             local = Path(tmp) / rel.name
             write(local)
             folder = str(rel.parent)
-            self.client.log_artifact(self.run_id, str(local), None if folder == "." else folder)
+            self._deliver({"kind": "artifact", "path": str(local), "artifact_path": None if folder == "." else folder},
+                          stash=local)
 
     def log_image(self, image: np.ndarray, name: str) -> None:
         """uint8 [H, W, 3] -> PNG artifact at `name` (`.png` appended when missing)."""
