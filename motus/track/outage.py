@@ -261,19 +261,49 @@ class Replayed:
     run_id: str | None
     entries: int
     points: int
+    done: bool = True  # False: stopped at its time budget, the rest is still in the buffer
 
 
-def drain(buffer: TrackingBuffer, send: Callable[[str, dict[str, Any]], None]) -> Replayed:
-    """Send the buffer's entries in order with `send(run_id, entry)`, recording the offset after each; clear the
-    buffer when all are sent. An exception of `send` stops the drain where it is (the offset says where)."""
+def drain(buffer: TrackingBuffer, send: Callable[[str, dict[str, Any]], None],
+          deadline: float | None = None) -> Replayed:
+    """Send the buffer's entries in order with `send(run_id, entry)`, recording the offset after each send; clear
+    the buffer when all are sent. An exception of `send` stops the drain where it is (the offset says where).
+
+    Consecutive metric entries go as one send of up to MAX_METRICS_PER_BATCH points (a long outage's thousands
+    of steps replay in a few requests, not one each). `deadline` (a time.monotonic() value): stop after the send
+    that passes it, so a training step that triggers a replay waits for a slice of it, not all of it."""
+    import time
+
     run_id = buffer.header_run_id or buffer.run_id
     count = points = 0
+    merged: list[list[Any]] = []
+    merged_end = 0
+
+    def flush() -> None:
+        nonlocal merged
+        if merged:
+            send(run_id, {"kind": "metrics", "metrics": merged})
+            buffer.mark(merged_end)
+            merged = []
+
     for end, entry in buffer.entries():
+        if deadline is not None and time.monotonic() >= deadline:
+            flush()
+            return Replayed(run_id, count, points, done=False)
+        if entry is not None and entry.get("kind") == "metrics":
+            if merged and len(merged) + len(entry["metrics"]) > MAX_METRICS_PER_BATCH:
+                flush()
+            merged.extend(entry["metrics"])
+            merged_end = end
+        else:
+            flush()
+            if entry is not None:
+                send(run_id, entry)
+            buffer.mark(end)
         if entry is not None:
-            send(run_id, entry)
             count += 1
             points += entry_points(entry) if entry.get("kind") != "end" else 0
-        buffer.mark(end)
+    flush()
     buffer.clear()
     return Replayed(run_id, count, points)
 

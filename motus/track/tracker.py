@@ -28,6 +28,11 @@ Choices worth knowing:
   `SystemMetricsMonitor` bound to this run and URI (no fluent run), every `system_metrics_interval`
   seconds (MLflow's `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` overrides it), and stopped by `finish`.
 - A tracker never finished by its process ends its run as KILLED at interpreter exit.
+- A resumed run does not log a metric step it already holds: at resume, one history query per key gives its
+  highest step, and `log_metrics` passes over steps at or below it (see `_steps_held` for why).
+- Given `buffer_dir` (a job's run folder), a store that stops answering mid-run does not stall the job: each
+  send waits at most `send_timeout` seconds, then what could not be sent is buffered in the run folder and
+  replayed when the store answers again (`motus.track.outage`). Without it, a send fails as MLflow's does.
 """
 
 from __future__ import annotations
@@ -360,6 +365,7 @@ class MlflowTracker:
         self._stuck: threading.Thread | None = None  # a send that outlived send_timeout, still inside MLflow
         self._buffer: TrackingBuffer | None = None
         self._dropped_reported = 0
+        self._replayed_entries = self._replayed_points = 0  # of a replay done in slices, for its one log line
         self._held_upto: dict[str, int] = {}  # metric key -> highest step the run held before this attempt
         self._skipped_held = 0
 
@@ -561,11 +567,17 @@ class MlflowTracker:
                              entry.get("kind"), run_id, e)
 
         down_for = time.monotonic() - self._down_since if self._down_since is not None else 0.0
-        try:
-            replayed = drain(buffer, send)
+        try:  # a slice of send_timeout per call: the step that finds the store back is not held up by all of it
+            replayed = drain(buffer, send, deadline=None if self._finished else time.monotonic() + self.send_timeout)
         except _Outage as e:
             self._went_down(str(e))
             return False
+        self._replayed_entries += replayed.entries
+        self._replayed_points += replayed.points
+        if not replayed.done:
+            return False
+        replayed.entries, replayed.points = self._replayed_entries, self._replayed_points
+        self._replayed_entries = self._replayed_points = 0
         self._down_since, self._backoff, self._retry_at = None, self._retry_first, 0.0
         logger.warning("the tracking store answers again: %d buffered entries (%d metric, param and tag points) "
                        "replayed into run %s from %s%s", replayed.entries, replayed.points, replayed.run_id,

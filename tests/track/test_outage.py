@@ -124,7 +124,9 @@ def test_a_replay_cut_short_goes_on_where_it_stopped_and_logs_each_point_once(ml
         run_id = tracker.run_id
     client = MlflowClient(uri)
     buffer = TrackingBuffer(tmp_path / "run", run_id)
-    entries = [{"kind": "metrics", "metrics": [["m", float(step), step, 1_000 + step]]} for step in range(1, 6)]
+    # metrics and tags by turns: consecutive metric entries would go as one send
+    entries = [{"kind": "metrics", "metrics": [["m", float(step), step, 1_000 + step]]} if step % 2 else
+               {"kind": "tags", "tags": {"t": str(step)}} for step in range(1, 6)]
     for entry in entries:
         assert buffer.append(entry)
 
@@ -144,7 +146,8 @@ def test_a_replay_cut_short_goes_on_where_it_stopped_and_logs_each_point_once(ml
 
     done = replay_buffer(tmp_path / "run", client)
     assert done is not None and done.entries == 3  # entries 3 to 5: the first two are not sent again
-    assert _steps(client, run_id, "m") == [1, 2, 3, 4, 5]  # the third, sent twice with its timestamp, is held once
+    assert _steps(client, run_id, "m") == [1, 3, 5]  # step 3, sent twice with its timestamp, is held once
+    assert client.get_run(run_id).data.tags["t"] == "4"
     assert not (tmp_path / "run" / BUFFER_FILE).exists() and not (tmp_path / "run" / OFFSET_FILE).exists()
     assert replay_buffer(tmp_path / "run", client) is None
 
