@@ -105,9 +105,11 @@ def serve(command: Callable[[int], list[str]], health: str, log: Path, env: dict
 
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0, *,
-                  artifacts_destination: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+                  artifacts_destination: str | None = None, env: dict[str, str] | None = None,
+                  app_name: str | None = None) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1:<free port> with `backend_uri`; artifacts proxied into `artifacts_dir` (or
     `artifacts_destination`, e.g. s3://bucket/prefix, with the S3 settings in `env`); its log beside them.
+    `app_name`: one of MLflow's server apps (`basic-auth`: users and permissions, configured through `env`).
 
     Yields `http://127.0.0.1:<port>` once `/health` answers; terminates the server and its workers after.
     """
@@ -116,7 +118,8 @@ def mlflow_server(backend_uri: str, artifacts_dir: Path, timeout: float = 180.0,
     destination = artifacts_destination or artifacts_dir.as_uri()
     with serve(lambda port: [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
                              "--artifacts-destination", destination, "--serve-artifacts",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             *(["--app-name", app_name] if app_name else [])],
                "/health", artifacts_dir.parent / f"mlflow-server-{artifacts_dir.name}.log",
                # the server's job runner (huey consumers, ~10 processes) serves MLflow's GenAI jobs, which the
                # platform does not use: off, so a test server starts in seconds and idles quietly

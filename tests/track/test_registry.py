@@ -215,6 +215,84 @@ def test_gated_promotion_race_comparison_rollback(store):
     assert [e["actor"] for e in reg.history(STAGE3)[-3:]] == [f"racer-{winner}", "alice", "bob"]
 
 
+def test_an_alias_moved_outside_the_platform_is_refused_flagged_and_repaired(store, monkeypatch):
+    """Aliases moved with the raw MLflow client (no audit entry): nothing decides on them, every listing flags
+    them, `verify` fails, and `verify --repair` puts back what the audit trail says, auditing the repair."""
+    from typer.testing import CliRunner
+
+    from motus.cli import app
+    from motus.pipeline import Pipeline, PipelineError
+    from motus.track.registry import AliasState, UnverifiedAlias
+
+    reg, client, s2 = store.registry, store.client, "motus-latent-action"
+    champ = reg.champion(STAGE3).version  # the previous test's champion, audited
+    other = ({store.versions["s3a"].version, store.versions["s3b"].version} - {champ}).pop()
+    candidate = reg.aliases(STAGE3)["candidate"]
+    seq = reg.history(STAGE3)[-1]["seq"]
+    # behind the platform's back: the champion moved, the candidate deleted, and a champion given to a model
+    # whose audit never had one (Stage 2: what `pipeline run --from stage3` would train Stage 3 on)
+    client.set_registered_model_alias(STAGE3, "champion", str(other))
+    client.delete_registered_model_alias(STAGE3, "candidate")
+    client.set_registered_model_alias(s2, "champion", str(store.versions["s2"].version))
+    states = {s.alias: s for s in reg.alias_states(STAGE3)}
+    assert states == {"champion": AliasState("champion", other, champ), "candidate": AliasState("candidate", None, candidate)}
+    assert reg.history(STAGE3)[-1]["seq"] == seq  # the trail knows nothing of it
+
+    fix = rf"`motus registry verify {STAGE3} --repair`"
+    with pytest.raises(UnverifiedAlias, match=rf"'{STAGE3}': UNVERIFIED: champion -> v{other} set outside the platform; "
+                                              rf"audited: v{champ}.*{fix}"):
+        reg.champion(STAGE3)
+    with pytest.raises(UnverifiedAlias, match=f"champion -> v{other}"):  # no gate judges against it
+        reg.evaluate(STAGE3, other)
+    with pytest.raises(UnverifiedAlias):  # nor promotes or rolls back from it
+        reg.promote(STAGE3, other)
+    with pytest.raises(UnverifiedAlias, match="audited: none"):
+        reg.resolve(f"models:/{s2}@champion")
+    # the pipeline's lookup of a champion (`--from` a later step: the gate's output as the registry has it now)
+    monkeypatch.setenv("MOTUS_TRACKING_URI", store.uri)
+    pipe = Pipeline(store.proj / "params.yaml", root=store.proj, echo=lambda _: None)
+    for model, live in ((STAGE3, other), (s2, store.versions["s2"].version)):
+        step = pipe.by_name[f"gate:{model}"]
+        with pytest.raises(PipelineError, match=rf"gate:{model}: '{model}': UNVERIFIED: champion -> v{live}"):
+            pipe.kind_of(step).current(pipe, step)
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, ["registry", *args, "--tracking-uri", store.uri,
+                                        "--params", str(store.proj / "params.yaml")])
+
+    monkeypatch.setenv("COLUMNS", "250")
+    listed = {m["model"]: m for m in json.loads(cli("list", "--json").stdout)}
+    assert listed[STAGE3]["unverified"] == [f"UNVERIFIED: candidate deleted outside the platform; audited: v{candidate}",
+                                            f"UNVERIFIED: champion -> v{other} set outside the platform; audited: v{champ}"]
+    assert listed[s2]["unverified"] == [f"UNVERIFIED: champion -> v{store.versions['s2'].version} set outside the "
+                                        "platform; audited: none"]
+    assert listed["motus-vgm"]["unverified"] == []
+    shown = cli("list", STAGE3).stdout
+    assert "champion (UNVERIFIED)" in shown and f"audited: v{champ}" in shown
+    history = cli("history", STAGE3)
+    assert history.exit_code == 0 and f"UNVERIFIED: champion -> v{other} set outside the platform; audited: v{champ}" \
+        in history.stdout
+    r = cli("verify", STAGE3, "--json")
+    assert r.exit_code == 1
+    assert [(x["alias"], x["live"], x["audited"], x["ok"]) for x in json.loads(r.stdout) if "alias" in x] == [
+        ("candidate", None, candidate, False), ("champion", other, champ, False)]
+    assert reg.unverified(STAGE3) and reg.aliases(STAGE3) == {"champion": other}  # verify alone changes nothing
+
+    r = cli("verify", "--repair", "--actor", "carol")
+    assert r.exit_code == 0, r.output
+    assert f"{STAGE3}: UNVERIFIED: champion -> v{other} set outside the platform; audited: v{champ} -> repaired" in r.stdout
+    assert reg.unverified() == [] and reg.champion(STAGE3).version == champ and reg.champion(s2) is None
+    assert reg.aliases(STAGE3) == {"champion": champ, "candidate": candidate}
+    repairs = [(e["action"], e["alias"], e["from"], e["to"], e["actor"]) for e in reg.history(STAGE3)[-2:]]
+    assert repairs == [("repair", "candidate", None, candidate, "carol"), ("repair", "champion", other, champ, "carol")]
+    assert reg.history(STAGE3)[-1]["found"].startswith(f"UNVERIFIED: champion -> v{other}")
+    assert [(e["action"], e["from"], e["to"]) for e in reg.history(s2)[-1:]] == [("repair", store.versions["s2"].version, None)]
+    assert "repair" in cli("history", STAGE3).stdout and cli("verify", STAGE3).exit_code == 0
+    # the champion stack is as before: a rollback still finds no champion before this one
+    with pytest.raises(RegistryError, match="no previous champion"):
+        reg.rollback(STAGE3)
+
+
 def test_lineage_walks_back_to_the_bases_with_the_real_hashes(store, tmp_path):
     v = store.versions
     graph = lineage.show(store.registry, f"models:/{STAGE3}/{v['s3a'].version}")
