@@ -3,7 +3,8 @@
 Bounds are on by default for the embodiments listed here and apply to actions and state alike, on the
 episode's native dimensions (before any zero-padding into a wider tier). A tier turns them off with
 ``physical_bounds: off`` or gives its own as ``physical_bounds: [[lo, hi], ...]`` (one pair per dimension)
-in the source options. An embodiment not listed is not checked (say so with your own bounds).
+in the source options (a single list bounds the actions, and the state where it is as wide; or
+``{actions: [...], state: [...]}``). An embodiment not listed is not checked (say so with your own bounds).
 
 ALOHA (two ViperX 300 6DOF arms, 14-d: per arm waist, shoulder, elbow, forearm roll, wrist angle, wrist
 rotate, gripper): joint ranges in radians as the ALOHA MuJoCo model declares them (``vx300s_left.xml`` /
@@ -58,8 +59,27 @@ def resolve_bounds(option: Any, embodiment: str) -> dict[str, list[tuple[float, 
         return EMBODIMENT_BOUNDS.get(embodiment)
     if option in ("off", False, "none"):
         return None
-    pairs = [(float(lo), float(hi)) for lo, hi in option]
+    if isinstance(option, dict):  # {actions: [[lo, hi], ...], state: [[lo, hi], ...]}
+        unknown = set(option) - {"actions", "state"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} (expected actions, state)")
+        return {k: _pairs(option.get(k)) for k in ("actions", "state")}
+    pairs = _pairs(option)  # one list: the actions', and the state's where it is as wide (joint positions)
     return {"actions": pairs, "state": pairs}
+
+
+def _pairs(option: Any) -> list[tuple[float, float]] | None:
+    if option is None:
+        return None
+    pairs = []
+    for i, pair in enumerate(option):
+        if isinstance(pair, (str, bytes)) or len(pair) != 2 or isinstance(pair[0], bool) or isinstance(pair[1], bool):
+            raise ValueError(f"entry {i} is {pair!r}, not [lo, hi]")
+        lo, hi = float(pair[0]), float(pair[1])
+        if not lo < hi:
+            raise ValueError(f"entry {i}: lo {lo:g} is not below hi {hi:g}")
+        pairs.append((lo, hi))
+    return pairs
 
 
 def bounds_problem(name: str, values: np.ndarray | None, pairs: list[tuple[float, float]] | None,

@@ -157,6 +157,11 @@ def ingest_tier(name: str, tier: Any, out_dir: str | Path, *, progress: Callable
                 ) -> TierManifest:
     """Build one tier from its `params.yaml` section (a `motus.config.Tier`). Returns the manifest."""
     options = dict(tier.source.options)
+    try:
+        resolve_bounds(options.get("physical_bounds"), tier.embodiment)
+    except (TypeError, ValueError) as e:
+        raise IngestError(f"tier '{name}': source option physical_bounds must be 'default', 'off', [[lo, hi], ...] "
+                          f"or {{actions: [...], state: [...]}}: {e}") from None
     writer = TierWriter(out_dir, TierSpec(
         name=name, level=tier.level, embodiment=tier.embodiment, action_dim=tier.action_dim, fps=tier.fps,
         action_names=tuple(tier.action_names) if tier.action_names else None,

@@ -198,6 +198,8 @@ def test_ingest_fails_only_when_nothing_valid_and_keeps_the_old_tier(tmp_path):
     with pytest.raises(IngestError, match="no valid episodes"):
         ingest_tier("robot", tier_cfg(src, n_good=0, bad=False), tmp_path / "robot")
     assert (tmp_path / "robot" / "manifest.json").read_text() == before  # good data never lost
+    with pytest.raises(IngestError, match=r"physical_bounds must be .*entry 0 is \[1\], not \[lo, hi\]"):
+        ingest_tier("robot", tier_cfg(src, physical_bounds=[[1]]), tmp_path / "robot")
     with pytest.raises(IngestError, match="missing.py: python source file not found"):
         ingest_tier("robot", tier_cfg(tmp_path / "missing.py"), tmp_path / "robot")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".robot.tmp")]  # no debris

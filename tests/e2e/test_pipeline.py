@@ -18,6 +18,7 @@ from motus.pipeline import build_steps, is_infrastructure_error
 from motus.pipeline.keys import StepInputs, explain
 from motus.pipeline.pipeline import GateFailed, InfrastructureError, PipelineError
 from motus.pipeline.steps import KINDS
+from motus.track.registry.lock import LockTimeout
 
 from ..support.project import MOTUS, REPO, make_project, project_env
 
@@ -57,6 +58,7 @@ def test_keys_are_stable_and_changes_are_named():
 def test_only_infrastructure_errors_are_retried():
     assert is_infrastructure_error(InfrastructureError("killed"))
     assert is_infrastructure_error(ConnectionError("refused"))
+    assert is_infrastructure_error(LockTimeout("registry lock 'motus-vgm.lock' is still taken after 60s"))
     assert not is_infrastructure_error(GateFailed("val/action_loss 3.1 > 2.5"))
     assert not is_infrastructure_error(PipelineError("stage3 failed (exit 1)"))
     assert not is_infrastructure_error(ValueError("bad config"))
@@ -244,7 +246,12 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
     Prefect, an S3 server (DVC remote, MLflow artifacts, checkpoint mirror), the MLflow and Prefect servers; the
     recipe deployed to a process work pool and run by a real worker, with MOTUS_LAUNCHER=kubernetes: every
     training step is a 2-node PyTorchJob on the stand-in cluster, whose pods are real processes working in the
-    project folder (the workspace volume a Prefect worker in the cluster would share with the jobs)."""
+    project folder (the workspace volume a Prefect worker in the cluster would share with the jobs).
+
+    Secrets are planted in every credential-bearing variable the platform's processes see (the tracking URI's
+    password, MLflow's, the object store's secret key, an API token): after the pipeline (its training jobs, its
+    evaluation, its registrations and promotions) none of them is in any output, file, database dump, S3
+    object or object of the cluster other than the Secret that holds them."""
     import asyncio
     import sys
 
@@ -270,11 +277,14 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
     node_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONSAFEPATH": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+    planted = {"uri": "uriPLANTED53c", "mlflow": "mlflowPLANTED77", "aws": "awsPLANTEDsecret41",
+               "token": "tokPLANTED3c3c"}
+    creds = {**S3_CREDENTIALS, "AWS_SECRET_ACCESS_KEY": planted["aws"]}  # moto takes any key
     with (s3_server() as s3, fresh_postgres_database("motus_mlflow") as mlflow_db,
           fresh_postgres_database("motus_prefect") as prefect_db,
           KubeApiStandIn(run_pods=True, volumes={"motus-workspace": proj},
                          images={image: Image(sys.executable, node_env)}) as cluster):
-        cluster.add_secret("motus", "motus-s3", {k: v for k, v in S3_CREDENTIALS.items() if k.startswith("AWS_")})
+        cluster.add_secret("motus", "motus-s3", {k: v for k, v in creds.items() if k.startswith("AWS_")})
         kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig")
         bucket = boto3.client("s3", endpoint_url=s3, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
                                                        if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
@@ -282,18 +292,23 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
         with (mlflow_server(mlflow_db, tmp_path / "mlflow", artifacts_destination="s3://motus/mlflow",
                             env={"MLFLOW_S3_ENDPOINT_URL": s3, **S3_CREDENTIALS}) as tracking,
               prefect_server(prefect_db, tmp_path / "prefect-home") as api):
-            env = project_env(proj, MOTUS_TRACKING_URI=tracking, MOTUS_DATA_REMOTE="s3://motus/dvc",
+            env = project_env(proj, MOTUS_TRACKING_URI=tracking.replace("http://", f"http://svc:{planted['uri']}@"),
+                              MOTUS_DATA_REMOTE="s3://motus/dvc",
                               MOTUS_S3_ENDPOINT_URL=s3, PREFECT_API_URL=api, MOTUS_PROFILE="production",
                               MOTUS_LAUNCHER="kubernetes", MOTUS_IMAGE=image, KUBECONFIG=str(kubeconfig),
-                              MOTUS_K8S_POLL_S="0.5", **S3_CREDENTIALS)
+                              MOTUS_K8S_POLL_S="0.5", MLFLOW_TRACKING_USERNAME="svc",
+                              MLFLOW_TRACKING_PASSWORD=planted["mlflow"], MOTUS_API_TOKEN=planted["token"], **creds)
+            outputs: list[str] = []
             r = subprocess.run([str(MOTUS), "pipeline", "deploy", "--pool", "motus-process", "--eval-seeds", "1"],
                                cwd=proj, env=env, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr
             assert "deployment motus-pipeline/recipe" in r.stdout
+            outputs.append(r.stdout + r.stderr)
             prefect = str(MOTUS.parent / "prefect")
             r = subprocess.run([prefect, "deployment", "run", "motus-pipeline/recipe"], cwd=proj, env=env,
                                capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
+            outputs.append(r.stdout + r.stderr)
             evicted: list[str] = []
 
             def preempt_stage3():  # a node drain: the Stage 3 Master is evicted once it has a checkpoint
@@ -314,6 +329,7 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
             worker = subprocess.run([prefect, "worker", "start", "--pool", "motus-process", "--run-once"], cwd=proj,
                                     env=env, capture_output=True, text=True, timeout=1500)
             log = worker.stdout + worker.stderr
+            outputs.append(log)
 
             async def flow_runs():
                 from prefect.client.orchestration import get_client
@@ -371,3 +387,26 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
             assert report["lost_device_hours"] >= stage3_row["lost_device_hours"] > 0 and stage3_row["goodput"] < 1
             assert report["device_hours_by_pool"]["cpu"] == pytest.approx(
                 sum(s["device_hours"] or 0 for s in report["steps"] if s.get("pool") == "cpu"))
+            outputs.append(shown.stdout + shown.stderr)
+
+            # the secrets scan: outputs, every file, both databases, every S3 object, the cluster's objects
+            texts = {f"output {i}": t for i, t in enumerate(outputs)}
+            for root in (proj, tmp_path / "mlflow", tmp_path / "prefect-home"):
+                for f in Path(root).rglob("*"):
+                    if f.is_file() and f != kubeconfig:
+                        texts[str(f)] = f.read_bytes().decode("latin-1")
+            for uri in (mlflow_db, prefect_db):
+                dump = subprocess.run(["pg_dump", "-h", "127.0.0.1", "-U", "postgres", uri.rsplit("/", 1)[1]],
+                                      capture_output=True, text=True, timeout=120)
+                assert dump.returncode == 0 and "CREATE TABLE" in dump.stdout, dump.stderr
+                texts[f"pg_dump {uri}"] = dump.stdout
+            for obj in bucket.list_objects_v2(Bucket="motus").get("Contents", []):
+                body = bucket.get_object(Bucket="motus", Key=obj["Key"])["Body"].read()
+                texts[f"s3://motus/{obj['Key']}"] = body.decode("latin-1")
+            for kind in ("jobs", "pods", "configmaps"):
+                texts[f"cluster {kind}"] = json.dumps({str(k): v for k, v in getattr(cluster, kind).items()})
+            texts["cluster requests"] = json.dumps([vars(q) for q in cluster.requests if "/secrets" not in q.path],
+                                                   default=str)
+            found = sorted({(name, where) for name, secret in planted.items() for where, t in texts.items()
+                            if secret in t})
+            assert len(texts) > 100 and not found, f"secrets found: {found[:20]} (of {len(texts)} places)"

@@ -178,10 +178,10 @@ print(json.dumps({"run_id": run_id, "attempts": attempts}))
 def test_a_resumed_job_logs_no_step_twice(mlflow_url, tmp_path):
     """The generic trainer's toy job (tests/train/test_trainer.py) with a real tracker: killed after step 5,
     resumed from its checkpoint at step 3, it computes steps 4 and 5 again; the run holds each step once."""
-    from ..train.test_trainer import REPO, TOY
+    from ..train.test_trainer import REPO, TOY_JOB
 
     script = tmp_path / "resume.py"
-    script.write_text(TOY.split("root = Path(sys.argv[1])")[0] + RESUME)
+    script.write_text(TOY_JOB + RESUME)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), mlflow_url], cwd=REPO, env=env,

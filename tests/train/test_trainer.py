@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-TOY = r'''
+TOY_JOB = r'''
 import json, sys
 from pathlib import Path
 import torch
@@ -53,7 +53,11 @@ class Toy(TrainModule):
         self.calls.append(["export", Path(checkpoint).name])
         (self.run_dir / "export").mkdir()
         return self.run_dir / "export"
+'''
 
+# the toy job's main: three runs of the toy (whole, stopped at step 4, resumed); TOY_JOB (above) is also the
+# job other tests drive their own way (tests/track/test_outage.py)
+TOY = TOY_JOB + r'''
 root = Path(sys.argv[1])
 ctx = init_distributed()
 out = {}

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 class LockTimeout(RegistryError):
     """The model's lock stayed taken for longer than the registry waits."""
 
+    # another holder (or a dead one whose heartbeat has not gone stale yet) is infrastructure, not the step's
+    # fault: the pipeline tries the step again, once per distinct failure (`pipeline.errors.RetryGuard`)
+    transient = True
+
 
 class ModelLock:
     def __init__(self, store: Store, *, ttl: float = 15.0, wait: float = 60.0):

@@ -7,6 +7,12 @@ and cost (own and cumulative along the registered ancestors). The parent is foun
 the parent export's hash is matched against `motus.export_hash` of the registered versions, so a parent
 fetched from the registry into a temporary folder still links. Registration is idempotent: an export already
 registered (same export hash) returns the existing version. Prices and tier levels are arguments.
+
+Crash safety (each gap proven by a test that kills the process there, `crashpoints.py`): killed while
+uploading, the rerun uploads again to the same content-named path (complete files replace partial ones) and
+creates the one version; killed after creating the version but before `candidate` moved, the rerun finds the
+version by its export hash and finishes the registration (moves `candidate`, audits it) unless a newer version
+was registered since.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ...contracts import MANIFEST_FILE, ContractError, FeatureManifest, LineageR
 from ..lineage import export_hash, locate, read_export_lineage
 from ..tags import T, lineage_tags
 from .champion import Champion
+from .crashpoints import crashpoint
 from .lock import ModelLock
 from .store import CANDIDATE, ModelVersionRef, RegistryError, Store, default_actor
 
@@ -62,19 +69,33 @@ class Versions:
         with self.lock(name):
             existing = self.store.versions(name, {f"{T}export_hash": digest})
             if existing:
-                return existing[0]
+                self._finish_interrupted(existing[0], actor)
+                return self.store.version(name, existing[0].version)
             tags = self._tags(export, lineage, run, digest, prices or {}, tier_levels or {})
             # each version's files at a path of their own, named by their content: a second export of the same
             # run (a rerun, another checkpoint) never overwrites the files an earlier version points at
             path = f"model-{digest[:16]}"
             tags[f"{T}artifact_path"] = path
             client.log_artifacts(run_id, str(export), path)
+            crashpoint("registry.uploaded")
             mv = client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{path}",
                                              run_id=run_id, tags=tags,
                                              description=f"{tags[T + 'stage']} export of run {run_id}")
             version = int(mv.version)
+            crashpoint("registry.created")
             self.aliases.move_alias(name, CANDIDATE, version, "register", actor)
             return self.store.version(name, version)
+
+    def _finish_interrupted(self, ref: ModelVersionRef, actor: str) -> None:
+        """A version whose registration never reached its `register` audit entry (the process died after
+        creating it): move `candidate` to it as registration would have, unless a newer version exists."""
+        registered = any(e.get("action") == "register" and e.get("to") == ref.version
+                         for e in self.aliases.history(ref.name))
+        if registered:
+            return
+        newest = max(v.version for v in self.store.versions(ref.name))
+        if newest == ref.version:
+            self.aliases.move_alias(ref.name, CANDIDATE, ref.version, "register", actor, completed="after a crash")
 
     def fetch(self, ref: ModelVersionRef, dst: Path | None = None) -> Path:
         """The version's export, downloaded to `dst` (default: a new temporary folder); its hash is checked."""
