@@ -134,11 +134,15 @@ class Store:
         for k, v in (tags or {}).items():
             op = "LIKE" if v.endswith("%") else "="
             clauses.append(f"tags.`{k}` {op} {quote(v)}")
+        return self.search(" and ".join(clauses) or None)
+
+    def search(self, filter_string: str | None, page_size: int = 1000) -> list[ModelVersionRef]:
+        """Every version an MLflow filter matches (all pages), sorted by (name, version). `page_size` up to the
+        server's limit (200,000) makes a scan of the whole store one request."""
         refs: list[ModelVersionRef] = []
         token = None
         while True:
-            page = self.client.search_model_versions(" and ".join(clauses) or None, max_results=1000,
-                                                     page_token=token)
+            page = self.client.search_model_versions(filter_string, max_results=page_size, page_token=token)
             refs += [self.ref(mv) for mv in page]
             token = page.token
             if not token:
