@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from motus.contracts import mask_process_output
 from motus.pipeline.errors import RetryGuard
 from motus.pipeline.pipeline import GateFailed, Pipeline, is_infrastructure_error
 from motus.pipeline.report import summary_dict, write_report
@@ -47,6 +48,9 @@ async def motus_pipeline(params_file: str = "params.yaml", root: str | None = No
                          until_step: str | None = None, nproc: int = 1,
                          evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the recipe; steps whose content key already has a finished run are reused, not rerun."""
+    # a worker runs this flow in a process of its own, whose output is the worker's log: mask it as the CLI
+    # masks its own (MLflow prints every run's URL, user and password included, on stdout)
+    mask_process_output()
     t0 = time.perf_counter()
     pipe = Pipeline(params_file, root=Path(root) if root else None, nproc=nproc, evaluation=evaluation)
     selected = pipe.select(from_step, until_step)

@@ -18,7 +18,9 @@ Where things live on the cluster (all pods see the same paths):
   see `checkpoint_store`. A restarted or resubmitted job therefore resumes from the latest complete
   checkpoint even on a fresh volume;
 * credentials: only `secretKeyRef`s (S3 keys, optional MLflow user/password); a spec env entry that looks like a
-  credential is refused rather than written inline.
+  credential is refused rather than written inline, and the tracking URI goes into the job without its user
+  and password (`http://svc:pw@mlflow` -> `http://mlflow`): anyone who may list PyTorchJobs reads their env,
+  so the pods authenticate with the MLflow Secret's `MLFLOW_TRACKING_USERNAME`/`_PASSWORD` instead.
 
 `KubernetesLauncher` submits, watches, streams logs and cancels through `TrainingClient`; `job_gpu_hours`
 is nodes x GPUs per node x wall hours of a finished (or running) job.
@@ -51,6 +53,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CLUSTER_TRACKING_URI = "http://mlflow.motus-system.svc.cluster.local:5000"  # infra/mlflow
 STUCK_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                            "CreateContainerError"})
+_URI_PASSWORD = re.compile(r"://[^/@\s:]*:[^/@\s]+@")
 _SECRET_LIKE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE|CREDENTIAL)", re.I)
 
 
@@ -105,6 +108,22 @@ class ClusterOptions:
                    or "://" not in settings.tracking_uri else settings.tracking_uri)
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
+    def job_tracking_uri(self, uri: str | None = None) -> str:
+        """The tracking URI (`uri`, else the options') as a job's spec may carry it: without user information.
+        A URI that carried a password with no MLflow Secret to take its place is refused (the job could not
+        authenticate)."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        uri = uri or self.tracking_uri or CLUSTER_TRACKING_URI
+        parts = urlsplit(uri)
+        if "@" not in parts.netloc:
+            return uri
+        if parts.password and not self.mlflow_secret:
+            raise ValueError("the tracking URI carries a password, and no MLflow Secret is configured to give the "
+                             "job's pods their credentials: put MLFLOW_TRACKING_USERNAME/_PASSWORD in a Secret and "
+                             "set cluster.mlflow_secret (a job's env is readable by whoever may list jobs)")
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
 
 # ------------------------------------------------------------------------------------------------ render
 
@@ -146,7 +165,7 @@ def _env(spec: JobSpec, opts: ClusterOptions) -> list[Any]:
             secret_key_ref=V1SecretKeySelector(name=name, key=key, optional=optional or None)))
 
     plain = {"PYTHONUNBUFFERED": "1", "MOTUS_PARAMS": PARAMS_PATH, "MOTUS_LAUNCHER": "kubernetes",
-             "MOTUS_PROFILE": "production", "MOTUS_TRACKING_URI": opts.tracking_uri or CLUSTER_TRACKING_URI,
+             "MOTUS_PROFILE": "production", "MOTUS_TRACKING_URI": opts.job_tracking_uri(),
              "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
     if opts.data_remote:
         plain["MOTUS_DATA_REMOTE"] = opts.data_remote
@@ -157,6 +176,11 @@ def _env(spec: JobSpec, opts: ClusterOptions) -> list[Any]:
         if _SECRET_LIKE.search(key):
             raise ValueError(f"job env {key}: credentials must come from a Kubernetes Secret, not inline "
                              f"(put it in Secret '{opts.s3_secret}' or your own and reference it)")
+        if key == "MOTUS_TRACKING_URI":
+            value = opts.job_tracking_uri(value)
+        elif _URI_PASSWORD.search(str(value)):
+            raise ValueError(f"job env {key}: a URI with a password must not be written inline; give the job its "
+                             "credentials from a Kubernetes Secret")
         plain[key] = value
     env = [V1EnvVar(name=k, value=v) for k, v in plain.items()]
     env += [secret("AWS_ACCESS_KEY_ID", opts.s3_secret, "AWS_ACCESS_KEY_ID"),

@@ -289,11 +289,17 @@ class Pipeline:
         models = [s.registered_model for _, s in sorted(self.params.stages.items(), key=lambda kv: kv[1].stage)]
         if any(s.action_source == "latent" for s in self.params.stages.values()):
             models.append(self.params.latent_action.registered_model)
+        from ..track.registry import UnverifiedAlias
+
         out = {}
+        self.unverified_champions: dict[str, str] = {}
         for model in models:
             try:
                 c = self.registry.champion(model)
-            except Exception:  # noqa: BLE001
+            except UnverifiedAlias as e:  # not a champion the platform stands behind: said beside the table
+                self.unverified_champions[model] = e.state.describe()
+                c = None
+            except Exception:  # noqa: BLE001 - a model never registered, a store hiccup: no champion to show
                 c = None
             out[model] = None if c is None else int(c.version)
         return out

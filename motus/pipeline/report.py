@@ -40,7 +40,9 @@ def summary_dict(pipe: Any, wall_seconds: float, stopped: str | None, error: str
             "device_hours_by_pool": _by_pool(steps),
             "lost_device_hours": sum(s["lost_device_hours"] or 0.0 for s in steps),
             "compute_seconds": round(sum(s["compute_seconds"] for s in steps), 2),
-            "steps": steps, "champions": pipe.champions(), "tracking_uri": mask_secrets(pipe.tracking_uri),
+            "steps": steps, "champions": pipe.champions(),
+            "unverified_champions": getattr(pipe, "unverified_champions", {}),
+            "tracking_uri": mask_secrets(pipe.tracking_uri),
             "pipeline_run": pipe.pipeline_run}
 
 
@@ -134,6 +136,8 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     console.print(t)
     champs = ", ".join(f"{m}: {'v' + str(v) if v else 'none'}" for m, v in report["champions"].items())
     console.print(f"champions: {champs}")
+    for model, state in (report.get("unverified_champions") or {}).items():
+        console.print(f"[red]{model}: {state}[/red]; `motus registry verify {model} --repair` restores the audited state")
     pools = report.get("device_hours_by_pool") or {}
     per_pool = f" ({', '.join(f'{p}: {h:.4f}' for p, h in sorted(pools.items()))})" if pools else ""
     console.print(f"device hours this run: {report['device_hours']:.4f}{per_pool}")

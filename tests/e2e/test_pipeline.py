@@ -409,4 +409,6 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
                                                    default=str)
             found = sorted({(name, where) for name, secret in planted.items() for where, t in texts.items()
                             if secret in t})
-            assert len(texts) > 100 and not found, f"secrets found: {found[:20]} (of {len(texts)} places)"
+            context = [texts[w][max(0, texts[w].index(planted[n]) - 160):texts[w].index(planted[n]) + 60]
+                       .replace(planted[n], f"<{n}>") for n, w in found[:3]]
+            assert len(texts) > 100 and not found, f"secrets found: {found[:20]} (of {len(texts)} places): {context}"

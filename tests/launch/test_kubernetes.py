@@ -98,6 +98,18 @@ def test_rendered_job_for_every_pool_and_stage_validates(params, stage, pool):
 def test_inline_credentials_and_bad_choices_are_refused(params):
     with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY: credentials must come from a Kubernetes Secret"):
         _render(_spec("stage1", "h100", 2, params, env={"AWS_SECRET_ACCESS_KEY": "hunter2"}), params)
+    # the tracking URI's user and password never reach the job's spec: the pods take the MLflow Secret's
+    job = _render(_spec("stage1", "h100", 2, params), params, tracking_uri="http://svc:pw-planted-9@mlflow:5000")
+    env = {e["name"]: e for e in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MOTUS_TRACKING_URI"]["value"] == "http://mlflow:5000" and "pw-planted-9" not in json.dumps(job)
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "motus-mlflow"
+    job = _render(_spec("stage1", "h100", 2, params, env={"MOTUS_TRACKING_URI": "http://svc:pw-planted-9@mlflow:5000"}),
+                  params)
+    assert "pw-planted-9" not in json.dumps(job)  # the pipeline's own URI, handed over in the spec's env
+    with pytest.raises(ValueError, match="job env MOTUS_DB: a URI with a password must not be written inline"):
+        _render(_spec("stage1", "h100", 2, params, env={"MOTUS_DB": "postgresql://u:pw@db/x"}), params)
+    with pytest.raises(ValueError, match="tracking URI carries a password, and no MLflow Secret"):
+        _render(_spec("stage1", "h100", 2, params), params, tracking_uri="http://svc:pw@mlflow:5000", mlflow_secret=None)
     with pytest.raises(ValueError, match=r"pools\.v100: unknown pool"):
         _render(JobSpec(stage="stage1", run_dir=Path("r"), params_file=PARAMS, pool="v100", image=IMAGE), params)
     with pytest.raises(ValueError, match="exceeds pools.h100.gpus_per_node 8"):

@@ -255,6 +255,9 @@ def test_an_alias_moved_outside_the_platform_is_refused_flagged_and_repaired(sto
         step = pipe.by_name[f"gate:{model}"]
         with pytest.raises(PipelineError, match=rf"gate:{model}: '{model}': UNVERIFIED: champion -> v{live}"):
             pipe.kind_of(step).current(pipe, step)
+    # the pipeline's summary shows no champion for them, and says why
+    assert pipe.champions()[STAGE3] is None and pipe.champions()[s2] is None
+    assert pipe.unverified_champions[STAGE3] == f"UNVERIFIED: champion -> v{other} set outside the platform; audited: v{champ}"
 
     def cli(*args: str):
         return CliRunner().invoke(app, ["registry", *args, "--tracking-uri", store.uri,
