@@ -946,6 +946,9 @@ class Settings(BaseSettings):
     runner_dir: Path | None = Field(None, description="Where warm runners keep their sockets, pid files and logs "
                                     "(default: <tmp>/motus-runners-<uid>).")
     runner_idle_s: float = Field(120.0, gt=0, description="A warm runner exits after this long without jobs.")
+    checkpoint_async: bool = Field(True, description="Training jobs write checkpoints in the background: the state "
+                                   "is copied to host memory at the step boundary and training goes on while the "
+                                   "files are written; false: the loop waits for each save.")
 
 
 def settings_errors(exc: ValidationError) -> list[tuple[str, str]]:

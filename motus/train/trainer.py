@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .checkpoint import find_latest_complete, remove_leftovers, save_checkpoint
+from .checkpoint import CheckpointSaver, find_latest_complete, remove_leftovers
 from .distributed import JobContext, accounting, job_hours, mean_across_ranks
 from .engine import resume_latest
 from .run_lock import RunFolderLock
@@ -37,6 +37,9 @@ class Cadence:
     checkpoint_every: int
     log_every: int = 1
     keep_checkpoints: int | None = None  # None: keep every checkpoint
+    # checkpoints written in the background while training goes on (snapshot at the step boundary, at most one
+    # save in flight); None: the environment's MOTUS_CHECKPOINT_ASYNC (default on)
+    async_checkpoints: bool | None = None
 
 
 @dataclass
@@ -138,6 +141,12 @@ class Trainer:
         self.engine: Any = None
         self.optimizer: Any = None
         self.scheduler: Any = None
+        background = module.cadence.async_checkpoints
+        if background is None:
+            from ..config import get_settings
+
+            background = get_settings().checkpoint_async
+        self.saver = CheckpointSaver(background=background)
 
     def start(self) -> Any:
         """Build the module, wrap it in a DeepSpeed engine and resume its latest complete checkpoint."""
@@ -158,6 +167,9 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except BaseException:
+            self.saver.abandon()  # a failed job commits nothing more: the last committed checkpoint stays the latest
+            raise
         finally:  # the process usually exits next, which frees the lock anyway; an in-process rerun needs it now
             if getattr(self, "lock", None) is not None:
                 self.lock.release()
@@ -178,6 +190,7 @@ class Trainer:
             # the starting point, measured the same way: how much a job's held-out losses fell is read against it
             m.validate(self.engine, 0)
         for step in range(resumed.step, end):
+            self.saver.check()  # a background save that failed fails the job here, at the step boundary
             t0 = time.perf_counter()
             out = m.loss(self.engine, step)
             self.engine.backward(out["loss"])
@@ -197,11 +210,12 @@ class Trainer:
             if done % c.validate_every == 0 or done == c.steps:
                 m.validate(self.engine, done)
             if done % c.checkpoint_every == 0 or done == c.steps:
-                last_ckpt = save_checkpoint(
+                last_ckpt = self.saver.save(
                     self.engine, m.run_dir / "checkpoints", done, stage=m.name, data_position=done * c.batch_size,
                     config_hash=m.config_hash, parent=m.parent,
                     wall_seconds=resumed.wall_seconds + time.perf_counter() - t_start, keep_last=c.keep_checkpoints,
                     extra={"mlflow_run_id": m.tracker.run_id, "precision": m.precision, **m.checkpoint_extra()})
+        self.saver.wait()  # the last checkpoint is committed before the job ends or exports from it
         wall = resumed.wall_seconds + time.perf_counter() - t_start
         hours = job_hours(ctx, wall)
         export = None

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from motus.launch.local import free_port as _free_port
 from motus.train.checkpoint import (
@@ -353,3 +354,86 @@ def test_a_full_disk_says_no_space_and_leaves_no_partial_save(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
     assert out["error"].startswith(f"no space left on {disk}/run (a checkpoint needs ~"), out
     assert "free): the partial save .tmp-step-000001-" in out["error"] and out["left"] == []
+
+
+# --- asynchronous saves (in the pytest process: a stand-in engine, no process group) -----------------------
+class _Writer:
+    """DeepSpeed's default checkpoint engine, reduced to what a save calls."""
+
+    def makedirs(self, path, exist_ok=False):
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
+class _Engine:
+    """Saves like DeepSpeed: the state dicts go through `checkpoint_engine.save`, views of one storage included."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(64, 64)
+        self.checkpoint_engine = _Writer()
+
+    def save_checkpoint(self, save_dir, tag, client_state):
+        d = Path(save_dir) / tag
+        self.checkpoint_engine.makedirs(d, exist_ok=True)
+        state = {"module": self.module.state_dict(), "row0": self.module.weight[0], **client_state}
+        self.checkpoint_engine.save(state, str(d / "mp_rank_00_model_states.pt"))
+
+
+def test_async_save_snapshots_at_the_step_and_commits_only_when_written(tmp_path, monkeypatch):
+    """The loop changes the weights while the save is still writing (held on an event): the files hold the weights
+    of the save's step; `latest` and the scan show the previous checkpoint until the write is complete; a failed
+    background write is raised at the next step boundary, naming the checkpoint."""
+    import threading
+
+    from motus.train import checkpoint as ck
+
+    gate, writing = threading.Event(), threading.Event()
+    real_write = ck._write_captured
+
+    def held_write(*a, **kw):
+        writing.set()
+        assert gate.wait(20), "the test never released the writer"
+        return real_write(*a, **kw)
+
+    engine, root = _Engine(), tmp_path / "ckpts"
+    saver = ck.CheckpointSaver(background=True)
+    meta = dict(stage="toy", config_hash="cfg", parent=None, wall_seconds=1.0)
+    first = saver.save(engine, root, 1, data_position=4, **meta)
+    assert saver.wait() == first and find_latest_complete(root) == first
+
+    monkeypatch.setattr(ck, "_write_captured", held_write)
+    at_step_2 = engine.module.state_dict()
+    at_step_2 = {k: v.clone() for k, v in at_step_2.items()}
+    second = saver.save(engine, root, 2, data_position=8, **meta)
+    assert writing.wait(20)
+    with torch.no_grad():  # the next optimizer steps, while the save is in flight
+        for p in engine.module.parameters():
+            p.mul_(-3.0).add_(1.0)
+    assert saver.in_flight() == second and not second.exists()
+    assert find_latest_complete(root) == first and (root / "latest").read_text().strip() == "step-000001"
+    assert [p.name.startswith(".tmp-step-000002-") for p in root.iterdir() if p.name.startswith(".tmp")] == [True]
+    gate.set()
+    assert saver.wait() == second
+    assert find_latest_complete(root) == second and (root / "latest").read_text().strip() == "step-000002"
+    assert verify_checkpoint(second) == []
+    saved = torch.load(second / "ds" / "mp_rank_00_model_states.pt", weights_only=True)
+    for k, v in at_step_2.items():
+        assert torch.equal(saved["module"][k], v), k
+    assert torch.equal(saved["row0"], at_step_2["weight"][0])
+    assert saved["motus"]["step"] == 2 and not torch.equal(engine.module.weight, at_step_2["weight"])
+    assert [t.step for t in saver.timings] == [1, 2] and all(t.write_s is not None for t in saver.timings)
+
+    def broken_write(*a, **kw):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(ck, "_write_captured", broken_write)
+    third = saver.save(engine, root, 3, data_position=12, **meta)
+    while saver.in_flight():
+        time.sleep(0.01)
+    with pytest.raises(CheckpointError, match=r"background save of checkpoint .*step-000003 failed.*disk went away"):
+        saver.check()
+    saver.check()  # raised once, then cleared
+    assert not third.exists() and find_latest_complete(root) == second

@@ -58,11 +58,15 @@ class Toy(TrainModule):
 # the toy job's main: three runs of the toy (whole, stopped at step 4, resumed); TOY_JOB (above) is also the
 # job other tests drive their own way (tests/track/test_outage.py)
 TOY = TOY_JOB + r'''
+import dataclasses
 root = Path(sys.argv[1])
 ctx = init_distributed()
 out = {}
-for key, folder, max_steps in (("whole", "a", None), ("stopped", "b", 4), ("resumed", "b", None)):
+# both ways of saving: in the background (the default) and with the loop waiting (the stopped run)
+for key, folder, max_steps, background in (("whole", "a", None, True), ("stopped", "b", 4, False),
+                                           ("resumed", "b", None, True)):
     toy = Toy(root / folder, ctx, max_steps)
+    toy.cadence = dataclasses.replace(toy.cadence, async_checkpoints=background)
     r = Trainer(toy).run()
     out[key] = {"steps": r.steps, "losses": r.losses, "calls": toy.calls, "resumed_from": str(r.resumed_from),
                 "export": str(r.export_dir), "hours": r.device_hours,
