@@ -448,7 +448,10 @@ class _Capture:
     def __init__(self, real: Any, tmp: Path, pool: dict[int, list[Any]]):
         self.real, self.tmp = real, tmp
         self.files: dict[str, Any] = {}
-        self.memo: dict[tuple[Any, ...], Any] = {}  # storage -> its copy: views stay views of one copy
+        # storage -> (the storage, its copy): views stay views of one copy. Holding the source until the capture
+        # ends keeps its address from being reused by a later temporary (DeepSpeed clones some states per file),
+        # which would otherwise find the earlier copy under the same key
+        self.memo: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         self.pool = pool  # nbytes -> free host buffers of a previous snapshot
         self.zipfile = bool(getattr(real, "zipfile_serialization", True))
 
@@ -523,9 +526,9 @@ def _snapshot(engine: Any, tmp: Path, step: int, stage: str, data_position: int,
         finally:
             engine.checkpoint_engine = real
         files, zipfile = capture.files, capture.zipfile
-        nbytes = sum(s.nbytes() for s in capture.memo.values())
+        nbytes = sum(c.nbytes() for _, c in capture.memo.values())
     files[_rng_name(rank)] = _rng_state()
-    storages = list(capture.memo.values()) if real is not None else []
+    storages = [c for _, c in capture.memo.values()] if real is not None else []
     return _Snapshot(files, zipfile, nbytes, storages)
 
 
@@ -553,7 +556,7 @@ def _tensor_copy(t: torch.Tensor, memo: dict[tuple[Any, ...], Any], pool: dict[i
         return t.detach().to("cpu", copy=True)
     src = t.untyped_storage()
     key = (src.data_ptr(), src.device, src.nbytes())
-    storage = memo.get(key)
+    storage = memo[key][1] if key in memo else None
     if storage is None:
         free = pool.get(src.nbytes())
         if free:
@@ -564,7 +567,7 @@ def _tensor_copy(t: torch.Tensor, memo: dict[tuple[Any, ...], Any], pool: dict[i
         else:  # pinned: the copy from the device runs at the bus's speed, and the buffer is reused next time
             storage = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=True).untyped_storage()
             storage.copy_(src)
-        memo[key] = storage
+        memo[key] = (src, storage)
     out = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride())
     if isinstance(t, torch.nn.Parameter):
         return torch.nn.Parameter(out, requires_grad=t.requires_grad)
