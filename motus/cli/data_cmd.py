@@ -190,7 +190,7 @@ def show(tier: str, params: ParamsOption = None,
     if m.action_stats:
         s = m.action_stats
         typer.echo(f"  actions mean {s['mean'][:4]}... std {s['std'][:4]}...")
-    for rec in t.index[:episodes]:
+    for rec in t.head(episodes):
         typer.echo(f"  - {rec['id']}: {rec['frames']} frames, {rec['embodiment']}, {rec['instructions'][:1]}")
     for q in t.quarantined()[:episodes]:
         typer.echo(f"  quarantined {q['episode']}: {'; '.join(q['reasons'])}")

@@ -265,24 +265,17 @@ class TierWindows(Dataset):
         self._state_stats = (_stats_used(m.state_stats, method, "state", tier.name)
                              if m.state_stats is not None else None)
 
-        ids = [r["id"] for r in tier.index]
+        # the index as columns: a tier of a million episodes opens in seconds, in a few hundred MB
+        ids = tier.ids()
         self.train_ids, self.heldout_ids = split_episodes(tier.name, ids, self.heldout_fraction)
         chosen = set(ids if split == "all" else self.train_ids if split == "train" else self.heldout_ids)
-        self.episode_ids: list[str] = []  # episodes of this split that yield >= 1 window
-        self.skipped_short_ids: list[str] = []  # episodes of this split too short for one window
-        self._records: list[dict[str, Any]] = []
-        counts: list[int] = []
-        for rec in tier.index:
-            if rec["id"] not in chosen:
-                continue
-            n = spec.num_starts(int(rec["frames"]), stride)
-            if n == 0:
-                self.skipped_short_ids.append(rec["id"])
-                continue
-            self.episode_ids.append(rec["id"])
-            self._records.append(rec)
-            counts.append(n)
-        self._cum = np.cumsum([0] + counts).tolist()  # window w lives in episode bisect_right(cum, w) - 1
+        last = tier.frame_counts().astype(np.int64) - spec.span  # largest valid start, as num_starts computes it
+        starts = np.where(last < 0, 0, last // stride + 1)
+        in_split = np.fromiter((e in chosen for e in ids), dtype=bool, count=len(ids))
+        self.episode_ids: list[str] = [ids[i] for i in np.flatnonzero(in_split & (starts > 0))]  # >= 1 window
+        self.skipped_short_ids: list[str] = [ids[i] for i in np.flatnonzero(in_split & (starts == 0))]
+        counts = starts[in_split & (starts > 0)]
+        self._cum = np.concatenate([[0], np.cumsum(counts)]).tolist()  # window w: episode bisect_right(cum, w) - 1
         if self.skipped_short_ids:
             log.warning("tier '%s' (%s split): skipped %d episode(s) shorter than %d frames (one window of "
                         "chunk=%d, downsample=%d): %s", tier.name, split, len(self.skipped_short_ids),
@@ -334,18 +327,14 @@ class TierWindows(Dataset):
     def __len__(self) -> int:
         return self._cum[-1]
 
-    def _locate(self, index: int) -> tuple[dict[str, Any], int]:
+    def locate(self, index: int) -> tuple[str, int]:
+        """Window index -> (episode id, start frame)."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"window {index} out of range for tier '{self.name}' ({n} windows)")
         index %= n
         e = bisect.bisect_right(self._cum, index) - 1
-        return self._records[e], (index - self._cum[e]) * self.stride
-
-    def locate(self, index: int) -> tuple[str, int]:
-        """Window index -> (episode id, start frame)."""
-        rec, start = self._locate(index)
-        return rec["id"], start
+        return self.episode_ids[e], (index - self._cum[e]) * self.stride
 
     # -- reading --------------------------------------------------------------------------------------
     def _decoded(self, episode_id: str) -> _Decoded:
@@ -398,14 +387,13 @@ class TierWindows(Dataset):
         return frames_to_video(frames, self.spec.image_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rec, start = self._locate(int(index))
-        episode_id = rec["id"]
+        episode_id, start = self.locate(int(index))
         d = self._decoded(episode_id)
         actions = None
         if d.actions is not None:
             actions = torch.from_numpy(d.actions[self.spec.action_indices(start)].copy())
         state = None if d.state is None else torch.from_numpy(d.state[start].copy())
-        instructions = rec.get("instructions") or []
+        instructions = self.tier.instructions(episode_id)
         return {
             "video": self._video(d.frames[self.spec.video_indices(start)]),
             "actions": actions,

@@ -55,9 +55,14 @@ class RunningStats:
     def __init__(self, reservoir: int = 100_000, seed: int = 0):
         self.n, self.mean, self.m2 = 0, None, None
         self.min = self.max = None
-        self.reservoir: np.ndarray | None = None
+        self._rows: np.ndarray | None = None  # the reservoir, allocated once; the first `filled` rows are in use
+        self.filled = 0
         self.cap, self.seen = reservoir, 0
         self.rng = np.random.default_rng(seed)
+
+    @property
+    def reservoir(self) -> np.ndarray:
+        return self._rows[: self.filled]
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
@@ -67,7 +72,7 @@ class RunningStats:
             d = x.shape[1]
             self.mean, self.m2 = np.zeros(d), np.zeros(d)
             self.min, self.max = np.full(d, np.inf), np.full(d, -np.inf)
-            self.reservoir = np.empty((0, d))
+            self._rows = np.empty((self.cap, d))
         n_b, mean_b = len(x), x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
         delta, total = mean_b - self.mean, self.n + n_b
@@ -75,17 +80,26 @@ class RunningStats:
         self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / total
         self.n = total
         self.min, self.max = np.minimum(self.min, x.min(0)), np.maximum(self.max, x.max(0))
-        # reservoir sampling keeps the quantiles honest without holding every row
-        free = self.cap - len(self.reservoir)
+        # reservoir sampling keeps the quantiles honest without holding every row; filled in place and drawn a
+        # batch at a time (a tier of a million episodes updates this millions of times: no per-row Python, no
+        # copy of the reservoir per call)
+        free = self.cap - self.filled
         if free > 0:
-            self.reservoir = np.vstack([self.reservoir, x[:free]])
-            self.seen += min(free, len(x))
+            take = x[:free]
+            self._rows[self.filled: self.filled + len(take)] = take
+            self.filled += len(take)
+            self.seen += len(take)
             x = x[free:]
-        for row in x:
-            self.seen += 1
-            j = self.rng.integers(0, self.seen)
-            if j < self.cap:
-                self.reservoir[j] = row
+        if len(x):
+            # row k of the batch is the (seen + k + 1)-th row seen: it replaces slot j ~ U[0, seen + k + 1)
+            j = (self.rng.random(len(x)) * (self.seen + 1 + np.arange(len(x)))).astype(np.int64)
+            self.seen += len(x)
+            keep = np.flatnonzero(j < self.cap)
+            # a slot drawn twice keeps the later row, as one row at a time would (numpy does not promise an
+            # order for repeated indices, so the later one is picked explicitly)
+            _, last_from_end = np.unique(j[keep][::-1], return_index=True)
+            pick = keep[len(keep) - 1 - last_from_end]
+            self._rows[j[pick]] = x[pick]
 
     def to_dict(self) -> dict[str, Any] | None:
         if not self.n:
@@ -371,8 +385,50 @@ class TierWriter:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def shard_members(path: Path) -> dict[str, tuple[int, int]]:
+    """Every member of a shard: name -> (offset of its data, size).
+
+    The shards are our own USTAR archives of regular files, so their headers are read straight from a memory
+    map (name, size, type): `tarfile` parses every field of every header in Python, ~60 us a member, which is
+    seconds for a shard of 10^5 small episodes before a loader's first window. Anything else (another
+    format, a link, a long-name extension) is read by `tarfile`."""
+    import mmap
+
+    out: dict[str, tuple[int, int]] = {}
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return out
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            end, off = len(mm), 0
+            while off + 512 <= end:
+                header = mm[off: off + 512]
+                if header[0] == 0:  # the end-of-archive zero blocks
+                    return out
+                if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0") or header[345] != 0:
+                    break
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                out[name] = (off + 512, size)
+                off += 512 + (size + 511) // 512 * 512
+            else:
+                return out
+    with tarfile.open(path) as tar:  # not a plain archive of ours: the general reader
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+
+
+# the episode index's columns as the writer writes them; older or newer fields are read as they come
+_INDEX_COLUMNS = (("id", "string"), ("shard", "int64"), ("frames", "int64"), ("embodiment", "string"),
+                  ("native_action_dim", "int64"), ("instructions", "list<string>"))
+
+
 class Tier:
-    """Read access to a finished tier: the manifest, the episode index, and episodes by id."""
+    """Read access to a finished tier: the manifest, the episode index, and episodes by id.
+
+    Opening reads only the manifest: `motus data status` of a tier of a million episodes must not parse a
+    million index lines. The index is read when first needed, as columns (`table`, parsed by Arrow's
+    multithreaded JSON reader, a few bytes per episode) for the loader and the lookups here; `index`, the
+    records as dicts, is there for small tiers and tools (it costs ~0.5 kB of Python objects per episode).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -380,9 +436,65 @@ class Tier:
             self.manifest = TierManifest.read(self.path)
         except ContractError as e:
             raise TierError(str(e)) from None
-        self.index = [json.loads(line) for line in (self.path / INDEX).read_text().splitlines() if line]
-        self._by_id = {r["id"]: r for r in self.index}
-        self._members: dict[int, dict[str, tarfile.TarInfo]] = {}
+        if not (self.path / INDEX).is_file():
+            raise TierError(f"{self.path / INDEX}: missing (the tier was not completely written)")
+        self._members: dict[int, dict[str, tuple[int, int]]] = {}
+        self._table: Any = None
+        self._index: list[dict[str, Any]] | None = None
+        self._rows: dict[str, int] | None = None
+        self._shard_of: np.ndarray | None = None
+
+    @property
+    def table(self) -> Any:
+        """The episode index as a pyarrow Table (one row per episode, in index order)."""
+        if self._table is None:
+            import pyarrow as pa
+            import pyarrow.json as pj
+
+            types = {"string": pa.string(), "int64": pa.int64(), "list<string>": pa.list_(pa.string())}
+            schema = pa.schema([(name, types[t]) for name, t in _INDEX_COLUMNS])
+            try:
+                self._table = pj.read_json(self.path / INDEX, parse_options=pj.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="infer"))
+            except pa.ArrowInvalid as e:
+                raise TierError(f"{self.path / INDEX}: unreadable episode index ({e})") from None
+        return self._table
+
+    @property
+    def index(self) -> list[dict[str, Any]]:
+        """Every episode's index record as a dict (read on first use)."""
+        if self._index is None:
+            self._index = [json.loads(line) for line in (self.path / INDEX).read_text().splitlines() if line]
+        return self._index
+
+    def ids(self) -> list[str]:
+        return self.table.column("id").to_pylist()
+
+    def frame_counts(self) -> np.ndarray:
+        return self.table.column("frames").to_numpy()
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        """The first `n` index records, without reading the rest."""
+        out = []
+        with open(self.path / INDEX) as f:
+            for line in f:
+                if len(out) >= n:
+                    break
+                if line.strip():
+                    out.append(json.loads(line))
+        return out
+
+    def _row(self, episode_id: str) -> int | None:
+        if self._rows is None:
+            self._rows = {eid: i for i, eid in enumerate(self.ids())}
+            self._shard_of = self.table.column("shard").to_numpy()
+        return self._rows.get(episode_id)
+
+    def instructions(self, episode_id: str) -> list[str]:
+        row = self._row(episode_id)
+        if row is None:
+            raise KeyError(f"tier '{self.name}' has no episode '{episode_id}'")
+        return self.table.column("instructions")[row].as_py() or []
 
     @property
     def name(self) -> str:
@@ -393,28 +505,27 @@ class Tier:
         return self.manifest.content_hash
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.manifest.episodes
 
-    def _shard_members(self, shard: int) -> dict[str, tarfile.TarInfo]:
+    def _shard_members(self, shard: int) -> dict[str, tuple[int, int]]:
+        """member name -> (offset of its data, size), read once per shard."""
         if shard not in self._members:
-            p = self.path / self.manifest.shards[shard]["name"]
-            with tarfile.open(p) as tar:
-                self._members[shard] = {m.name: m for m in tar.getmembers()}
+            self._members[shard] = shard_members(self.path / self.manifest.shards[shard]["name"])
         return self._members[shard]
 
     def _read(self, shard: int, name: str) -> bytes:
-        info = self._shard_members(shard)[name]
+        offset, size = self._shard_members(shard)[name]
         with open(self.path / self.manifest.shards[shard]["name"], "rb") as f:
-            f.seek(info.offset_data)
-            return f.read(info.size)
+            f.seek(offset)
+            return f.read(size)
 
     def read_episode(self, episode_id: str, views: list[str] | None = None, prefer: str | None = None) -> Episode:
         """The episode with `views` decoded (None: every view; with `prefer`: only that view where the episode
         has it, else only its first, so a reader wanting one camera never decodes the others)."""
-        rec = self._by_id.get(episode_id)
-        if rec is None:
+        row = self._row(episode_id)
+        if row is None:
             raise KeyError(f"tier '{self.name}' has no episode '{episode_id}'")
-        shard = rec["shard"]
+        shard = int(self._shard_of[row])
         members = self._shard_members(shard)
         meta = json.loads(self._read(shard, f"{episode_id}.meta.json"))
         frames = {}
@@ -422,7 +533,10 @@ class Tier:
         if views is None and prefer is not None:
             views = [prefer] if prefer in order else order[:1]
         for view in views or order:
-            name = next((n for n in members if n.startswith(f"{episode_id}.{view}.") and not n.endswith((".npy", ".json"))), None)
+            # the codecs' names first (a dict lookup), then a scan: a shard of small episodes has 10^5 members
+            name = next((f"{episode_id}.{view}.{ext}" for ext in ("mp4", "npz") if f"{episode_id}.{view}.{ext}" in members),
+                        None) or next((n for n in members if n.startswith(f"{episode_id}.{view}.")
+                                       and not n.endswith((".npy", ".json"))), None)
             if name is None:
                 raise TierError(f"{self.path}: episode '{episode_id}' has no view '{view}' (has {order})")
             frames[view] = decode_frames(self._read(shard, name), name.rsplit(".", 1)[1])
@@ -434,17 +548,20 @@ class Tier:
 
     def read_arrays(self, episode_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Actions and state only (no video decode): what statistics and probes need."""
-        rec = self._by_id[episode_id]
-        members = self._shard_members(rec["shard"])
+        row = self._row(episode_id)
+        if row is None:
+            raise KeyError(f"tier '{self.name}' has no episode '{episode_id}'")
+        shard = int(self._shard_of[row])
+        members = self._shard_members(shard)
         out = []
         for key in ("actions", "state"):
             name = f"{episode_id}.{key}.npy"
-            out.append(np.load(io.BytesIO(self._read(rec["shard"], name))) if name in members else None)
+            out.append(np.load(io.BytesIO(self._read(shard, name))) if name in members else None)
         return out[0], out[1]
 
     def episodes(self) -> Iterator[Episode]:
-        for rec in self.index:
-            yield self.read_episode(rec["id"])
+        for episode_id in self.ids():
+            yield self.read_episode(episode_id)
 
     def quarantined(self) -> list[dict[str, Any]]:
         p = self.path / QUARANTINE

@@ -1,0 +1,125 @@
+"""A tier of a million episodes: ingest, versioning, status/show, and the loader's open, first window, memory.
+
+    python benchmarks/tier_scale.py [--episodes 1000000] [--frames 4] [--size 8]
+
+Synthesises `--episodes` short episodes (small frames, npz) from a `python` source in a project of its own
+(params.yaml with one tier), then measures, each against what it is compared with:
+
+1. ingest: `motus data ingest` episodes/s (validation, encoding, sharding, statistics);
+2. versioning: `dvc add` + `dvc push` of the built tier to a local remote (what `motus data version` does
+   after the ingest it reproduces) against `tar | md5sum` of the same bytes; ratio target <= 1.5;
+3. `motus data status` and `motus data show` seconds (targets: status <= 2 s), each against the CLI's own
+   start-up (`motus --help`), which no command can beat;
+4. the window loader over the whole tier, in a fresh process: open seconds (target <= 5 s), first window
+   seconds, and the process's peak resident memory (target <= 2 GB).
+
+The issue's targets are printed beside each number as a ratio (value / target; <= 1 meets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MOTUS = REPO / ".venv" / "bin" / "motus"
+
+SOURCE = '''
+import numpy as np
+from motus.data.episode import Episode
+
+def episodes(n, frames, size):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
+    actions = rng.uniform(0.1, 0.9, (frames, 14)).astype(np.float32)
+    for i in range(n):
+        yield Episode(f"ep{i:07d}", {"top": np.roll(base, i % size, axis=2)}, actions + (i % 7) * 0.01, actions,
+                      ["pick up the cube"], 10.0, "aloha", "scale")
+'''
+
+LOADER = '''
+import json, resource, sys, time
+t = time.perf_counter()
+from motus.data.loader import TierWindows, WindowSpec
+from motus.data.tier import Tier
+imported = time.perf_counter() - t
+t = time.perf_counter()
+ds = TierWindows(Tier(sys.argv[1]), WindowSpec(chunk=2, video_action_ratio=2, downsample=1, image_size=(8, 8)),
+                 split="train")
+opened = time.perf_counter() - t
+t = time.perf_counter()
+ds[len(ds) // 2]
+first = time.perf_counter() - t
+print(json.dumps({"open_s": opened, "first_window_s": first, "windows": len(ds), "import_s": imported,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def timed(cmd: list[str] | str, cwd: Path, **kw) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, **kw)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--episodes", type=int, default=1_000_000)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--size", type=int, default=8)
+    ap.add_argument("--keep", action="store_true", help="Keep the project folder (printed).")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="motus-tier-scale-"))
+    try:
+        (root / "scale_source.py").write_text(textwrap.dedent(SOURCE))
+        (root / "params.yaml").write_text(json.dumps({
+            "data": {"root": "data/tiers", "codec": "npz"},
+            "tiers": {"big": {"level": 4, "embodiment": "aloha", "action_dim": 14, "source": {
+                "kind": "python", "options": {"file": str(root / "scale_source.py"), "function": "episodes",
+                                              "n": args.episodes, "frames": args.frames, "size": args.size}}}}}))
+        env = {**os.environ, "MOTUS_PARAMS": str(root / "params.yaml")}
+        print(f"tier of {args.episodes:,} episodes x {args.frames} frames of {args.size}x{args.size} (npz), {root}")
+
+        ingest_s = timed([str(MOTUS), "data", "ingest", "big"], root, env=env)
+        tier = root / "data" / "tiers" / "big"
+        size_mb = sum(p.stat().st_size for p in tier.rglob("*") if p.is_file()) / 2**20
+        print(f"ingest: {args.episodes / ingest_s:,.0f} episodes/s ({size_mb:,.0f} MB written)")
+
+        tar_s = timed(f"tar cf - -C {tier.parent} {tier.name} | md5sum", root, shell=True)
+        dvc = [sys.executable, "-m", "dvc"]
+        subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
+        (root / "remote").mkdir()
+        subprocess.run([*dvc, "remote", "add", "-d", "local", str(root / "remote")], cwd=root, check=True,
+                       capture_output=True)
+        version_s = timed([*dvc, "add", "-q", "data/tiers/big"], root) + timed([*dvc, "push", "-q"], root)
+        print(f"versioning: dvc add + push {version_s:.1f}s vs tar|md5sum {tar_s:.1f}s -> ratio "
+              f"{version_s / tar_s:.2f} (target <= 1.5: {version_s / tar_s / 1.5:.2f} of it)")
+
+        startup = min(timed([str(MOTUS), "--help"], root, env=env) for _ in range(3))
+        status = min(timed([str(MOTUS), "data", "status"], root, env=env) for _ in range(3))
+        show = min(timed([str(MOTUS), "data", "show", "big"], root, env=env) for _ in range(3))
+        print(f"data status: {status:.2f}s ({status / 2:.2f} of the 2 s target; CLI start-up alone {startup:.2f}s)")
+        print(f"data show: {show:.2f}s ({show / startup:.2f}x the CLI start-up)")
+
+        out = subprocess.run([sys.executable, "-c", LOADER, str(tier)], cwd=REPO, check=True, capture_output=True,
+                             text=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"loader: open {r['open_s']:.2f}s ({r['open_s'] / 5:.2f} of the 5 s target), first window "
+              f"{r['first_window_s']:.2f}s, peak memory {r['max_rss_mb']:,.0f} MB ({r['max_rss_mb'] / 2048:.2f} of "
+              f"the 2 GB target), {r['windows']:,} windows")
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
