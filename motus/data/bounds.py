@@ -11,9 +11,11 @@ rotate, gripper): joint ranges in radians as the ALOHA MuJoCo model declares the
 ``vx300s_right.xml`` of the ACT and gym-aloha assets, which take them from Trossen Robotics' ViperX 300 6DOF
 specification: waist +-180 deg, shoulder -106..72 deg, elbow -101..92 deg, forearm roll +-180 deg, wrist
 angle -107..128 deg, wrist rotate +-180 deg). The gripper is the normalised opening ALOHA's recorders write
-(0 closed, 1 open). A margin of ``MARGIN`` rad (and 0.25 on the normalised gripper) absorbs encoder noise and
-the controller overshoot real recordings show at the limits; a value beyond it is a unit mix-up (degrees,
-ticks) or a corrupted row, not a pose.
+(0 closed, 1 open). A margin of ``MARGIN`` rad absorbs encoder noise and the controller overshoot real
+recordings show at the joint limits. The gripper gets ``GRIPPER_MARGIN``: its finger slides are pressed past
+their nominal travel when the fingers squeeze or are pushed open by contact (our own MuJoCo ALOHA records
+1.27 open under contact; a margin of 0.25 quarantined one of 64 valid random-reaching episodes). A value beyond
+the margins is a unit mix-up (degrees, ticks) or a corrupted row, not a pose.
 
 Meta-World (Sawyer, 4-d: xyz end-effector delta, gripper): the environment's action space is the box
 [-1, 1]^4 (``metaworld.envs.mujoco.sawyer_xyz.SawyerXYZEnv.action_space``); its state is not bounded here.
@@ -25,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EMBODIMENT_BOUNDS", "MARGIN", "declared_width", "resolve_bounds", "bounds_problem"]
+__all__ = ["EMBODIMENT_BOUNDS", "GRIPPER_MARGIN", "MARGIN", "declared_width", "resolve_bounds", "bounds_problem"]
 
 MARGIN = 0.05
+GRIPPER_MARGIN = 0.5  # of the normalised opening (see above)
 _PI = 3.14158  # the model files' value for +-180 deg
 _VX300S = [(-_PI, _PI), (-1.85005, 1.25664), (-1.76278, 1.6057), (-_PI, _PI), (-1.8675, 2.23402), (-_PI, _PI)]
 _GRIPPER = (0.0, 1.0)
@@ -37,7 +40,7 @@ def _with_margin(pairs: list[tuple[float, float]], margin: float) -> list[tuple[
     return [(lo - margin, hi + margin) for lo, hi in pairs]
 
 
-_ALOHA_ARM = _with_margin(_VX300S, MARGIN) + _with_margin([_GRIPPER], 0.25)
+_ALOHA_ARM = _with_margin(_VX300S, MARGIN) + _with_margin([_GRIPPER], GRIPPER_MARGIN)
 
 # embodiment -> {"actions": [(lo, hi)] per dim, "state": [(lo, hi)] per dim or None}
 EMBODIMENT_BOUNDS: dict[str, dict[str, list[tuple[float, float]] | None]] = {

@@ -62,6 +62,30 @@ def test_tier_roundtrip_manifest_and_determinism(tmp_path):
     assert "sha256 differs" in Tier(tmp_path / "t").verify()[0]
 
 
+def test_the_index_reads_the_same_without_pyarrow(tmp_path, monkeypatch):
+    """A bare GPU node's bundle has no pyarrow: the standard-library reader must give the loader the same columns,
+    and name the file and line of a broken record."""
+    eps = [episode(i, t=8 + i, instructions=[f"task {i}"] if i % 2 else []) for i in range(4)]
+    spec = TierSpec("t", level=6, embodiment="aloha", action_dim=14, codec="npz", shard_bytes=8_000)
+    w = TierWriter(tmp_path / "t", spec)
+    for e in eps:
+        w.add(e)
+    w.close()
+    arrow = Tier(tmp_path / "t")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    plain = Tier(tmp_path / "t")
+    assert plain.ids() == arrow.ids() == [e.episode_id for e in eps]
+    assert plain.frame_counts().tolist() == arrow.frame_counts().tolist() == [8, 9, 10, 11]
+    assert plain.table.shards.tolist() == arrow.table.shards.tolist() and max(plain.table.shards) > 0
+    for e in eps:
+        assert plain.instructions(e.episode_id) == arrow.instructions(e.episode_id) == e.instructions
+        assert np.array_equal(plain.read_episode(e.episode_id).actions, e.actions)
+    index = tmp_path / "t" / "episodes.jsonl"
+    index.write_text(index.read_text() + '{"id": "ep9999", "shard": "x"}\n')
+    with pytest.raises(Exception, match=r"episodes.jsonl:5: unreadable episode index"):
+        Tier(tmp_path / "t").ids()
+
+
 def test_views_keep_the_sources_camera_order_and_a_window_decodes_only_its_own(tmp_path):
     """A window's default view is the source's first camera, not the alphabetically first name (a tier with a
     head camera and wrist cameras must not train on a wrist by default), and reading it decodes no other view."""

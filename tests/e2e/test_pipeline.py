@@ -212,7 +212,7 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     while time.time() < deadline and ckpt is None:
         time.sleep(0.2)
         for d in runs.glob("stage3-*"):
-            done = [c for c in (d / "checkpoints").glob("*") if (c / "manifest.json").exists()]
+            done = [c for c in (d / "checkpoints").glob("step-*") if (c / "manifest.json").exists()]
             if done and not (d / "export").exists():
                 ckpt = d
         assert proc.poll() is None, "the pipeline ended before Stage 3 wrote a checkpoint"
@@ -314,7 +314,7 @@ def test_production_profile_on_kubernetes_runs_every_job_as_a_two_node_pytorchjo
             def preempt_stage3():  # a node drain: the Stage 3 Master is evicted once it has a checkpoint
                 deadline = time.time() + 1200
                 while time.time() < deadline and not evicted:
-                    done = list((proj / "outputs" / "pipeline" / "runs").glob("stage3-*/checkpoints/*/manifest.json"))
+                    done = list((proj / "outputs" / "pipeline" / "runs").glob("stage3-*/checkpoints/step-*/manifest.json"))  # committed ones
                     pods = [p for (_, p), pod in list(cluster.pods.items()) if p.endswith("-master-0")
                             and pod["metadata"]["labels"].get("motus/stage") == "stage3"
                             and pod["status"].get("phase") == "Running"]

@@ -154,7 +154,7 @@ def test_an_evicted_master_restarts_and_the_job_resumes(cluster, project, tmp_pa
     handle = launch.submit(spec(project, "evicted").with_updates(params_file=project / "params-long.yaml"))
     run = project / "runs" / "evicted"
     deadline = time.monotonic() + 300
-    while not list((run / "checkpoints").glob("*/manifest.json")):
+    while not list((run / "checkpoints").glob("step-*/manifest.json")):  # committed, not a .tmp- one
         assert time.monotonic() < deadline and cluster.state("motus", handle.name) != "Failed"
         time.sleep(0.2)
     cluster.evict("motus", f"{handle.name}-master-0")
