@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/encoder_cache.py
 	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/tier_scale.py --episodes 100000

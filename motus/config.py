@@ -253,6 +253,8 @@ class DataConfig(_Section):
     shard_mb: float = Field(256, gt=0, description="Target shard size in MB.")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Episodes held out for validation, by episode.")
     window: WindowConfig = Field(default_factory=WindowConfig)
+    encoder_cache: bool = Field(True, description="The pipeline encodes every tier a stage reads once (`motus data "
+                                "encode`, features/encoded/<tier>); the stages then read latents, not video.")
 
 
 # ---------------------------------------------------------------------------------------------- stages

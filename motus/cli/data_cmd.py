@@ -77,6 +77,42 @@ def ingest(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (d
         raise typer.Exit(1)
 
 
+@data_app.command()
+def encode(tiers: Annotated[list[str] | None, typer.Argument(
+               help="Tier names (default: every tier a stage reads).")] = None,
+           batch: Annotated[int, typer.Option(min=1, help="Windows per encoder call.")] = 8,
+           force: Annotated[bool, typer.Option(help="Rebuild even when the cache matches.")] = False,
+           params: ParamsOption = None) -> None:
+    """Run the frozen encoders (VAE, text, VLM) over every window of each tier once and keep what they make
+    (features/encoded/<tier>): the stages then read latents instead of decoding video. A cache built from
+    another tier version, other encoder weights or dtypes, or another window geometry is rebuilt, as is one
+    whose shards fail verification."""
+    from tqdm import tqdm
+
+    from ..data.features import FeatureError
+    from ..train.encode import encode_tier
+
+    p, _ = _params(params)
+    names = _pick(p, tiers or []) if tiers else sorted({t for s in p.stages.values() for t in s.tiers})
+    for name in names:
+        bar = tqdm(desc=f"encode {name}", unit="ep")
+
+        def progress(done: int, total: int, bar=bar) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        started = time.perf_counter()
+        try:
+            m, what = encode_tier(p, name, batch=batch, force=force, progress=progress)
+        except (ValueError, FeatureError) as e:
+            bar.close()
+            typer.echo(f"error: {name}: {e}", err=True)
+            raise typer.Exit(1) from None
+        bar.close()
+        typer.echo(f"encoded/{name}: {what}; {m.episodes} episodes, content {m.content_hash[:12]}, "
+                   f"{time.perf_counter() - started:.1f}s")
+
+
 def _reason_counts(tier_dir: Path) -> str:
     """'timestamps.negative x2, episode.duplicate_id x2' from a tier's quarantine records."""
     from collections import Counter

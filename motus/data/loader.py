@@ -214,8 +214,17 @@ def frames_to_video(frames: np.ndarray, image_size: tuple[int, int]) -> torch.Te
 
 
 @dataclass
+class _Arrays:
+    """An episode read without its frames (the encoder cache holds what the windows need of them)."""
+
+    actions: np.ndarray | None
+    state: np.ndarray | None
+    num_frames: int
+
+
+@dataclass
 class _Decoded:
-    frames: np.ndarray  # [T, H, W, 3] uint8, one view
+    frames: np.ndarray | None  # [T, H, W, 3] uint8, one view; None when the encoder cache stands for them
     actions: np.ndarray | None  # [T, D'] normalised (and padded), float32
     state: np.ndarray | None  # [T, S] normalised, float32
 
@@ -230,7 +239,7 @@ class TierWindows(Dataset):
     """
 
     def __init__(self, tier: Tier, spec: WindowSpec, split: Split = "train", heldout_fraction: float = 0.1,
-                 stride: int = 1, cache_size: int = 4, latent_actions: Any = None):
+                 stride: int = 1, cache_size: int = 4, latent_actions: Any = None, encoded: Any = None):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
         if not isinstance(stride, int) or stride < 1:
@@ -238,6 +247,8 @@ class TierWindows(Dataset):
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be a non-negative integer, got {cache_size!r}")
         self.tier, self.spec, self.split = tier, spec, split
+        # the encoder cache (`motus.data.encoded.EncodedWindows`): windows come as latents, never decoded
+        self.encoded = encoded
         self.heldout_fraction, self.stride, self.cache_size = float(heldout_fraction), stride, cache_size
         m = tier.manifest
         views = list(m.views)
@@ -280,6 +291,8 @@ class TierWindows(Dataset):
             log.warning("tier '%s' (%s split): skipped %d episode(s) shorter than %d frames (one window of "
                         "chunk=%d, downsample=%d): %s", tier.name, split, len(self.skipped_short_ids),
                         spec.span, spec.chunk, spec.downsample, self.skipped_short_ids[:5])
+        self._frames = ({ids[i]: int(n) for i, n in enumerate(tier.frame_counts()) if in_split[i]}
+                        if encoded is not None else {})
         self._cache: OrderedDict[str, _Decoded] = OrderedDict()
         self.decodes = 0  # episodes decoded so far (cache misses), for diagnostics
 
@@ -344,9 +357,14 @@ class TierWindows(Dataset):
             return hit
         # mixed-embodiment tiers name their cameras differently: without an explicit view, each episode
         # contributes its own first camera
-        ep = self.tier.read_episode(episode_id, views=[self.view] if self.spec.view is not None else None,
-                                    prefer=self.view)
-        view = self.view if self.view in ep.frames else next(iter(ep.frames))
+        if self.encoded is not None:  # actions and state only: the frames' encodings are in the cache
+            raw_actions, raw_state = self.tier.read_arrays(episode_id)
+            ep = _Arrays(raw_actions, raw_state, int(self._frames[episode_id]))
+            view = None
+        else:
+            ep = self.tier.read_episode(episode_id, views=[self.view] if self.spec.view is not None else None,
+                                        prefer=self.view)
+            view = self.view if self.view in ep.frames else next(iter(ep.frames))
         self.decodes += 1
         actions = None
         if self.latent_actions is not None:
@@ -373,10 +391,10 @@ class TierWindows(Dataset):
             want = self.spec.state_dim
             if want is not None and state.shape[1] != want:
                 if state.shape[1] > want:
-                    raise ValueError(f"tier '{self.name}' episode '{ep.episode_id}': state is {state.shape[1]}-d, "
+                    raise ValueError(f"tier '{self.name}' episode '{episode_id}': state is {state.shape[1]}-d, "
                                      f"wider than WindowSpec.state_dim={want}")
                 state = np.pad(state, ((0, 0), (0, want - state.shape[1])))
-        out = _Decoded(frames=ep.frames[view], actions=actions, state=state)
+        out = _Decoded(frames=ep.frames[view] if view is not None else None, actions=actions, state=state)
         if self.cache_size:
             self._cache[episode_id] = out
             while len(self._cache) > self.cache_size:
@@ -394,8 +412,12 @@ class TierWindows(Dataset):
             actions = torch.from_numpy(d.actions[self.spec.action_indices(start)].copy())
         state = None if d.state is None else torch.from_numpy(d.state[start].copy())
         instructions = self.tier.instructions(episode_id)
+        if self.encoded is not None:
+            seen: dict[str, Any] = self.encoded.window(episode_id, start)
+        else:
+            seen = {"video": self._video(d.frames[self.spec.video_indices(start)])}
         return {
-            "video": self._video(d.frames[self.spec.video_indices(start)]),
+            **seen,
             "actions": actions,
             "state": state,
             "instruction": instructions[0] if instructions else "",
@@ -567,8 +589,23 @@ def _stack_optional(items: Sequence[Mapping[str, Any]], key: str, allow_missing:
     return out, torch.tensor(present, dtype=torch.bool)
 
 
+def _pad_understanding(rows: Sequence[torch.Tensor | None]) -> Any:
+    """Cached VLM states [L_i, H] -> one right-padded `UnderstandingContext`, as the VLM returns a batch."""
+    if any(r is None for r in rows):
+        return None
+    from ..model.vlm import UnderstandingContext
+
+    width = max(r.shape[0] for r in rows)
+    features = torch.zeros(len(rows), width, rows[0].shape[1], dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        features[i, : len(r)], mask[i, : len(r)] = r, True
+    return UnderstandingContext(features, mask)
+
+
 def collate_windows(items: Sequence[Mapping[str, Any]], allow_missing_actions: bool = False) -> dict[str, Any]:
-    """Batch window items: ``video`` [B, 3, F, H, W], ``actions`` [B, K, D] or None, ``state`` [B, S] or None,
+    """Batch window items: ``video`` [B, 3, F, H, W] (or, read from the encoder cache, ``video_latents``,
+    ``text_embeds`` and ``understanding``), ``actions`` [B, K, D] or None, ``state`` [B, S] or None,
     ``start`` [B] long, and lists for ``instruction``/``tier``/``episode_id``.
 
     A batch mixing labelled and unlabelled items raises ValueError unless ``allow_missing_actions=True``; then
@@ -579,20 +616,28 @@ def collate_windows(items: Sequence[Mapping[str, Any]], allow_missing_actions: b
     """
     if not items:
         raise ValueError("collate_windows: empty batch")
-    shapes = {tuple(it["video"].shape) for it in items}
+    cached = ["video_latents" in it for it in items]
+    if any(cached) and not all(cached):
+        raise ValueError("cannot batch windows read from the encoder cache with windows to encode live "
+                         f"(tiers {sorted({it['tier'] for it in items})})")
+    what = "video_latents" if all(cached) else "video"
+    shapes = {tuple(it[what].shape) for it in items}
     if len(shapes) > 1:
-        raise ValueError(f"cannot batch videos of different shapes {sorted(shapes)}")
+        raise ValueError(f"cannot batch {what} of different shapes {sorted(shapes)}")
     actions, action_mask = _stack_optional(items, "actions", allow_missing_actions, "allow_missing_actions")
     state, state_mask = _stack_optional(items, "state", allow_missing_actions, "allow_missing_actions")
-    out: dict[str, Any] = {
-        "video": torch.stack([it["video"] for it in items]),
+    out: dict[str, Any] = {what: torch.stack([it[what] for it in items])}
+    if all(cached):
+        out["text_embeds"] = torch.stack([it["text_embeds"] for it in items])
+        out["understanding"] = _pad_understanding([it["understanding"] for it in items])
+    out.update({
         "actions": actions,
         "state": state,
         "instruction": [it["instruction"] for it in items],
         "tier": [it["tier"] for it in items],
         "episode_id": [it["episode_id"] for it in items],
         "start": torch.tensor([int(it["start"]) for it in items], dtype=torch.long),
-    }
+    })
     if allow_missing_actions:
         out["action_mask"], out["state_mask"] = action_mask, state_mask
     return out

@@ -20,13 +20,15 @@ import torch.distributed as dist
 
 from ..config import config_hash, resolved_dict
 from ..contracts import STAGE_JOB, LineageRecord, TierRef
+from ..data.encoded import FEATURE as ENCODED
+from ..data.encoded import EncodedWindows, cache_key, miss_reason
 from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spec_from_params
+from ..data.paths import ProjectPaths
 from ..data.tier import Tier
 from ..data.versioning import locked_hash
 from ..model import MotusModel
+from ..model.encoders import FrozenEncoders
 from ..model.rectified_flow import window_action_mse
-from ..model.text import FrozenTextEncoder
-from ..model.vlm import FrozenVAE, FrozenVLM
 from .distributed import PEAK_FLOPS, JobContext, init_distributed, job_hours
 from .engine import deepspeed_config
 from .inputs import window_inputs
@@ -76,13 +78,8 @@ class StageJob(TrainModule):
         self.model.set_trainable(self.recipe.trains)
         self.model.gradient_checkpointing = self.s.activation_checkpointing
         # frozen parts: same seed on every rank and every attempt -> identical random tiny bases
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed + 1)
-            w = cfg.weights
-            self.vae = FrozenVAE(cfg.vae, w.get("vae")).to(self.ctx.device)
-            self.text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), max_len=cfg.text_len,
-                                          seed=self.seed + 2).to(self.ctx.device)
-            self.vlm = FrozenVLM(cfg.vlm, w.get("vlm")).to(self.ctx.device) if self.recipe.uses_understanding else None
+        self.encoders = FrozenEncoders.build(cfg, self.seed, self.ctx.device, with_vlm=self.recipe.uses_understanding)
+        self.vae, self.text, self.vlm = self.encoders.vae, self.encoders.text, self.encoders.vlm
         self.cfg = cfg
         self._build_data()
 
@@ -96,12 +93,36 @@ class StageJob(TrainModule):
 
             latent = {t: LatentActionSource(p, t) for t in self.tiers}
         self.latent_sources = {t: v for t, v in latent.items() if v is not None}
+        encoded = self._encoded(spec)
         self.train_sets = {t: TierWindows(tier, spec, split="train", heldout_fraction=p.data.heldout_fraction,
-                                          latent_actions=latent[t]) for t, tier in self.tiers.items()}
+                                          latent_actions=latent[t], encoded=encoded.get(t))
+                           for t, tier in self.tiers.items()}
         self.heldout_sets = {t: TierWindows(tier, spec, split="heldout", heldout_fraction=p.data.heldout_fraction,
-                                            latent_actions=latent[t]) for t, tier in self.tiers.items()}
+                                            latent_actions=latent[t], encoded=encoded.get(t))
+                             for t, tier in self.tiers.items()}
         self.stream = MixedWindows(self.train_sets, self.recipe.tiers, seed=self.seed)
         self.normalization = {t: ds.normalization for t, ds in self.train_sets.items()}
+
+    def _encoded(self, spec: Any) -> dict[str, EncodedWindows]:
+        """The encoder caches of this job's tiers, where every tier has one computed as this job would encode
+        live (a batch cannot mix cached and live windows); else none, each miss logged with its reason."""
+        paths = ProjectPaths(Path("."), self.data_root)
+        found, missed = {}, {}
+        for t, tier in sorted(self.tiers.items()):
+            where = paths.feature(ENCODED, t)
+            # every shard's sha256 checked: one sequential read of what training would read at random anyway
+            why = miss_reason(where, cache_key(tier, spec, self.cfg, self.encoders), verify=True)
+            if why is None:
+                found[t] = EncodedWindows(where, self.cfg.text_len)
+            else:
+                missed[t] = why
+        for t, why in missed.items():
+            log.info("%s: tier '%s' is encoded live: %s", self.name, t, why)
+        if missed and found:
+            log.info("%s: the caches of %s are not read either: one batch mixes every tier", self.name, sorted(found))
+        self.encoded_from = {} if missed else {t: e.content_hash for t, e in found.items()}
+        self.encoded_misses = missed
+        return {} if missed else found
 
     def optimizer(self):
         video_lr = self.s.video_lr or self.s.lr
@@ -167,6 +188,8 @@ class StageJob(TrainModule):
         tr, s = self.tracker, self.s
         resolved = resolved_dict(self.params)
         (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        tr.set_tags({"encoder_cache": "read" if self.encoded_from else
+                     "live: " + "; ".join(f"{t}: {why}" for t, why in self.encoded_misses.items())[:4000]})
         tr.set_tags({"stage": self.recipe.name, "stage.number": str(self.recipe.stage), "config_hash": self.config_hash,
                      "precision": self.precision,
                      "device": self.ctx.device_type, "world_size": str(self.ctx.world), "nodes": str(self.ctx.nodes),
@@ -184,6 +207,9 @@ class StageJob(TrainModule):
             for name, src in self.latent_sources.items():
                 tr.log_dataset(f"latent_actions/{name}", src.feature.content_hash,
                                str(src.feature.path.resolve()), extra=src.feature.meta)
+            for name, content in self.encoded_from.items():
+                where = ProjectPaths(Path("."), self.data_root).feature(ENCODED, name)
+                tr.log_dataset(f"encoded/{name}", content, str(where.resolve()))
         else:
             tr.set_tags({"resumed_from": str(resumed_from)})
 

@@ -36,6 +36,11 @@ def test_steps_come_after_what_they_need():
     assert [s.name for s in steps][-3:] == ["stage3", "evaluate:motus-aloha", "gate:motus-aloha"]
     assert {s.name for s in steps if s.kind == "tier"} == {f"tier:{t}" for t in params.tiers}
     assert {s.target for s in steps if s.kind == "flow"} == set(params.stages["stage2"].tiers)
+    # every tier a stage reads is encoded once, before the first stage that reads it
+    read = {t for s in params.stages.values() for t in s.tiers}
+    assert {s.target for s in steps if s.kind == "encode"} == read
+    for key, stage in params.stages.items():
+        assert {f"encode:{t}" for t in stage.tiers} <= set(next(s.deps for s in steps if s.name == key))
 
 
 def test_keys_are_stable_and_changes_are_named():
@@ -149,6 +154,7 @@ def one_data_pipeline(proj: Path, clone: Path) -> None:
     for t in params.tiers:
         assert Tier(there.tier(t)).content_hash == Tier(here.tier(t)).content_hash, t
     features = [(k, t) for k in ("flow", "latent_actions") for t in params.stages["stage2"].tiers]
+    features += [("encoded", t) for s in params.stages.values() for t in s.tiers]
     assert features
     for kind, t in features:
         assert Feature(there.feature(kind, t)).content_hash == Feature(here.feature(kind, t)).content_hash, (kind, t)
@@ -173,6 +179,15 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     assert all(isinstance(v, int) for v in champions.values()), champions
     assert "champions: motus-vgm: v1" in out and "next:" in out
     first_keys = {s["step"] for s in report["steps"]}
+    # every stage job read its windows from the encoder caches the pipeline built (no video decoded in the loop)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{proj}/mlflow.db")
+    stage_runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                  if r.data.tags.get("stage") in ("stage1", "stage2", "stage3")]
+    assert {r.data.tags["stage"] for r in stage_runs} == {"stage1", "stage2", "stage3"}
+    assert {r.data.tags.get("encoder_cache") for r in stage_runs} == {"read"}, \
+        {r.data.tags["stage"]: r.data.tags.get("encoder_cache") for r in stage_runs}
     one_data_pipeline(proj, tmp_path_factory.mktemp("clone"))
 
     # 2. again: nothing to do
@@ -196,7 +211,9 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     _, plan = pipeline(proj, "plan", "--eval-seeds", "2", "--json")
     rows = {r["step"]: r for r in json.loads(plan[plan.index("["):])}
     to_run = {k for k, r in rows.items() if r["action"] == "run" and r["kind"] != "gate"}
-    assert to_run == {"tier:target-aloha-insertion", "stage3", "evaluate:motus-aloha"}, to_run
+    assert to_run == {"tier:target-aloha-insertion", "encode:target-aloha-insertion", "stage3",
+                      "evaluate:motus-aloha"}, to_run
+    assert "input tier:target-aloha-insertion: " in rows["encode:target-aloha-insertion"]["why"]
     assert (f"config tiers.target-aloha-insertion.source.options.seed: {seed} -> {seed + 1}"
             in rows["tier:target-aloha-insertion"]["why"])
     assert rows["gate:motus-aloha"]["action"] in ("run", "check")
@@ -225,6 +242,7 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     ran = {k for k, v in st.items() if v == "ran" and not k.startswith("gate:")}
     # the changed tier was rebuilt before the kill: now it is cached, and only Stage 3 onwards runs
     assert ran == {"stage3", "evaluate:motus-aloha"} and st["tier:target-aloha-insertion"] == "cached", st
+    assert st["encode:target-aloha-insertion"] == "cached", st
     assert "stage3: resuming" in out
     steps_logged = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged.count(1) == 1 and steps_logged[-1] == raw["stages"]["stage3"]["steps"]

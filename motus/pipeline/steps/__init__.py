@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Step, StepKind
-from .data import FlowStep, LatentActionsStep, TierStep
+from .data import EncodeStep, FlowStep, LatentActionsStep, TierStep
 from .evaluate import EvaluateStep
 from .gate import GateStep
 from .training import LatentActionStep, StageStep
 
-KINDS: dict[str, StepKind] = {k.kind: k() for k in (TierStep, FlowStep, LatentActionStep, LatentActionsStep,
-                                                       StageStep, EvaluateStep, GateStep)}
+KINDS: dict[str, StepKind] = {k.kind: k() for k in (TierStep, EncodeStep, FlowStep, LatentActionStep,
+                                                       LatentActionsStep, StageStep, EvaluateStep, GateStep)}
 
 
 def build_steps(params: Any) -> list[Step]:
@@ -30,8 +30,12 @@ def build_steps(params: Any) -> list[Step]:
         steps.append(Step(f"gate:{lam_model}", "gate", lam_model, ("latent-action",)))
         steps += [Step(f"latent-actions:{t}", "latent-actions", t, ("latent-action", f"gate:{lam_model}",
                                                                     f"flow:{t}")) for t in lam]
+    if params.data.encoder_cache:  # every tier a stage reads, encoded once for all of them
+        steps += [Step(f"encode:{t}", "encode", t, (f"tier:{t}",)) for t in sorted({t for _, s in stages for t in s.tiers})]
     for key, s in stages:
         deps = [f"tier:{t}" for t in s.tiers]
+        if params.data.encoder_cache:
+            deps += [f"encode:{t}" for t in s.tiers]
         if s.action_source == "latent":
             deps += [f"latent-actions:{t}" for t in s.tiers]
         if s.parent:

@@ -130,6 +130,33 @@ class LatentActionsStep(FeatureStep):
         publish(pipe.model_export(pipe.dep_output(step, "latent-action")), pipe.paths.latent_action_model)
 
 
+class EncodeStep(FeatureStep):
+    """What the frozen encoders make of every window of a tier (`motus.data.encoded`), read by the stages
+    instead of decoding video. Its config is what decides the encoders and the windows: the model section
+    (preset, geometry, weights), the seed of the random tiny bases, the window, and whether a stage reading
+    the tier uses the VLM; a change to any of them is a new key, which `pipeline plan` names."""
+
+    kind = "encode"
+    feature = "encoded"
+    modules = ("motus.config", "motus.train.encode")
+
+    def config(self, pipe: Context, step: Step) -> dict[str, Any]:
+        from ...train.encode import readers_of
+
+        r = pipe.resolved
+        return {"model": r["model"], "project": {"seed": r["project"]["seed"]},
+                "data": {"window": r["data"]["window"]},
+                "encoded": {"understanding": any(x.uses_understanding for x in readers_of(pipe.params, step.target))}}
+
+    def still_there(self, pipe: Context, step: Step, out: Mapping[str, Any], repair: bool) -> bool:
+        from ...data.features import Feature
+
+        # a shard that fails its sha256 is rebuilt by rerunning the step, not trusted because its manifest is
+        if not super().still_there(pipe, step, out, repair):
+            return False
+        return not Feature(self.folder(pipe, step)).verify()
+
+
 def publish(export: Path, target: Path) -> None:
     """Put `export` at `target` (replaced whole, by a rename) unless the same content is already there."""
     import shutil
