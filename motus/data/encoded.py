@@ -24,6 +24,7 @@ import io
 import logging
 import mmap
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ log = logging.getLogger("motus.data")
 
 FEATURE = "encoded"
 KEY_VERSION = 1
+VIEWS_KEPT = 4096  # array views kept per reader (episodes x arrays)
 
 
 # ----------------------------------------------------------------------------------------------- the key
@@ -169,8 +171,9 @@ class EncodedWindows:
         self.text_len = int(text_len)
         self.with_understanding = "understanding" in self.feature.manifest.arrays
         self._maps: dict[int, tuple[mmap.mmap, dict[str, tuple[int, int]]]] = {}
-        self._views: dict[tuple[str, str], np.ndarray] = {}
-        self._offsets: dict[str, np.ndarray] = {}
+        # views hold no data (the page cache does), but a million episodes' worth of them is still memory
+        self._views: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._offsets: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @property
     def content_hash(self) -> str:
@@ -208,6 +211,10 @@ class EncodedWindows:
                 raise FeatureError(f"{self.feature.path}: member '{member}' is corrupt ({e})") from None
             got = np.ndarray(shape, dtype, buffer=mm, offset=offset + head.tell(), order="F" if fortran else "C")
             self._views[(episode_id, name)] = got
+            while len(self._views) > VIEWS_KEPT:
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end((episode_id, name))
         return got
 
     def window(self, episode_id: str, start: int) -> dict[str, Any]:
@@ -224,6 +231,8 @@ class EncodedWindows:
             if offsets is None:
                 offsets = np.concatenate([[0], np.cumsum(self.array(episode_id, "understanding_tokens"))])
                 self._offsets[episode_id] = offsets
+                while len(self._offsets) > VIEWS_KEPT:
+                    self._offsets.popitem(last=False)
             rows = self.array(episode_id, "understanding")[offsets[start]: offsets[start + 1]]
             out["understanding"] = torch.from_numpy(np.array(rows))
         return out
