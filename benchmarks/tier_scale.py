@@ -1,11 +1,12 @@
 """A tier of a million episodes: ingest, versioning, status/show, and the loader's open, first window, memory.
 
-    python benchmarks/tier_scale.py [--episodes 1000000] [--frames 4] [--size 8]
+    python benchmarks/tier_scale.py [--episodes 1000000] [--frames 4] [--size 8] [--workers 2]
 
 Synthesises `--episodes` short episodes (small frames, npz) from a `python` source in a project of its own
 (params.yaml with one tier), then measures, each against what it is compared with:
 
-1. ingest: `motus data ingest` episodes/s (validation, encoding, sharding, statistics);
+1. ingest: `motus data ingest` episodes/s (validation, encoding, sharding, statistics) with one process and
+   with `--workers N` (default 2) worker processes, their ratio, and that both wrote the same content hash;
 2. versioning: `dvc add` + `dvc push` of the built tier to a local remote (what `motus data version` does
    after the ingest it reproduces) against `tar | md5sum` of the same bytes; ratio target <= 1.5;
 3. `motus data status` and `motus data show` seconds (targets: status <= 2 s), each against the CLI's own
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=1_000_000)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="Worker processes of the second ingest.")
     ap.add_argument("--keep", action="store_true", help="Keep the project folder (printed).")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="motus-tier-scale-"))
@@ -87,10 +89,16 @@ def main() -> None:
         env = {**os.environ, "MOTUS_PARAMS": str(root / "params.yaml")}
         print(f"tier of {args.episodes:,} episodes x {args.frames} frames of {args.size}x{args.size} (npz), {root}")
 
-        ingest_s = timed([str(MOTUS), "data", "ingest", "big"], root, env=env)
         tier = root / "data" / "tiers" / "big"
+        rates, hashes = {}, {}
+        for workers in (1, args.workers):  # the second ingest replaces the first tier: it must be the same
+            ingest_s = timed([str(MOTUS), "data", "ingest", "big", "--workers", str(workers)], root, env=env)
+            rates[workers] = args.episodes / ingest_s
+            hashes[workers] = json.loads((tier / "manifest.json").read_text())["content_hash"]
         size_mb = sum(p.stat().st_size for p in tier.rglob("*") if p.is_file()) / 2**20
-        print(f"ingest: {args.episodes / ingest_s:,.0f} episodes/s ({size_mb:,.0f} MB written)")
+        print(f"ingest: {rates[1]:,.0f} episodes/s with 1 worker, {rates[args.workers]:,.0f} with {args.workers} -> "
+              f"ratio {rates[args.workers] / rates[1]:.2f} ({os.cpu_count()} CPUs; {size_mb:,.0f} MB written; content "
+              f"hash {'identical' if len(set(hashes.values())) == 1 else 'DIFFERS: ' + str(hashes)})")
 
         tar_s = timed(f"tar cf - -C {tier.parent} {tier.name} | md5sum", root, shell=True)
         dvc = [sys.executable, "-m", "dvc"]

@@ -122,6 +122,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _record(name: str, data: bytes) -> bytes:
+    """One member as `_add` writes it (USTAR header, data, zero padding to the block): a header holds no
+    offset, so a worker process can make it and the writer append the bytes as they are."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    pad = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape") + data + tarfile.NUL * pad
+
+
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
@@ -166,6 +177,56 @@ class TierSpec:
     description: str = ""
 
 
+@dataclass
+class PreparedEpisode:
+    """One episode as its shard will hold it (encoded members, in member order) plus what the writer's
+    running totals take from it. Depends only on the episode and the tier's spec, so ingest can make it in
+    worker processes and hand it to the one writer."""
+
+    episode_id: str
+    records: bytes  # every member's tar record, in member order (views, actions, state, meta)
+    size: int  # the members' data bytes (what a shard's size limit counts)
+    actions: np.ndarray | None  # float32, padded into the tier's action space: the statistics' input
+    state: np.ndarray | None
+    views: list[tuple[str, list[int]]]  # (view, [H, W]) in the source's camera order
+    fps: float
+    native_action_dim: int | None
+    frames: int
+    embodiment: str
+    instructions: list[str]
+
+
+def prepare_episode(spec: TierSpec, ep: Episode) -> PreparedEpisode:
+    """The per-episode CPU work of writing a tier: frames to npz/mp4 bytes, arrays to .npy, the metadata."""
+    members: list[tuple[str, bytes]] = []
+    views: list[tuple[str, list[int]]] = []
+    fps = float(spec.fps or ep.fps)
+    for view in ep.frames:  # the source's camera order: its first camera is the view a window takes by default
+        data, ext = encode_frames(ep.frames[view], spec.codec, fps)
+        members.append((f"{ep.episode_id}.{view}.{ext}", data))
+        views.append((view, list(ep.frames[view].shape[1:3])))
+    native = ep.action_dim
+    actions = state = None
+    if ep.actions is not None:
+        actions = ep.actions.astype(np.float32)
+        if spec.action_dim and native < spec.action_dim:
+            actions = np.pad(actions, ((0, 0), (0, spec.action_dim - native)))
+        members.append((f"{ep.episode_id}.actions.npy", _npy(actions)))
+    if ep.state is not None:
+        state = ep.state.astype(np.float32)
+        if spec.action_dim and spec.pad_state and state.shape[1] < spec.action_dim:
+            state = np.pad(state, ((0, 0), (0, spec.action_dim - state.shape[1])))
+        members.append((f"{ep.episode_id}.state.npy", _npy(state)))
+    meta = ep.metadata()
+    meta["native_action_dim"] = native
+    meta["view_order"] = list(ep.frames)  # `views` is a mapping the sorted-key JSON reorders; older shards lack it
+    members.append((f"{ep.episode_id}.meta.json", json.dumps(meta, sort_keys=True).encode()))
+    return PreparedEpisode(episode_id=ep.episode_id, records=b"".join(_record(n, d) for n, d in members),
+                           size=sum(len(d) for _, d in members), actions=actions, state=state, views=views,
+                           fps=fps, native_action_dim=native, frames=ep.num_frames, embodiment=ep.embodiment,
+                           instructions=list(ep.instructions))
+
+
 class TierWriter:
     """Append episodes; `close()` writes the manifest and moves the finished tier into place atomically."""
 
@@ -175,7 +236,7 @@ class TierWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         (self.tmp / SHARD_DIR).mkdir()
-        self._tar: tarfile.TarFile | None = None
+        self._tar: io.BufferedWriter | None = None  # the open shard: our tar records appended as bytes
         self._shard_idx = -1
         self._shard_bytes = 0
         self.shards: list[dict[str, Any]] = []
@@ -200,12 +261,15 @@ class TierWriter:
     def _roll(self) -> None:
         self._finish_shard()
         self._shard_idx += 1
-        self._tar = tarfile.open(self._shard_path(self._shard_idx), "w", format=tarfile.USTAR_FORMAT)
+        self._tar = open(self._shard_path(self._shard_idx), "wb")  # noqa: SIM115 - closed by _finish_shard
         self._shard_bytes = 0
         self.shards.append({"name": f"{SHARD_DIR}/shard-{self._shard_idx:06d}.tar", "episodes": 0})
 
     def _finish_shard(self) -> None:
         if self._tar is not None:
+            # the end of archive exactly as tarfile writes it: two zero blocks, then zeros to a whole record
+            end = self._tar.tell() + 2 * tarfile.BLOCKSIZE
+            self._tar.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
             self._tar.close()
             self._tar = None
             p = self._shard_path(self._shard_idx)
@@ -220,50 +284,40 @@ class TierWriter:
         problem = self.state_problem(ep)
         if problem:
             raise ValueError(f"episode '{ep.episode_id}': {problem}")
-        self._ids.add(ep.episode_id)
-        members: list[tuple[str, bytes]] = []
-        fps = float(self.spec.fps or ep.fps)
-        for view in ep.frames:  # the source's camera order: its first camera is the view a window takes by default
-            data, ext = encode_frames(ep.frames[view], self.spec.codec, fps)
-            members.append((f"{ep.episode_id}.{view}.{ext}", data))
-            self.views.setdefault(view, list(ep.frames[view].shape[1:3]))
-        native = ep.action_dim
-        if ep.actions is not None:
-            actions = ep.actions.astype(np.float32)
-            if self.spec.action_dim and native < self.spec.action_dim:
-                actions = np.pad(actions, ((0, 0), (0, self.spec.action_dim - native)))
-            members.append((f"{ep.episode_id}.actions.npy", _npy(actions)))
-            self.action_stats.update(actions)
-        if ep.state is not None:
-            state = ep.state.astype(np.float32)
-            if self.spec.action_dim and self.spec.pad_state and state.shape[1] < self.spec.action_dim:
-                state = np.pad(state, ((0, 0), (0, self.spec.action_dim - state.shape[1])))
-            if self.state_dim is not None and state.shape[1] != self.state_dim:
-                raise ValueError(f"episode '{ep.episode_id}': state is {state.shape[1]}-d, "
-                                 f"tier '{self.spec.name}' stores {self.state_dim}-d state")
-            members.append((f"{ep.episode_id}.state.npy", _npy(state)))
-            self.state_stats.update(state)
-            self.state_dim = int(state.shape[1])
-        meta = ep.metadata()
-        meta["native_action_dim"] = native
-        meta["view_order"] = list(ep.frames)  # `views` is a mapping the sorted-key JSON reorders; older shards lack it
-        members.append((f"{ep.episode_id}.meta.json", json.dumps(meta, sort_keys=True).encode()))
+        self.add_prepared(prepare_episode(self.spec, ep))
 
-        size = sum(len(d) for _, d in members)
-        if self._tar is None or (self._shard_bytes and self._shard_bytes + size > self.spec.shard_bytes):
+    def add_prepared(self, p: PreparedEpisode) -> None:
+        """Append an episode `prepare_episode` already encoded: everything here depends on the episodes
+        written before it (shard roll-over, statistics, the tier's state width), so calls must come in the
+        order the tier is to hold them."""
+        if p.episode_id in self._ids:
+            raise ValueError(f"duplicate episode id '{p.episode_id}' in tier '{self.spec.name}'")
+        if p.state is not None and self.state_dim is not None and p.state.shape[1] != self.state_dim:
+            raise ValueError(f"episode '{p.episode_id}': state is {p.state.shape[1]}-d, "
+                             f"tier '{self.spec.name}' stores {self.state_dim}-d state")
+        self._ids.add(p.episode_id)
+        for view, shape in p.views:
+            self.views.setdefault(view, shape)
+        if p.actions is not None:
+            self.action_stats.update(p.actions)
+        if p.state is not None:
+            self.state_stats.update(p.state)
+            self.state_dim = int(p.state.shape[1])
+
+        if self._tar is None or (self._shard_bytes and self._shard_bytes + p.size > self.spec.shard_bytes):
             self._roll()
-        for name, data in members:
-            _add(self._tar, name, data)
-        self._shard_bytes += size
+        self._tar.write(p.records)
+        self._shard_bytes += p.size
         self.shards[-1]["episodes"] += 1
-        t = ep.num_frames
-        self.frames += t
-        self.fps_values.add(fps)
-        emb = self.embodiments.setdefault(ep.embodiment, {"episodes": 0, "frames": 0, "action_dim": native})
+        self.frames += p.frames
+        self.fps_values.add(p.fps)
+        emb = self.embodiments.setdefault(p.embodiment, {"episodes": 0, "frames": 0,
+                                                         "action_dim": p.native_action_dim})
         emb["episodes"] += 1
-        emb["frames"] += t
-        self.index.append({"id": ep.episode_id, "shard": self._shard_idx, "frames": t, "embodiment": ep.embodiment,
-                           "native_action_dim": native, "instructions": list(ep.instructions)})
+        emb["frames"] += p.frames
+        self.index.append({"id": p.episode_id, "shard": self._shard_idx, "frames": p.frames,
+                           "embodiment": p.embodiment, "native_action_dim": p.native_action_dim,
+                           "instructions": p.instructions})
 
     def state_problem(self, ep: Episode) -> str | None:
         """A state width that disagrees with the tier's earlier episodes (after padding), or None."""

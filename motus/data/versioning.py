@@ -8,6 +8,7 @@ hash of the tier folder (the `md5` of its `.dir` entry in dvc.lock).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 REMOTE_NAME = "motus"
+# what `dvc status` last said of the ingest stages, and the state of the files it read (see stale_ingest_stages)
+STATUS_CACHE = Path(".dvc") / "tmp" / "motus-ingest-status.json"
 
 
 class VersioningError(Exception):
@@ -86,12 +89,18 @@ def pull_stages(root: Path, stages: list[str], capture: bool = False) -> None:
     _dvc(["pull", "--remote", REMOTE_NAME, *stages], root, capture=capture)
 
 
+def _read_lock(root: Path) -> dict[str, Any]:
+    """dvc.lock as data ({} when there is none); libyaml's parser where PyYAML has it: the lock of a project
+    with many stages is thousands of lines, and the pure-Python parser takes a noticeable part of a second."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    return yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+
+
 def locked_hashes(root: Path) -> dict[str, str]:
     """tier -> DVC hash of its folder, from dvc.lock (what lineage records)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return {}
-    data = yaml.safe_load(lock.read_text()) or {}
+    data = _read_lock(root)
     out = {}
     for name, stage in (data.get("stages") or {}).items():
         if not name.startswith("ingest@"):
@@ -136,3 +145,69 @@ def stale_tiers(root: Path, cloud: bool = False) -> dict[str, Any]:
         return json.loads(proc.stdout or "{}")
     except json.JSONDecodeError:
         return {"error": proc.stdout.strip()}
+
+
+def _files_state(root: Path, rel: str) -> list[list[Any]]:
+    """(path, size, mtime_ns, inode) of a file, or of every file under a folder: what tells DVC's own state
+    database that a file is unchanged without hashing it."""
+    top = root / rel
+    if top.is_file():
+        found = [top]
+    elif top.is_dir():
+        found = sorted(Path(d) / f for d, _, files in os.walk(top) for f in files)
+    else:
+        return [[rel, None]]
+    out = []
+    for f in found:
+        st = f.stat()
+        out.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino])
+    return out
+
+
+def _ingest_status_key(root: Path, lock: dict[str, Any]) -> str:
+    """A digest of everything `dvc status` reads to judge the `ingest@` stages: the stage definitions, the lock,
+    the params files, DVC's config and ignore rules, each locked stage's deps and outs (by stat, as DVC's
+    state database does; a tier's shards are never read), and the DVC version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    paths = {"dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/config.local"}
+    for name, stage in (lock.get("stages") or {}).items():
+        if name.startswith("ingest@"):
+            paths.update(e["path"] for e in [*stage.get("deps", []), *stage.get("outs", [])] if "path" in e)
+            paths.update(stage.get("params") or {})
+    try:
+        dvc_version = version("dvc")
+    except PackageNotFoundError:
+        dvc_version = None
+    state = [dvc_version, sys.executable, *(entry for rel in sorted(paths) for entry in _files_state(root, rel))]
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()
+
+
+def stale_ingest_stages(root: Path) -> set[str]:
+    """The `ingest@<tier>` stages `dvc status` reports changed since their last `dvc repro`.
+
+    DVC takes about a second to start and look before it answers, whatever the tiers' size; so its answer
+    is kept (in .dvc/tmp) with a digest of every file it depends on, and given again, without DVC, while
+    none of those files has changed. Without a dvc.yaml there is no such stage to ask about. A `dvc status`
+    that fails says nothing is stale, as before, and is not kept."""
+    if not (root / "dvc.yaml").is_file():
+        return set()
+    key = _ingest_status_key(root, _read_lock(root))
+    cache = root / STATUS_CACHE
+    try:
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return set(kept["changed"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    answer = stale_tiers(root)
+    changed = {name for name in answer if name.startswith("ingest@")}
+    if "error" not in answer:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "changed": sorted(changed)}))
+            os.replace(tmp, cache)  # whole or not at all: another status may be reading it
+        except OSError:
+            pass  # a read-only project: ask DVC every time
+    return changed
