@@ -14,10 +14,23 @@ from motus.data.loader import TierWindows, collate_windows
 from motus.train.encode import encode_plan, encode_tier
 from motus.train.inputs import window_inputs
 
-from ..support.project import MOTUS, project_env
+from ..support.project import MOTUS, project_env, shipped_params, short_stages, write_project
 
 TIER = "target-aloha-transfer"  # read by Stage 3: the cache carries the VLM's features too
 OTHER = "target-aloha-insertion"  # Stage 3's other tier
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Stage 3 alone on its two tiers, two 60-step episodes each: ~70 windows a tier to encode."""
+    raw = short_stages(shipped_params(), 8, batch_size=4, validate_every=4)
+    # validation (at step 0 and at the end) samples every mode: two windows, one draw keep a job to seconds
+    raw["stages"] = {"stage3": dict(raw["stages"]["stage3"], parent=None, validation={"windows": 2, "draws": 1})}
+    raw["gates"] = {k: v for k, v in raw["gates"].items() if k == raw["stages"]["stage3"]["registered_model"]}
+    raw["tiers"] = {k: v for k, v in raw["tiers"].items() if k in (TIER, OTHER)}
+    for t in raw["tiers"].values():
+        t["source"]["options"].update(n=2, max_steps=60)
+    return write_project(tmp_path_factory.mktemp("encoded"), raw)
 
 
 @pytest.fixture(scope="module")
