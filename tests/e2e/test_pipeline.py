@@ -213,7 +213,7 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     to_run = {k for k, r in rows.items() if r["action"] == "run" and r["kind"] != "gate"}
     assert to_run == {"tier:target-aloha-insertion", "encode:target-aloha-insertion", "stage3",
                       "evaluate:motus-aloha"}, to_run
-    assert "input tier:target-aloha-insertion: " in rows["encode:target-aloha-insertion"]["why"]
+    assert rows["encode:target-aloha-insertion"]["why"] == ["after tier:target-aloha-insertion"]
     assert (f"config tiers.target-aloha-insertion.source.options.seed: {seed} -> {seed + 1}"
             in rows["tier:target-aloha-insertion"]["why"])
     assert rows["gate:motus-aloha"]["action"] in ("run", "check")
