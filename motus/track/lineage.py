@@ -25,7 +25,7 @@ from typing import Any
 
 from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
 from ..data.tier import folder_hash
-from .tags import T, tier_hash_keys, tiers_from_tags
+from .tags import LINEAGE_TIER, T, tier_hash_keys, tiers_from_tags
 
 # ------------------------------------------------------------------------------------------------ exports
 
@@ -217,15 +217,15 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
         return client.search_runs(experiments, f"tags.`tier.{tier}.digest` LIKE '{quoted}'",
                                   max_results=10000) if experiments else []
 
-    # Four independent reads, sent together (the answer waits for the slowest, the store read, not the sum):
-    # versions tagged with the tier (server-side, so a hash prefix matches as the store's LIKE does), the runs
-    # that read it, and one read of every version (one search, paginated past 10,000), from which the versions
-    # of those runs and everything downstream are found in memory. A search per run and per version reached
-    # took 44 s for 100 versions among 1,000 on PostgreSQL.
-    with ThreadPoolExecutor(4) as pool:
+    # Independent reads, sent together (the answer waits for the slowest, not the sum): versions tagged with
+    # the tier (server-side, so a hash prefix matches as the store's LIKE does), versions with the tier anywhere
+    # in their lineage (`motus.lineage_tier.<tier>`, written at registration from the parents' tags: the
+    # downstream versions in one search), and the runs that read it. A search per run and per version reached
+    # took 44 s for 100 versions among 1,000 on PostgreSQL; one read of the whole store, 1.7 s.
+    with ThreadPoolExecutor(5) as pool:
         tagged = [pool.submit(registry.versions, None, {key: pattern}) for key in tier_hash_keys(tier)]
+        in_lineage = pool.submit(registry.versions, None, {f"{LINEAGE_TIER}{tier}": f"%,{pattern}"})
         found_runs = pool.submit(runs_reading)
-        everything = pool.submit(registry.store.search, None, 10000)
         direct: dict[str, Any] = {}
         for job in tagged:
             for ref in job.result():
@@ -235,12 +235,50 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
             runs[r.info.run_id] = {"run_id": r.info.run_id, "name": r.info.run_name,
                                    "digest": r.data.tags.get(f"tier.{tier}.digest", ""), "direct": True,
                                    "stage": r.data.tags.get("stage", r.data.tags.get("job", "")), "versions": []}
-        store = everything.result()
+        reached = {f"{ref.name}/{ref.version}": ref for ref in in_lineage.result()}
     for ref in list(direct.values()):  # versions of runs that read the tier (e.g. the VAE, which logs flow inputs)
         runs.setdefault(ref.run_id, {"run_id": ref.run_id, "name": None, "direct": True,
                                      "digest": next((t.content_hash for t in tiers_from_tags(ref.tags)
                                                      if t.name == tier), ""),
                                      "stage": ref.tags.get(f"{T}stage", ""), "versions": []})
+    missing_runs = sorted(r for r in runs if r and r not in {ref.run_id for ref in direct.values()})
+    for i in range(0, len(missing_runs), 100):  # versions registered from those runs (MLflow has `run_id IN`)
+        ids = ", ".join(f"'{r}'" for r in missing_runs[i:i + 100])
+        for ref in registry.store.search(f"run_id IN ({ids})"):
+            direct.setdefault(f"{ref.name}/{ref.version}", ref)
+    downstream = {**reached, **direct}
+    # A version whose lineage tag holds the tier has every descendant registered since in `reached`. One
+    # without (registered before lineage tags, or whose run read the tier without its version naming it):
+    # its children are searched for, a few at a time; a store with many such versions is read whole instead.
+    def covered(ref: Any) -> bool:
+        value = ref.tags.get(f"{LINEAGE_TIER}{tier}", "")
+        return bool(value) and (digest is None or f",{digest}" in value)
+
+    frontier = [ref for ref in downstream.values() if not covered(ref)]
+    if len(frontier) > UNCOVERED_WALK:
+        return _uses_from_store(registry, tier, digest, runs, direct)
+    todo = deque(frontier)
+    while todo:
+        ref = todo.popleft()
+        key = f"{ref.name}/{ref.version}"
+        for tag in ("parent_version", "lam_version"):
+            for child in registry.versions(None, {f"{T}{tag}": key}):
+                ckey = f"{child.name}/{child.version}"
+                if ckey not in downstream:
+                    downstream[ckey] = child
+                    if not covered(child):
+                        todo.append(child)
+    return _uses_answer(tier, digest, runs, direct, downstream)
+
+
+# found versions without the tier in their lineage tags past which `uses` reads the whole store instead
+UNCOVERED_WALK = 8
+
+
+def _uses_from_store(registry: Any, tier: str, digest: str | None, runs: dict[str, dict[str, Any]],
+                     direct: dict[str, Any]) -> dict[str, Any]:
+    """`uses` over one read of every version (a store registered before lineage tags): children in memory."""
+    store = registry.store.search(None, 10000)
     by_run: dict[str, list[Any]] = {}
     children: dict[str, list[Any]] = {}
     for ref in store:  # sorted by (name, version), as the searches per run and per parent answered
@@ -264,6 +302,11 @@ def uses(registry: Any, tier: str, digest: str | None = None) -> dict[str, Any]:
             if ckey not in seen:
                 seen.add(ckey)
                 todo.append(child)
+    return _uses_answer(tier, digest, runs, direct, downstream)
+
+
+def _uses_answer(tier: str, digest: str | None, runs: dict[str, dict[str, Any]], direct: dict[str, Any],
+                 downstream: dict[str, Any]) -> dict[str, Any]:
     versions = []
     for key, ref in sorted(downstream.items()):
         node = version_node(ref)

@@ -10,7 +10,7 @@ versioned, else the content hash); the decoder reads it for one release.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..contracts import LineageRecord, TierRef
 
@@ -25,6 +25,23 @@ def tier_tags(tiers: tuple[TierRef, ...] | list[TierRef]) -> dict[str, str]:
         tags[f"{TIER}{t.name}.content_hash"] = t.content_hash
         tags[f"{TIER}{t.name}.dvc_hash"] = t.dvc_hash or ""
     return tags
+
+
+LINEAGE_TIER = T + "lineage_tier."  # + tier name: ",<hash>,<hash>," of the tier anywhere in the version's lineage
+
+
+def lineage_tier_tags(own: Mapping[str, str], parents: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    """The version tags that let `lineage uses` answer with one search: for every tier the version read, or any
+    registered ancestor read, every hash of it (content and DVC). Built from the version's own tier tags and
+    its parents' tier and lineage tags (the parents carry their own ancestry already)."""
+    hashes: dict[str, set[str]] = {}
+    for tags in (own, *parents):
+        for ref in tiers_from_tags(tags):
+            hashes.setdefault(ref.name, set()).update(h for h in (ref.content_hash, ref.dvc_hash) if h)
+        for key, value in tags.items():
+            if key.startswith(LINEAGE_TIER):
+                hashes.setdefault(key[len(LINEAGE_TIER):], set()).update(h for h in value.split(",") if h)
+    return {f"{LINEAGE_TIER}{name}": "," + ",".join(sorted(hs)) + "," for name, hs in sorted(hashes.items()) if hs}
 
 
 def tiers_from_tags(tags: Mapping[str, str]) -> list[TierRef]:

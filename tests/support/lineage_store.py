@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from motus.track.tags import lineage_tier_tags
+
 SHARED = hashlib.sha256(b"shared tier").hexdigest()
 TIER = "target-aloha-transfer"
 MODELS = ("motus-vgm", "motus-lam", "motus-latent-action", "motus-aloha")
@@ -35,6 +37,8 @@ def fill(client: Any, chains: int, *, start: int = 0, workers: int = 8, metrics:
         for m in MODELS:
             client.create_registered_model(m)
 
+    written: dict[str, dict[str, str]] = {}  # version -> its tags, for its children's lineage tags
+
     def one_version(model: str, i: int, tier_digest: str, parents: dict[str, str]) -> str:
         run = client.create_run(exp, tags={f"tier.{TIER}.digest": tier_digest, "stage": model})
         if metrics:
@@ -44,8 +48,10 @@ def fill(client: Any, chains: int, *, start: int = 0, workers: int = 8, metrics:
                 f"motus.tier.{TIER}.level": "6", f"motus.tier.{TIER}.digest": tier_digest,
                 f"motus.tier.{TIER}.content_hash": tier_digest,
                 "motus.device_hours": "0.5", "motus.cost": "1.75", "motus.currency": "USD", **parents}
+        tags.update(lineage_tier_tags(tags, [written[v] for v in parents.values()]))  # as registration writes them
         mv = client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                                          tags=tags, await_creation_for=0)
+        written[f"{model}/{mv.version}"] = tags
         return f"{model}/{mv.version}"
 
     def chain(i: int) -> str:

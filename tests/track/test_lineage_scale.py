@@ -116,7 +116,7 @@ def test_show_and_uses_make_the_same_few_calls_for_48_and_200_versions(store, mo
     shown, used = calls[50]
     # show: resolve (model + version), then one search per model and generation (aloha <- s2 <- vgm + lam)
     assert shown == {"get_registered_model": 1, "get_model_version": 1, "search_model_versions": 3}, shown
-    # uses: three tier-tag searches, the runs that read the tier (experiments + runs), one read of the store
+    # uses: three tier-tag searches, one of the lineage tag, the runs that read the tier (experiments + runs)
     assert used == {"search_model_versions": 4, "search_experiments": 1, "search_runs": 1}, used
 
 

@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from ...contracts import MANIFEST_FILE, ContractError, FeatureManifest, LineageRecord
 from ..lineage import export_hash, locate, read_export_lineage
-from ..tags import T, lineage_tags
+from ..tags import T, lineage_tags, lineage_tier_tags
 from .champion import Champion
 from .crashpoints import crashpoint
 from .lock import ModelLock
@@ -157,6 +157,7 @@ class Versions:
         tags[f"{T}device_hours_total"] = f"{total_h:.9g}"
         tags[f"{T}cost_total"] = "" if total_c is None else f"{total_c:.9g}"
         tags[f"{T}currency"] = rtags.get("currency", "")
+        tags.update(lineage_tier_tags(tags, [p.tags for p in parents]))  # `lineage uses` in one search
         return tags
 
     def _checkpoint_hash(self, ckpt: str, export: Path, run_id: str) -> str | None:
