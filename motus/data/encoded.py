@@ -221,8 +221,8 @@ class EncodedWindows:
         latents = self.array(episode_id, "latents")
         if not 0 <= start < len(latents):
             raise IndexError(f"encoder cache of '{self.feature.tier}/{episode_id}': window {start} of {len(latents)}")
-        text = np.zeros((self.text_len, self.array(episode_id, "text").shape[1]), np.float32)
         stored = self.array(episode_id, "text")
+        text = np.zeros((self.text_len, stored.shape[1]), np.float32)
         text[: len(stored)] = stored[: self.text_len]
         out: dict[str, Any] = {"video_latents": torch.from_numpy(np.array(latents[start])),
                                "text_embeds": torch.from_numpy(text), "understanding": None}
