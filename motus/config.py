@@ -936,6 +936,10 @@ class Settings(BaseSettings):
                                       "(tracking-buffer.jsonl and artifact copies) while the tracking store does not "
                                       "answer; beyond it points are dropped, counted and said.")
     data_remote: str = Field(".dvc-remote", description="DVC remote: a local folder or an s3:// URL.")
+    dvc_cache_type: str = Field("reflink,copy", pattern=r"^(reflink|hardlink|symlink|copy)(,(reflink|hardlink|symlink|copy))*$",
+                                description="How DVC puts tiers into its cache: reflink,copy (default; shares blocks "
+                                "where the filesystem can) or hardlink (no copy anywhere, but a tier file rewritten "
+                                "in place by root changes the cached version too).")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO etc.); None = AWS.")
     launcher: Literal["local", "kubernetes"] = Field("local", description="Where training jobs run.")
     image: str | None = Field(None, description="Training container image for the kubernetes launcher.")
@@ -948,6 +952,10 @@ class Settings(BaseSettings):
     runner_dir: Path | None = Field(None, description="Where warm runners keep their sockets, pid files and logs "
                                     "(default: <tmp>/motus-runners-<uid>).")
     runner_idle_s: float = Field(120.0, gt=0, description="A warm runner exits after this long without jobs.")
+    serve_poll_s: float = Field(5.0, gt=0, description="How often `motus serve` reads the alias it follows.")
+    serve_cache_dir: Path | None = Field(None, description="Where `motus serve` keeps the exports it fetched, one "
+                                         "folder per version (default: ~/.cache/motus/serve).")
+    serve_device: str = Field("cpu", description="The device `motus serve` runs the model on (cpu, cuda, cuda:1).")
     checkpoint_async: bool = Field(True, description="Training jobs write checkpoints in the background: the state "
                                    "is copied to host memory at the step boundary and training goes on while the "
                                    "files are written; false: the loop waits for each save.")

@@ -144,6 +144,7 @@ def version(tiers: Annotated[list[str] | None, typer.Argument(help="Tier names (
     root = Path.cwd()
     try:
         v.ensure_repo(root)
+        v.configure_cache(root, settings.dvc_cache_type)
         url = v.configure_remote(root, settings.data_remote, settings.s3_endpoint_url)
         v.reproduce(root, names, force=force)
         if push:

@@ -48,6 +48,22 @@ def ensure_repo(root: Path) -> None:
     _dvc(["config", "core.autostage", "true"], root, check=False)
 
 
+def configure_cache(root: Path, cache_type: str) -> None:
+    """How DVC puts a tier into its cache (`.dvc/config.local`: the machine's choice, like its remote), set only
+    when it differs (a `dvc config` costs DVC's start-up). `reflink,copy` (the default) shares the blocks where the
+    filesystem can (XFS, btrfs: instant, and a later write to the tier copies first) and copies elsewhere;
+    `hardlink` skips the copy on any filesystem (measured: versioning a 10^6-episode tier 2.6x -> 1.2-1.7x the time
+    of `tar | md5sum`) but the tier's files then *are* the cache's: DVC makes them read-only, yet a process
+    running as root that rewrites one in place corrupts the cached version too. Motus itself never writes into
+    a built tier or feature (it builds a new folder and renames it), so `hardlink` is safe for its own writes."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(root / ".dvc" / "config.local")
+    if cfg.get("cache", "type", fallback="reflink,copy") != cache_type:  # DVC's own default when unset
+        _dvc(["config", "--local", "cache.type", cache_type], root)
+
+
 def configure_remote(root: Path, url: str, endpoint_url: str | None = None) -> str:
     """Point the `motus` remote at `url` (a folder or s3://...); return the resolved URL."""
     if "://" not in url:

@@ -251,6 +251,7 @@ class Pipeline:
         from ..data import versioning as v
 
         v.ensure_repo(self.root)
+        v.configure_cache(self.root, self.settings.dvc_cache_type)
         v.configure_remote(self.root, self.settings.data_remote, self.settings.s3_endpoint_url)
         self._remote_ready = True
 

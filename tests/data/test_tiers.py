@@ -309,6 +309,23 @@ def test_dvc_roundtrip_local_remote(tmp_path):
 
 
 @pytest.mark.slow
+def test_dvc_roundtrip_with_a_hardlinked_cache(tmp_path):
+    """MOTUS_DVC_CACHE_TYPE=hardlink: the tier is hashed and linked into DVC's cache, never copied there."""
+    from pydantic import ValidationError
+
+    from motus.config import Settings
+
+    with pytest.raises(ValidationError, match="dvc_cache_type"):
+        Settings(dvc_cache_type="links")
+    proj, env = make_project(tmp_path, str(tmp_path / "remote"), {"MOTUS_DVC_CACHE_TYPE": "hardlink"})
+    roundtrip(proj, env)
+    assert "type = hardlink" in (proj / ".dvc" / "config.local").read_text()
+    # each file with bytes is one inode with its cache entry (DVC writes empty files, it does not link them)
+    files = [f for f in (proj / "data/tiers/robot").rglob("*") if f.is_file() and f.stat().st_size]
+    assert len(files) >= 3 and all(f.stat().st_nlink == 2 for f in files), [(f.name, f.stat().st_nlink) for f in files]
+
+
+@pytest.mark.slow
 def test_dvc_roundtrip_local_s3_server(tmp_path):
     import boto3
     from moto.server import ThreadedMotoServer
