@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/encoder_cache.py
 	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/lineage.py
 	$(BIN)/python benchmarks/tier_scale.py --episodes 100000
 	$(BIN)/python benchmarks/pipeline.py

@@ -417,6 +417,124 @@ class LineageRecord:
         return (Path(export_dir) / LINEAGE_FILE).is_file()
 
 
+# ------------------------------------------------------------------------------------------------ serving
+
+SERVING_FILE = "serving.json"
+# what the registry writes beside an export's files to make it an MLflow model (track/registry/flavour.py), and
+# what MLflow itself adds there (`registered_model_meta`, written into a local store's folder when a version is
+# loaded by its models:/ URI): not part of the export's content, so not of its hash
+PACKAGING_FILES = frozenset({"MLmodel", "python_env.yaml", "requirements.txt", "conda.yaml",
+                             "registered_model_meta"})
+SERVING_MODES = ("vla", "joint", "wm")  # what a deployed policy answers: act, act+imagine, imagine given actions
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """One robot the model acts for, as it met it in training: the tier whose normalisation its actions are
+    un-normalised with, the camera layout a request must send, and the units of what comes back."""
+
+    tier: str
+    embodiment: str | None
+    view: str  # the stored view the model was trained on
+    image_size: tuple[int, int]  # (height, width) of that view's frames, as stored in the tier
+    state_dim: int
+    action_dim: int
+    action_names: tuple[str, ...] | None = None
+    # the cameras a request sends when the stored view is a three-view composition made at ingest (head, left
+    # wrist, right wrist); () when the request sends the stored view itself
+    source_views: tuple[str, ...] = ()
+    instruction: str = ""  # an instruction of the tier (the warm-up probe's)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["action_names"] = list(self.action_names) if self.action_names is not None else None
+        d["source_views"] = list(self.source_views)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> ActionSpace:
+        size = _need(d, "image_size", where)
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0
+                                                                            for v in size)):
+            raise ContractError(f"{where}: image_size must be [height, width] positive integers, got {size!r}")
+        names = d.get("action_names")
+        return cls(tier=str(_need(d, "tier", where)), embodiment=d.get("embodiment"), view=str(_need(d, "view", where)),
+                   image_size=(int(size[0]), int(size[1])), state_dim=int(_need(d, "state_dim", where)),
+                   action_dim=int(_need(d, "action_dim", where)),
+                   action_names=tuple(names) if names is not None else None,
+                   source_views=tuple(d.get("source_views") or ()), instruction=str(d.get("instruction") or ""))
+
+
+@dataclass(frozen=True)
+class ServingContract:
+    """What a deployment needs to turn a robot's observation into the model's inputs and its output back into
+    the robot's units, written by the job beside its export (`serving.json`): nothing is re-derived elsewhere
+    (the tiers, params.yaml and the training code's defaults need not be where the model is served).
+
+    `chunk` actions per answer, each to be held for `hold` control steps (the window's downsample); the action
+    and state normalisation of each space is the lineage record's (`normalization[tier]`)."""
+
+    SCHEMA = 1
+
+    registered_model: str
+    stage_number: int
+    modes: tuple[str, ...]
+    chunk: int
+    hold: int
+    spaces: tuple[ActionSpace, ...]
+    schema_version: int = SCHEMA
+
+    def space(self, tier: str | None) -> ActionSpace:
+        """The action space of `tier`; with None, the only one (ContractError naming the choices otherwise)."""
+        if tier is None:
+            if len(self.spaces) == 1:
+                return self.spaces[0]
+            raise ContractError(f"the model acts in {len(self.spaces)} action spaces {[s.tier for s in self.spaces]}: "
+                                "name one (tier)")
+        for s in self.spaces:
+            if s.tier == tier:
+                return s
+        raise ContractError(f"no action space '{tier}' (expected one of {[s.tier for s in self.spaces]})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"registered_model": self.registered_model, "stage_number": self.stage_number,
+                "modes": list(self.modes), "chunk": self.chunk, "hold": self.hold,
+                "spaces": [s.to_json() for s in self.spaces], "schema_version": self.SCHEMA}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = SERVING_FILE) -> ServingContract:
+        if not isinstance(d, Mapping):
+            raise ContractError(f"{where}: not a JSON object")
+        _check_schema(d, cls.SCHEMA, where)
+        modes = tuple(_need(d, "modes", where))
+        bad = [m for m in modes if m not in SERVING_MODES]
+        if bad:
+            raise ContractError(f"{where}: unknown mode(s) {bad}; expected some of {list(SERVING_MODES)}")
+        spaces = tuple(ActionSpace.from_json(s, f"{where} spaces[{i}]")
+                       for i, s in enumerate(_need(d, "spaces", where)))
+        if not spaces:
+            raise ContractError(f"{where}: no action space")
+        return cls(registered_model=str(_need(d, "registered_model", where)),
+                   stage_number=int(_need(d, "stage_number", where)), modes=modes,
+                   chunk=int(_need(d, "chunk", where)), hold=int(_need(d, "hold", where)), spaces=spaces)
+
+    def write(self, export_dir: Path) -> Path:
+        path = Path(export_dir) / SERVING_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def read(cls, export_dir: Path) -> ServingContract:
+        path = Path(export_dir) / SERVING_FILE
+        return cls.from_json(_read_json(path, "a Stage 3 export written by this version of `motus train` has "
+                                              "one"), str(path))
+
+    @staticmethod
+    def exists(export_dir: Path) -> bool:
+        return (Path(export_dir) / SERVING_FILE).is_file()
+
+
 # ------------------------------------------------------------------------------------- evaluation and gates
 
 # The metrics an evaluation (`motus.evaluate`) reports, by name after `eval/` (closed-loop rates also per task:

@@ -13,6 +13,7 @@ from .model_cmd import model_app
 from .pipeline_cmd import pipeline_app
 from .registry_cmd import lineage_app, registry_app
 from .runner_cmd import runner_app
+from .serve_cmd import serve
 from .track_cmd import track_app
 from .train_cmd import train
 
@@ -30,6 +31,7 @@ app.add_typer(k8s_app, name="k8s")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(runner_app, name="runner")
 app.add_typer(track_app, name="track")
+app.command()(serve)
 
 
 @app.command()

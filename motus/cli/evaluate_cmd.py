@@ -33,12 +33,16 @@ def evaluate(
     params: Annotated[Path | None, typer.Option("--params", "-p", help="params.yaml to read.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report JSON here.")] = None,
     progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
+    via_server: Annotated[str | None, typer.Option(help="Drive the closed loop through this policy server "
+                                                   "(`motus serve`, http://HOST:PORT): the deployed path. It must "
+                                                   "serve the evaluated version.")] = None,
 ) -> None:
     """Evaluate a model in every mode: world-model PSNR/SSIM, IDM/VLA/joint action error on held-out episodes,
     closed-loop success in gym-aloha, each beside zero/random floors and the scripted ceiling."""
     from ..config import ConfigError, get_settings, load_params
     from ..evaluate import evaluate_model
     from ..evaluate.export import ExportError, check_export
+    from ..evaluate.remote import ServerError
 
     try:
         settings = get_settings()
@@ -63,12 +67,13 @@ def evaluate(
             p, export, model_name=name, version=version,
             seeds=range(first_seed, first_seed + seeds), tasks=task_list, workers=workers, progress=progress,
             modes=mode_list, max_steps=max_steps, windows_per_tier=windows, draws=draws, video_episodes=video_episodes,
-            sample_steps=sample_steps, lpips_weights=lpips_weights, fvd_weights=fvd_weights, echo=typer.echo)
+            sample_steps=sample_steps, lpips_weights=lpips_weights, fvd_weights=fvd_weights, echo=typer.echo,
+            server_url=via_server)
         if track:
             from ..track.evaluations import record_evaluation
 
             record_evaluation(report, tracking_uri=settings.tracking_uri, experiment=p.project.name)
-    except (ConfigError, ExportError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, ValueError, FileNotFoundError, ServerError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(report.summary())

@@ -678,14 +678,15 @@ class Tier:
         return bad
 
 
-def folder_hash(folder: Path) -> str:
+def folder_hash(folder: Path, exclude: frozenset[str] = frozenset()) -> str:
     """sha256 over `<relative path>\t<sha256>` of every file, sorted: the identity of a folder's content (an
-    export, a model). The registry's export hash and a latent-action feature's model hash are this."""
+    export, a model). The registry's export hash and a latent-action feature's model hash are this. `exclude`:
+    top-level file names left out (what a registry adds around the content)."""
     import hashlib
 
     folder = Path(folder)
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not (p.parent == folder and p.name in exclude):
             h.update(f"{p.relative_to(folder)}\t{sha256_file(p)}\n".encode())
     return h.hexdigest()

@@ -54,6 +54,7 @@ class RolloutSettings:
     sample_steps: int | None = None  # Euler steps per plan; None = the model's inference_steps
     noise_seed: int = 0
     threads: int | None = None  # torch threads per worker
+    server_url: str | None = None  # the model policies' plans asked of this policy server (`motus serve`)
 
 
 @dataclass(frozen=True)
@@ -145,28 +146,20 @@ class ModelPolicy:
         self.seed, self.noise_seed, self.sample_steps = seed, noise_seed, sample_steps
         self.plans = 0
 
-    @torch.no_grad()
+    def generator(self) -> torch.Generator:
+        """The noise of this plan: a function of (noise seed, episode seed, plan number), so a rollout's actions
+        are reproducible in process and through a policy server alike."""
+        return torch.Generator(device=self.exported.device).manual_seed(self.noise_key())
+
+    def noise_key(self) -> int:
+        return (self.noise_seed * 1_000_003 + self.seed * 7919 + self.plans) % (2**63)
+
     def chunk(self, frame: np.ndarray, qpos: np.ndarray) -> np.ndarray:
         """Raw (un-normalised) joint targets [K, 14] for one observation."""
-        from ..data.loader import denormalize_actions, frames_to_video, normalize
-
-        ex, cfg = self.exported, self.exported.cfg
-        # the observation is a window's conditioning frame. Wan's VAE is causal (latent frame 0 is a function of
-        # pixel frame 0 alone: bit-identical), and vla/joint replace the future latents with noise, so the
-        # one-frame clip is encoded and the future latent slots are placeholders the sampler never reads
-        state = normalize(np.asarray(qpos, dtype=np.float32)[None], self.norm["method"], self.norm.get("state"))
-        batch = {"video": frames_to_video(frame[None], (cfg.height, cfg.width))[None], "actions": None,
-                 "state": torch.from_numpy(state), "instruction": [self.setup.instruction]}
-        inputs = ex.inputs(batch)
-        obs = inputs["video_latents"][:, :, :1]
-        future = obs.new_zeros(*obs.shape[:2], cfg.latent_shape[1] - 1, *obs.shape[3:])
-        inputs["video_latents"] = torch.cat([obs, future], dim=2)
-        g = torch.Generator(device=ex.device).manual_seed(
-            (self.noise_seed * 1_000_003 + self.seed * 7919 + self.plans) % (2**63))
-        out = ex.model.sample(self.mode, inputs["video_latents"], inputs["text_embeds"], state=inputs.get("state"),
-                              understanding=inputs.get("understanding"), steps=self.sample_steps, generator=g)
+        out = self.exported.plan(frame, qpos, self.setup.instruction, self.setup.tier, mode=self.mode,
+                                 generator=self.generator(), steps=self.sample_steps)
         self.plans += 1
-        return np.asarray(denormalize_actions(out.actions[0].float().cpu().numpy(), self.norm), dtype=np.float64)
+        return out.actions
 
     def plan(self, frame, qpos, sim) -> np.ndarray:
         return np.repeat(self.chunk(frame, qpos), self.exported.spec.downsample, axis=0)
@@ -183,6 +176,7 @@ class _Scenes:
         self._sims: dict[str, Any] = {}
         self._ee: dict[str, Any] = {}
         self._renderers: dict[str, Any] = {}
+        self._client: Any = None
 
     def model(self) -> Any:
         if self.exported is None:
@@ -213,7 +207,14 @@ class _Scenes:
     def policy(self, job: Rollout, sim: Any) -> Any:
         s, hold = self.settings, self.settings.hold
         if job.policy in MODEL_POLICIES:
-            return ModelPolicy(self.model(), job.policy, s.tasks[job.task], job.seed, s.noise_seed, s.sample_steps)
+            local = ModelPolicy(self.model(), job.policy, s.tasks[job.task], job.seed, s.noise_seed, s.sample_steps)
+            if s.server_url is None:
+                return local
+            from .remote import PolicyClient, RemotePolicy
+
+            if self._client is None:
+                self._client = PolicyClient(s.server_url)
+            return RemotePolicy(self._client, local)
         if job.policy == "zero":
             return _ZeroPolicy(hold)
         if job.policy == "random":
@@ -226,6 +227,8 @@ class _Scenes:
         for r in self._renderers.values():
             r.close()
         self._renderers.clear()
+        if self._client is not None:
+            self._client.close()
 
 
 # action layout [left arm 6, left gripper, right arm 6, right gripper]: the 12 arm joints, in joint_limits order

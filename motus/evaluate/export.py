@@ -1,9 +1,11 @@
 """A model export, loaded for inference: the network, its frozen parts, lineage, and its window geometry.
 
 An export (what `motus.train.stage.StageJob.export` writes) holds `motus_config.json` + `model.safetensors`,
-the frozen VAE/VLM/text encoder when they have no local weights path, and the lineage record (tiers and their
-action/state normalisation). Everything the evaluator feeds the model is built through
-`motus.train.inputs.window_inputs`, the function training uses.
+the frozen VAE/VLM/text encoder when they have no local weights path, the lineage record (tiers and their
+action/state normalisation) and, for a policy, its serving contract (camera layout, action spaces, hold).
+Everything the evaluator and the policy server feed the model is built through
+`motus.train.inputs.window_inputs`, the function training uses, and one observation becomes one action chunk
+in `ExportedModel.plan`, for the closed-loop evaluation and `motus serve` alike.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
-from ..data.loader import WindowSpec, window_spec_from_params
+from ..config import WindowConfig
+from ..contracts import LINEAGE_FILE, ContractError, LineageRecord, ServingContract
+from ..data.loader import WindowSpec, denormalize_actions, frames_to_video, normalize, window_spec_from_params
 from ..model import MotusModel
 from ..model.text import FrozenTextEncoder
 from ..train.inputs import window_inputs
@@ -35,6 +39,7 @@ class ExportedModel:
     lineage: LineageRecord
     spec: WindowSpec
     device: torch.device
+    serving: ServingContract | None = None
 
     @property
     def cfg(self) -> Any:
@@ -56,6 +61,78 @@ class ExportedModel:
         return window_inputs(batch, cfg=self.cfg, vae=self.model.vae, text=self.text, vlm=self.model.vlm,
                              with_actions=True, device=self.device)
 
+    def plan(self, frame: np.ndarray, state: np.ndarray, instruction: str, tier: str, *, mode: str = "vla",
+             generator: torch.Generator | None = None, steps: int | None = None, actions: np.ndarray | None = None,
+             with_frames: bool = False) -> Plan:
+        """One observation -> one action chunk in the robot's units (and, `with_frames`, the predicted future
+        frames): frame [h, w, 3] uint8 of the trained view, state [state_dim] raw, `tier` the action space.
+        wm mode takes the chunk's raw `actions` [K, action_dim] and predicts frames only."""
+        return self.plan_batch([Observation(frame, state, instruction, generator, actions)], tier, mode=mode,
+                               steps=steps, with_frames=with_frames)[0]
+
+    @torch.no_grad()
+    def plan_batch(self, observations: list[Observation], tier: str, *, mode: str = "vla", steps: int | None = None,
+                   with_frames: bool = False) -> list[Plan]:
+        """`plan` for several observations of one action space at once; each row's noise comes from its own
+        generator, so a row's answer does not depend on its batch-mates (up to floating-point summation order)."""
+        cfg, norm = self.cfg, self.normalization(tier)
+        # an observation is a window's conditioning frame. Wan's VAE is causal (latent frame 0 is a function of
+        # pixel frame 0 alone: bit-identical), and vla/joint replace the future latents with noise, so the
+        # one-frame clip is encoded and the future latent slots are placeholders the sampler never reads
+        st = normalize(np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]), norm["method"],
+                       norm.get("state"))
+        video = torch.stack([frames_to_video(np.asarray(o.frame)[None], (cfg.height, cfg.width))
+                             for o in observations])
+        batch = {"video": video, "actions": None, "state": torch.from_numpy(st),
+                 "instruction": [o.instruction for o in observations]}
+        inputs = self.inputs(batch)
+        obs = inputs["video_latents"][:, :, :1]
+        future = obs.new_zeros(*obs.shape[:2], cfg.latent_shape[1] - 1, *obs.shape[3:])
+        given = None
+        if mode == "wm":
+            a = normalize(np.stack([np.asarray(o.actions, dtype=np.float32) for o in observations]), norm["method"],
+                          norm.get("actions"))
+            a = np.pad(a, ((0, 0), (0, 0), (0, cfg.action.action_dim - a.shape[-1])))  # the loader's zero padding
+            given = torch.from_numpy(a).to(self.device)
+        gens = [o.generator for o in observations]
+        generator = gens[0] if len(gens) == 1 else (None if all(g is None for g in gens) else
+                                                   [g if g is not None else torch.Generator(device=self.device)
+                                                    for g in gens])
+        out = self.model.sample(mode, torch.cat([obs, future], dim=2), inputs["text_embeds"], actions=given,
+                                state=inputs.get("state"), understanding=inputs.get("understanding"), steps=steps,
+                                generator=generator)
+        raw = [None] * len(observations)
+        if out.actions is not None and mode != "wm":
+            chunk = np.asarray(denormalize_actions(out.actions.float().cpu().numpy(), norm), dtype=np.float64)
+            raw = list(chunk)
+        frames = [None] * len(observations)
+        if with_frames and out.video_latents is not None and mode in ("wm", "joint"):
+            decoded = (self.model.vae.decode(out.video_latents) + 1) / 2  # [B, 3, F, H, W] in [0, 1]
+            pixels = (decoded[:, :, 1:].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+            frames = list(pixels.cpu().numpy())
+        return [Plan(actions=a, frames=f) for a, f in zip(raw, frames, strict=True)]
+
+
+@dataclass
+class Observation:
+    """One request's inputs to `ExportedModel.plan_batch`: the trained view's frame [h, w, 3] uint8, the raw
+    state, the instruction, its noise generator and, for wm, the chunk's raw actions [K, action_dim]."""
+
+    frame: np.ndarray
+    state: np.ndarray
+    instruction: str
+    generator: torch.Generator | None = None
+    actions: np.ndarray | None = None
+
+
+@dataclass
+class Plan:
+    """What one observation gave: the action chunk [K, action_dim] in the robot's units (None in wm mode), and
+    the predicted future frames [F, H, W, 3] uint8 when asked for (wm, joint)."""
+
+    actions: np.ndarray | None
+    frames: np.ndarray | None = None
+
 
 def check_export(path: str | Path) -> Path:
     p = Path(path)
@@ -70,8 +147,9 @@ def check_export(path: str | Path) -> Path:
     return p
 
 
-def load_export(path: str | Path, params: Any, device: str | torch.device = "cpu") -> ExportedModel:
-    """Load an export for inference. The window geometry comes from `params.data.window` + the model config."""
+def load_export(path: str | Path, params: Any = None, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load an export for inference. The window geometry comes from the model config and `params.data.window`,
+    or, without params (a server far from the project), the export's serving contract."""
     p = check_export(path)
     try:
         lineage = LineageRecord.read(p)
@@ -88,6 +166,7 @@ def load_export(path: str | Path, params: Any, device: str | torch.device = "cpu
         raise ExportError(f"model export '{p}' has no vae.safetensors and its config names no VAE weights")
     if not w.get("vlm") and not (p / "vlm.safetensors").exists():
         model.vlm = None  # trained without the understanding expert's inputs
+    # the text encoder's seed only draws the tiny preset's random base, which the export ships (loaded below)
     seed = int(getattr(getattr(params, "project", None), "seed", 0))
     text = FrozenTextEncoder(cfg.video["text_dim"], w.get("text"), max_len=cfg.text_len, seed=seed + 2)
     if not w.get("text"):
@@ -97,5 +176,17 @@ def load_export(path: str | Path, params: Any, device: str | torch.device = "cpu
         from safetensors.torch import load_file
 
         text.load_state_dict(load_file(str(f)))
-    spec = window_spec_from_params(params.data.window, cfg, cfg.action.action_dim, cfg.action.state_dim)
-    return ExportedModel(p, model, text.to(device), lineage, spec, torch.device(device))
+    serving = None
+    if ServingContract.exists(p):
+        try:
+            serving = ServingContract.read(p)
+        except ContractError as e:
+            raise ExportError(str(e)) from None
+    if params is None and serving is None:
+        raise ExportError(f"model export '{p}' has no serving contract (serving.json): pass the project's params "
+                          "for its window geometry")
+    window = params.data.window if params is not None else WindowConfig()
+    if serving is not None:  # the hold the model was trained with, whatever params.yaml says now
+        window = window.model_copy(update={"downsample": serving.hold})
+    spec = window_spec_from_params(window, cfg, cfg.action.action_dim, cfg.action.state_dim)
+    return ExportedModel(p, model, text.to(device), lineage, spec, torch.device(device), serving)

@@ -48,12 +48,14 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                    workers: int | None = None, progress: bool = True, modes: Sequence[str] = MODES,
                    max_steps: int = GYM_ALOHA_STEP_LIMIT, windows_per_tier: int = 8, video_episodes: int = 1,
                    sample_steps: int | None = None, draws: int = 3, lpips_weights: str | Path | None = None,
-                   fvd_weights: str | Path | None = None, echo: Any = None) -> EvaluationReport:
+                   fvd_weights: str | Path | None = None, echo: Any = None,
+                   server_url: str | None = None) -> EvaluationReport:
     """Evaluate a Motus export in every mode; see the module docstring for what is measured.
 
     `model_name` and `version` name the registered version the report is about. `video_episodes`: rollouts per
     (model mode, task) whose video is kept. `seeds` must be held out (>= 1000: the demonstration tiers use
-    seeds below). `echo` gets progress lines (e.g. `print`).
+    seeds below). `echo` gets progress lines (e.g. `print`). `server_url`: the closed loop's model policies ask
+    this policy server (`motus serve`) for their plans; it must be serving this export.
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -98,9 +100,20 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
     videos: dict[str, np.ndarray] = {}
     if policies and tasks:
         setups = task_setups(params, exported, tasks)
+        if server_url is not None:
+            from ..contracts import PACKAGING_FILES
+            from ..data.tier import folder_hash
+            from .remote import PolicyClient, check_serves
+
+            client = PolicyClient(server_url)
+            try:
+                meta = check_serves(client, folder_hash(exported.path, PACKAGING_FILES))
+            finally:
+                client.close()
+            say(f"closed loop through {server_url} ({meta['serving']['name']} v{meta['serving']['version']})")
         settings = RolloutSettings(str(exported.path), params, setups, max_steps=max_steps,
                                    hold=exported.spec.downsample, sample_steps=sample_steps,
-                                   noise_seed=params.project.seed)
+                                   noise_seed=params.project.seed, server_url=server_url)
         jobs = [Rollout(p, t, s, record=(p in MODEL_POLICIES and i < video_episodes))
                 for t in tasks for p in (*policies, *BASELINES) for i, s in enumerate(seeds)]
         n = workers if workers is not None else min(os.cpu_count() or 1, len(jobs))
@@ -137,7 +150,7 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
                 "hold_steps": exported.spec.downsample, "sample_steps": sample_steps or exported.cfg.flow.inference_steps,
                 "windows_per_tier": windows_per_tier, "draws": draws, "workers": workers, "fps": 50,
                 "lpips_weights": str(lpips_weights) if lpips_weights else None,
-                "fvd_weights": str(fvd_weights) if fvd_weights else None}
+                "fvd_weights": str(fvd_weights) if fvd_weights else None, "via_server": server_url}
     root = Path(params.data.root)
     evaluated = {t: Tier(root / t).content_hash if (root / t / "manifest.json").exists() else "not built"
                  for t in tiers}  # the tiers as read now (the lineage says what the model trained on)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
+from ..contracts import LINEAGE_FILE, PACKAGING_FILES, ContractError, LineageRecord
 from ..data.tier import folder_hash
 from .tags import LINEAGE_TIER, T, tier_hash_keys, tiers_from_tags
 
@@ -31,8 +31,8 @@ from .tags import LINEAGE_TIER, T, tier_hash_keys, tiers_from_tags
 
 def export_hash(folder: Path) -> str:
     """The identity of an export's content: `folder_hash`, the same definition as the latent-action feature's
-    `latent_action_model_hash`, so Stage 2 links to the VAE."""
-    return folder_hash(folder)
+    `latent_action_model_hash`, so Stage 2 links to the VAE; the registry's packaging files are not content."""
+    return folder_hash(folder, PACKAGING_FILES)
 
 
 def read_export_lineage(path: Path) -> tuple[Path, LineageRecord]:

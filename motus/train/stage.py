@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import config_hash, resolved_dict
-from ..contracts import STAGE_JOB, LineageRecord, TierRef
+from ..contracts import SERVING_MODES, STAGE_JOB, ActionSpace, LineageRecord, ServingContract, TierRef
 from ..data.encoded import FEATURE as ENCODED
 from ..data.encoded import EncodedWindows, cache_key, miss_reason
 from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spec_from_params
@@ -389,9 +389,35 @@ class StageJob(TrainModule):
             device_hours=hours, wall_seconds=wall, precision=self.precision, device_type=self.ctx.device_type,
             code_commit=self.code.get("commit"), code_dirty=self.code.get("dirty"))
         self.tracker.log_artifact(record.write(out), "export")
+        serving = self.serving_contract()
+        if serving is not None:
+            self.tracker.log_artifact(serving.write(out), "export")
         if checkpoint is not None and (checkpoint / "manifest.json").exists():
             self.tracker.log_artifact(checkpoint / "manifest.json", "checkpoint")
         return out
+
+
+    def serving_contract(self) -> ServingContract | None:
+        """How a deployment feeds this model and reads its actions (a policy: Stage 3, real actions); None for
+        the video and latent-action stages, which act in no robot's units."""
+        if self.recipe.action_source != "real" or self.cfg.action.encoder_mode != "finetune":
+            return None
+        spaces = []
+        for t, ds in sorted(self.train_sets.items()):
+            m = self.tiers[t].manifest
+            views = dict(m.views)
+            size = views.get(ds.view) or [self.cfg.height, self.cfg.width]
+            composed = (m.source.get("options") or {}).get("compose_three_view") if m.source else None
+            table = self.tiers[t].table
+            first = next(iter(table.instructions(0)), "") if len(table.ids) else ""
+            spaces.append(ActionSpace(
+                tier=t, embodiment=m.embodiment, view=ds.view, image_size=(int(size[0]), int(size[1])),
+                state_dim=int(m.state_dim or self.cfg.action.state_dim), action_dim=int(m.action_dim or 0),
+                action_names=tuple(m.action_names) if m.action_names else None,
+                source_views=tuple(composed or ()), instruction=first))
+        return ServingContract(registered_model=self.s.registered_model, stage_number=self.recipe.stage,
+                               modes=SERVING_MODES, chunk=self.cfg.action.chunk, hold=self.train_sets[
+                                   next(iter(sorted(self.train_sets)))].spec.downsample, spaces=tuple(spaces))
 
 
 def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | None = None,

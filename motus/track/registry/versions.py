@@ -32,6 +32,7 @@ from ..lineage import export_hash, locate, read_export_lineage
 from ..tags import T, lineage_tags, lineage_tier_tags
 from .champion import Champion
 from .crashpoints import crashpoint
+from .flavour import write_pyfunc_files
 from .lock import ModelLock
 from .store import CANDIDATE, ModelVersionRef, RegistryError, Store, default_actor
 
@@ -77,6 +78,11 @@ class Versions:
             path = f"model-{digest[:16]}"
             tags[f"{T}artifact_path"] = path
             client.log_artifacts(run_id, str(export), path)
+            with tempfile.TemporaryDirectory() as tmp:  # a policy is also an MLflow pyfunc model (flavour.py)
+                packaging = write_pyfunc_files(export, Path(tmp), run_id=run_id, export_hash=digest)
+                for f in packaging:
+                    client.log_artifact(run_id, str(f), path)
+            tags[f"{T}flavour"] = "python_function" if packaging else ""
             crashpoint("registry.uploaded")
             mv = client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{path}",
                                              run_id=run_id, tags=tags,

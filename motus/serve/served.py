@@ -1,0 +1,169 @@
+"""One registered version, loaded for serving: refused at load unless it is a policy a robot can run, warmed up
+on a probe before it is let near a request.
+
+A version is refused at load (`LoadRefused`, naming the version and the reason) when its export has no serving
+contract, when an action space lacks its normalisation contract (the actions could not be put back into the
+robot's units), or when it acts in another action space than the deployment expects (`Expectation`: the
+embodiment and action width the robots behind this server take). A loaded version must then answer a probe (the
+space's instruction, a mid-grey frame, the state at its training mean) with a finite chunk of the contract's
+shape (`WarmUpFailed` otherwise): a model whose weights went NaN, or that cannot run on this device, never
+answers a robot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..contracts import ContractError, ServingContract
+from ..evaluate.export import ExportedModel, ExportError, Observation, load_export
+from ..evaluate.remote import encode_image
+from .request import PolicyRequest
+
+
+class LoadRefused(RuntimeError):
+    """A version this deployment will not serve; the message names it and why."""
+
+
+class WarmUpFailed(RuntimeError):
+    """A version that loaded but did not answer its probe input sanely."""
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the robots behind a deployment take: a version acting in anything else is refused at load."""
+
+    embodiment: str | None = None
+    action_dim: int | None = None
+
+    def mismatch(self, contract: ServingContract) -> str | None:
+        for s in contract.spaces:
+            if self.embodiment is not None and s.embodiment != self.embodiment:
+                return f"action space '{s.tier}' is for embodiment '{s.embodiment}', this deployment serves " \
+                       f"'{self.embodiment}'"
+            if self.action_dim is not None and s.action_dim != self.action_dim:
+                return f"action space '{s.tier}' has {s.action_dim} action dims, this deployment expects " \
+                       f"{self.action_dim}"
+        return None
+
+
+@dataclass
+class ServedVersion:
+    name: str
+    version: int | None  # None: an export served from a folder, not the registry
+    export_hash: str | None
+    exported: ExportedModel
+    contract: ServingContract
+    loaded_s: float = 0.0
+    warm_up_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.version is not None else f"{self.name} ({self.exported.path})"
+
+    @classmethod
+    def load(cls, export_dir: Path, *, name: str | None = None, version: int | None = None,
+             export_hash: str | None = None, device: str = "cpu",
+             expect: Expectation | None = None) -> ServedVersion:
+        t = time.perf_counter()
+        label = f"{name} v{version}" if name and version is not None else str(export_dir)
+        if not ServingContract.exists(Path(export_dir)) and not ServingContract.exists(Path(export_dir) / "export"):
+            raise LoadRefused(f"{label}: its export has no serving contract (serving.json): only a Stage 3 model "
+                              "trained by this version of `motus train` is a policy")
+        try:
+            exported = load_export(export_dir, None, device)
+        except (ExportError, ContractError) as e:
+            raise LoadRefused(f"{label}: {e}") from None
+        contract = exported.serving
+        norm = exported.lineage.normalization or {}
+        for s in contract.spaces:
+            n = norm.get(s.tier)
+            if not n or "method" not in n or (n["method"] != "none" and not n.get("actions")):
+                raise LoadRefused(f"{label}: action space '{s.tier}' has no normalisation contract in its lineage "
+                                  "record (its actions could not be put back into the robot's units)")
+            if n.get("action_dim") not in (None, s.action_dim):
+                raise LoadRefused(f"{label}: action space '{s.tier}' has {s.action_dim} action dims but its "
+                                  f"normalisation {n.get('action_dim')}")
+        why = (expect or Expectation()).mismatch(contract)
+        if why:
+            raise LoadRefused(f"{label}: {why}")
+        return cls(name or exported.lineage.registered_model, version, export_hash, exported, contract,
+                   loaded_s=time.perf_counter() - t)
+
+    # -- answering ------------------------------------------------------------------------------------------
+    def act(self, requests: list[PolicyRequest]) -> list[dict[str, Any]]:
+        """Answers in request order; requests of one action space, mode and step count share a forward pass."""
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[r.group].append(i)
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        device = self.exported.device
+        for (tier, mode, steps, frames), rows in groups.items():
+            obs = []
+            for i in rows:
+                r = requests[i]
+                g = torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
+                obs.append(Observation(r.frame, r.state, r.instruction, g, r.actions))
+            plans = self.exported.plan_batch(obs, tier, mode=mode, steps=steps, with_frames=frames)
+            for i, plan in zip(rows, plans, strict=True):
+                answer: dict[str, Any] = {"model": self.name, "version": self.version, "tier": tier, "mode": mode,
+                                          "hold": self.contract.hold}
+                if plan.actions is not None:
+                    answer["actions"] = plan.actions.tolist()
+                if plan.frames is not None:
+                    answer["frames"] = [encode_image(f) for f in plan.frames]
+                out[i] = answer
+        return out
+
+    def probe(self, tier: str | None = None) -> PolicyRequest:
+        """A request every healthy version answers: the space's instruction, a mid-grey frame, the training mean
+        state (zeros in normalised units)."""
+        space = self.contract.space(tier)
+        norm = self.exported.normalization(space.tier)
+        stats = norm.get("state") or {}
+        if stats.get("mean") is not None:
+            state = np.asarray(stats["mean"], dtype=np.float32)
+        elif stats.get("q01") is not None and stats.get("q99") is not None:
+            state = (np.asarray(stats["q01"], dtype=np.float32) + np.asarray(stats["q99"], dtype=np.float32)) / 2
+        else:
+            state = np.zeros(space.state_dim, dtype=np.float32)
+        state = np.resize(state, space.state_dim)
+        frame = np.full((*space.image_size, 3), 128, dtype=np.uint8)
+        return PolicyRequest(space, frame, state, space.instruction, "vla", seed=0)
+
+    def warm_up(self) -> float:
+        """Answer the probe of every action space; WarmUpFailed unless each is a finite [chunk, action_dim]."""
+        t = time.perf_counter()
+        for s in self.contract.spaces:
+            try:
+                answer = self.act([self.probe(s.tier)])[0]
+            except Exception as e:  # noqa: BLE001 - whatever breaks, the version is not served
+                raise WarmUpFailed(f"{self.label}: the warm-up inference on '{s.tier}' failed: "
+                                   f"{type(e).__name__}: {e}") from e
+            a = np.asarray(answer.get("actions"), dtype=np.float64)
+            if a.shape != (self.contract.chunk, s.action_dim):
+                raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned actions of shape "
+                                   f"{list(a.shape)}, the contract says [{self.contract.chunk}, {s.action_dim}]")
+            if not np.isfinite(a).all():
+                raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned non-finite actions "
+                                   f"({int((~np.isfinite(a)).sum())} of {a.size})")
+        self.warm_up_s = time.perf_counter() - t
+        return self.warm_up_s
+
+    def metadata(self) -> dict[str, Any]:
+        lineage = self.exported.lineage
+        return {"name": self.name, "version": self.version, "export_hash": self.export_hash,
+                "lineage": {"run_id": lineage.run_id, "stage": lineage.stage, "config_hash": lineage.config_hash,
+                            "code_commit": lineage.code_commit, "parent": lineage.parent,
+                            "tiers": {t.name: t.content_hash for t in lineage.tiers}},
+                "precision": lineage.precision, "device": str(self.exported.device),
+                "modes": list(self.contract.modes), "chunk": self.contract.chunk, "hold": self.contract.hold,
+                "action_spaces": [s.to_json() for s in self.contract.spaces],
+                "normalization": {s.tier: dict(lineage.normalization[s.tier]) for s in self.contract.spaces},
+                "loaded_seconds": round(self.loaded_s, 3), "warm_up_seconds": round(self.warm_up_s, 3)}
