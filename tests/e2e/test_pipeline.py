@@ -166,6 +166,17 @@ def project(tmp_path_factory):
     return proj
 
 
+PYFUNC_PROBE = """
+import json, mlflow, numpy as np
+m = mlflow.pyfunc.load_model("models:/motus-aloha@champion")
+spec = {i.name: i.shape for i in m.metadata.get_input_schema().inputs}
+out = m.predict({"image": np.zeros((1, *spec["image"][1:]), np.uint8),
+                 "state": np.zeros((1, spec["state"][1]), np.float32), "instruction": np.asarray(["pick up the cube"])},
+                params={"seed": 0, "tier": "target-aloha-transfer"})
+print(json.dumps({"shape": list(out.shape[1:]), "finite": bool(np.isfinite(out).all())}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # five pipeline runs; ~8 min alone, up to twice that beside two other workers
 def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(project, tmp_path_factory):
@@ -188,6 +199,13 @@ def test_whole_recipe_then_cached_then_one_tier_changed_killed_and_resumed(proje
     assert {r.data.tags["stage"] for r in stage_runs} == {"stage1", "stage2", "stage3"}
     assert {r.data.tags.get("encoder_cache") for r in stage_runs} == {"read"}, \
         {r.data.tags["stage"]: r.data.tags.get("encoder_cache") for r in stage_runs}
+    # the pipeline's Stage 3 champion is an MLflow model: a fresh process loads it by alias and acts
+    probe = subprocess.run([str(Path(MOTUS).parent / "python"), "-c", PYFUNC_PROBE], cwd=proj,
+                           env=dict(project_env(proj), MLFLOW_TRACKING_URI=f"sqlite:///{proj}/mlflow.db"),
+                           capture_output=True, text=True, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    chunk = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert chunk["shape"][1:] == [14] and chunk["finite"], chunk
     one_data_pipeline(proj, tmp_path_factory.mktemp("clone"))
 
     # 2. again: nothing to do
