@@ -327,3 +327,35 @@ def test_a_version_that_fails_warm_up_is_not_swapped_in(deployed, tmp_path):
     other = Deployment(Target.parse(f"{STAGE3}/{before.version}"), deployed.registry, cache_dir=tmp_path / "cache",
                        expect=Expectation(action_dim=7))
     assert "7" in other.refresh() and other.current is None
+
+
+def test_only_policies_with_their_contracts_are_loaded_and_an_unaudited_alias_is_not_followed(deployed, tmp_path):
+    from motus.contracts import LineageRecord
+    from motus.serve.deployment import Deployment, Target
+    from motus.serve.served import LoadRefused, ServedVersion
+
+    # a Stage 2 export acts in no robot's units: it has no serving contract
+    with pytest.raises(LoadRefused, match="no serving contract"):
+        ServedVersion.load(deployed.runs["s2"] / "export")
+    # a policy whose lineage lost an action space's normalisation could not give the robot its units back
+    stripped = tmp_path / "stripped"
+    shutil.copytree(deployed.runs["s3a"] / "export", stripped)
+    record = LineageRecord.read(stripped)
+    norm = {k: v for k, v in record.normalization.items() if k != TIER}
+    record.with_updates(normalization=norm).write(stripped)
+    with pytest.raises(LoadRefused, match=f"'{TIER}' has no normalisation contract"):
+        ServedVersion.load(stripped)
+
+    # the champion moved by hand (no audit entry): the deployment keeps what it serves and says why
+    dep = Deployment(Target.parse(f"{STAGE3}@champion"), deployed.registry, cache_dir=tmp_path / "cache", poll_s=60)
+    assert "serving" in dep.refresh()
+    serving = dep.current
+    other = deployed.b if serving.version == deployed.a else deployed.a
+    deployed.client.set_registered_model_alias(STAGE3, "champion", str(other))
+    try:
+        said = dep.refresh()
+        assert "the platform will not use it" in said and dep.current is serving
+        assert 'motus_serve_registry_errors_total{kind="unverified"} 1.0' in dep.metrics.render().decode()
+    finally:
+        deployed.registry.repair(STAGE3, actor="test")
+    assert dep.refresh() == "unchanged" and dep.current is serving
