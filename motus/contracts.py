@@ -425,13 +425,17 @@ SERVING_FILE = "serving.json"
 # loaded by its models:/ URI): not part of the export's content, so not of its hash
 PACKAGING_FILES = frozenset({"MLmodel", "python_env.yaml", "requirements.txt", "conda.yaml",
                              "registered_model_meta"})
-SERVING_MODES = ("vla", "joint", "wm")  # what a deployed policy answers: act, act+imagine, imagine given actions
+# what a deployed policy answers (act, act and imagine, imagine given actions), and a video model (imagine)
+POLICY_MODES = ("vla", "joint", "wm")
+VIDEO_MODES = ("vgm",)
+SERVING_MODES = POLICY_MODES + VIDEO_MODES
 
 
 @dataclass(frozen=True)
 class ActionSpace:
     """One robot the model acts for, as it met it in training: the tier whose normalisation its actions are
-    un-normalised with, the camera layout a request must send, and the units of what comes back."""
+    un-normalised with, the camera layout a request must send, and the units of what comes back. A video model
+    (Stage 1) has spaces too, for their cameras: no state and no actions (`state_dim` = `action_dim` = 0)."""
 
     tier: str
     embodiment: str | None
@@ -444,6 +448,10 @@ class ActionSpace:
     # wrist, right wrist); () when the request sends the stored view itself
     source_views: tuple[str, ...] = ()
     instruction: str = ""  # an instruction of the tier (the warm-up probe's)
+
+    @property
+    def acts(self) -> bool:
+        return self.action_dim > 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -484,6 +492,11 @@ class ServingContract:
     hold: int
     spaces: tuple[ActionSpace, ...]
     schema_version: int = SCHEMA
+
+    @property
+    def is_policy(self) -> bool:
+        """A model that acts (Stage 3), not one that only imagines video (Stage 1)."""
+        return any(m in POLICY_MODES for m in self.modes)
 
     def space(self, tier: str | None) -> ActionSpace:
         """The action space of `tier`; with None, the only one (ContractError naming the choices otherwise)."""

@@ -75,15 +75,17 @@ class ExportedModel:
                    with_frames: bool = False) -> list[Plan]:
         """`plan` for several observations of one action space at once; each row's noise comes from its own
         generator, so a row's answer does not depend on its batch-mates (up to floating-point summation order)."""
-        cfg, norm = self.cfg, self.normalization(tier)
+        cfg = self.cfg
+        video_only = mode == "vgm"  # a Stage 1 model: no state, no action tokens at all
+        norm = None if video_only else self.normalization(tier)
         # an observation is a window's conditioning frame. Wan's VAE is causal (latent frame 0 is a function of
         # pixel frame 0 alone: bit-identical), and vla/joint replace the future latents with noise, so the
         # one-frame clip is encoded and the future latent slots are placeholders the sampler never reads
-        st = normalize(np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]), norm["method"],
-                       norm.get("state"))
+        st = None if video_only else normalize(np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]),
+                                               norm["method"], norm.get("state"))
         video = torch.stack([frames_to_video(np.asarray(o.frame)[None], (cfg.height, cfg.width))
                              for o in observations])
-        batch = {"video": video, "actions": None, "state": torch.from_numpy(st),
+        batch = {"video": video, "actions": None, "state": None if st is None else torch.from_numpy(st),
                  "instruction": [o.instruction for o in observations]}
         inputs = self.inputs(batch)
         obs = inputs["video_latents"][:, :, :1]
@@ -99,15 +101,21 @@ class ExportedModel:
                                                    [g if g is not None else torch.Generator(device=self.device)
                                                     for g in gens])
         out = self.model.sample(mode, torch.cat([obs, future], dim=2), inputs["text_embeds"], actions=given,
-                                state=inputs.get("state"), understanding=inputs.get("understanding"), steps=steps,
-                                generator=generator)
+                                state=None if video_only else inputs.get("state"),
+                                understanding=inputs.get("understanding"), steps=steps, generator=generator,
+                                action_stream=not video_only)
         raw = [None] * len(observations)
-        if out.actions is not None and mode != "wm":
+        if out.actions is not None and mode in ("vla", "joint"):
             chunk = np.asarray(denormalize_actions(out.actions.float().cpu().numpy(), norm), dtype=np.float64)
+            if not np.isfinite(chunk).all():  # never hand a robot NaN: the caller fails loudly instead
+                raise FloatingPointError(f"the model returned non-finite actions ({int((~np.isfinite(chunk)).sum())} "
+                                         f"of {chunk.size})")
             raw = list(chunk)
         frames = [None] * len(observations)
-        if with_frames and out.video_latents is not None and mode in ("wm", "joint"):
+        if (with_frames or video_only) and out.video_latents is not None and mode in ("wm", "joint", "vgm"):
             decoded = (self.model.vae.decode(out.video_latents) + 1) / 2  # [B, 3, F, H, W] in [0, 1]
+            if not torch.isfinite(decoded).all():
+                raise FloatingPointError("the model returned non-finite frames")
             pixels = (decoded[:, :, 1:].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
             frames = list(pixels.cpu().numpy())
         return [Plan(actions=a, frames=f) for a, f in zip(raw, frames, strict=True)]
@@ -127,8 +135,8 @@ class Observation:
 
 @dataclass
 class Plan:
-    """What one observation gave: the action chunk [K, action_dim] in the robot's units (None in wm mode), and
-    the predicted future frames [F, H, W, 3] uint8 when asked for (wm, joint)."""
+    """What one observation gave: the action chunk [K, action_dim] in the robot's units (None in wm and vgm
+    modes), and the predicted future frames [F, H, W, 3] uint8 when asked for (wm, joint) and in vgm mode."""
 
     actions: np.ndarray | None
     frames: np.ndarray | None = None
@@ -147,9 +155,11 @@ def check_export(path: str | Path) -> Path:
     return p
 
 
-def load_export(path: str | Path, params: Any = None, device: str | torch.device = "cpu") -> ExportedModel:
+def load_export(path: str | Path, params: Any = None, device: str | torch.device = "cpu", *,
+                policy: bool = True) -> ExportedModel:
     """Load an export for inference. The window geometry comes from the model config and `params.data.window`,
-    or, without params (a server far from the project), the export's serving contract."""
+    or, without params (a server far from the project), the export's serving contract. `policy`: refuse a model
+    that was not trained on real actions (False: a Stage 1 video model, served for its video)."""
     p = check_export(path)
     try:
         lineage = LineageRecord.read(p)
@@ -157,7 +167,7 @@ def load_export(path: str | Path, params: Any = None, device: str | torch.device
         raise ExportError(str(e)) from None
     model = MotusModel.from_pretrained(p).to(device).eval()
     cfg = model.config
-    if cfg.action.encoder_mode != "finetune" or lineage.stage_number == 1:
+    if policy and (cfg.action.encoder_mode != "finetune" or lineage.stage_number == 1):
         raise ExportError(f"model export '{p}' is a Stage {lineage.stage_number or '?'} model (action expert "
                           f"'{cfg.action.encoder_mode}'): only a model trained on real actions (Stage 3) is a policy")
     w = cfg.weights or {}

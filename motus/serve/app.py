@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
+from ..contracts import SERVING_MODES
 from .deployment import Deployment
 from .request import BadRequest, PolicyRequest, parse_request
 from .served import ServedVersion
@@ -113,8 +114,9 @@ def create_app(deployment: Deployment, *, max_batch: int = 1, batch_wait_ms: flo
     async def answer(body: Any, transport: str) -> tuple[int, dict[str, Any]]:
         t = time.perf_counter()
         served = deployment.current
-        mode = body.get("mode", "vla") if isinstance(body, dict) else "?"
-        mode = mode if mode in ("vla", "joint", "wm") else "other"
+        default = served.contract.modes[0] if served is not None else "vla"
+        mode = body.get("mode", default) if isinstance(body, dict) else "?"
+        mode = mode if mode in SERVING_MODES else "other"  # a bounded label set
         if served is None:
             metrics.answered(mode, transport, "unavailable", None)
             return 503, {"error": f"no version of {deployment.target.uri} is serving yet", "field": None}

@@ -7,8 +7,9 @@
                            params={"mode": "vla", "seed": 0})          # [B, chunk, action_dim], robot units
 
 Each row is checked like a `motus serve` request (image size, state width, instruction type; the error names the
-field). With `seed` >= 0 row i's noise is seeded with `seed + i`, so a row's chunk equals the one `motus serve`
-answers for the same observation and seed. The trained view is sent as stored; a three-view model takes the
+field). A Stage 1 video model takes images and instructions and returns the predicted future frames
+[B, F, H, W, 3] uint8 (mode vgm). With `seed` >= 0 row i's noise is seeded with `seed + i`, so a row's answer
+equals the one `motus serve` gives for the same observation and seed. The trained view is sent as stored; a three-view model takes the
 composed image (`motus.data.episode.compose_three_view`). The world-model mode (given actions -> frames) is
 served by `motus serve` only: a pyfunc signature's inputs cannot be optional.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from .request import BadRequest, parse_request
 from .served import ServedVersion
 
-PYFUNC_MODES = ("vla", "joint")
+PYFUNC_MODES = ("vla", "joint", "vgm")
 
 
 class MotusPolicyPyfunc:
@@ -31,18 +32,22 @@ class MotusPolicyPyfunc:
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
         params = dict(params or {})
-        mode = params.get("mode") or "vla"
-        if mode not in PYFUNC_MODES:
-            raise BadRequest("params.mode", f"one of {list(PYFUNC_MODES)} (wm: use `motus serve`)", repr(mode))
+        contract = self.served.contract
+        mode = params.get("mode") or contract.modes[0]
+        allowed = [m for m in PYFUNC_MODES if m in contract.modes]
+        if mode not in allowed:
+            raise BadRequest("params.mode", f"one of {allowed} (wm: use `motus serve`)", repr(mode))
         if hasattr(model_input, "to_dict") and not isinstance(model_input, dict):  # a one-row-per-sample frame
             model_input = {c: np.stack(list(model_input[c])) if c != "instruction" else np.asarray(model_input[c])
                            for c in model_input.columns}
         if not isinstance(model_input, dict):
             raise BadRequest("input", "a dict of image, state, instruction arrays", type(model_input).__name__)
-        missing = [k for k in ("image", "state", "instruction") if k not in model_input]
+        needed = ("image", "state", "instruction") if contract.is_policy else ("image", "instruction")
+        missing = [k for k in needed if k not in model_input]
         if missing:
-            raise BadRequest(missing[0], "image [B, H, W, 3], state [B, D], instruction [B]", "nothing")
-        images, states = np.asarray(model_input["image"]), np.asarray(model_input["state"])
+            raise BadRequest(missing[0], f"the inputs {list(needed)}", "nothing")
+        images = np.asarray(model_input["image"])
+        states = np.asarray(model_input["state"]) if contract.is_policy else np.zeros((len(images), 0))
         instructions = np.atleast_1d(np.asarray(model_input["instruction"], dtype=object))
         if images.ndim == 3:  # one observation
             images, states = images[None], np.atleast_2d(states)
@@ -54,7 +59,7 @@ class MotusPolicyPyfunc:
         tier = params.get("tier") or None
         requests = []
         for i in range(len(images)):
-            body = {"image": images[i], "state": np.asarray(states[i], dtype=np.float64),
+            body = {"image": images[i], "state": np.asarray(states[i], dtype=np.float64) if contract.is_policy else None,
                     "instruction": str(instructions[i]), "mode": mode, "tier": tier,
                     "seed": seed + i if seed >= 0 else None, "steps": steps}
             try:
@@ -63,7 +68,16 @@ class MotusPolicyPyfunc:
             except BadRequest as e:
                 raise BadRequest(f"row {i}: {e.field}", e.expected, e.got) from None
         answers = self.served.act(requests)
+        if not contract.is_policy:
+            return np.stack([np.stack([_pixels(f) for f in a["frames"]]) for a in answers])
         return np.asarray([a["actions"] for a in answers], dtype=np.float64)
+
+
+def _pixels(image: dict[str, Any]) -> np.ndarray:
+    """A frame of an answer (the wire form) as the uint8 array it was."""
+    import base64
+
+    return np.frombuffer(base64.b64decode(image["b64"]), dtype=np.uint8).reshape(image["shape"])
 
 
 def _load_pyfunc(data_path: str, model_config: Any = None) -> MotusPolicyPyfunc:

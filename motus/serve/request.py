@@ -5,10 +5,11 @@ A request is JSON (HTTP body or one websocket message):
     {"image": IMAGE,                       # the trained view, [H, W, 3] uint8 (the contract's image_size)
      "images": {VIEW: IMAGE, ...},         # instead of "image": the cameras by name; where the trained view is a
                                            # three-view composition, its head / left / right wrist cameras
-     "state": [float, ...],                # proprioception, state_dim values, in the robot's units
+     "state": [float, ...],                # proprioception, state_dim values, in the robot's units (none for
+                                           # a video model)
      "instruction": "pick up the cube",
      "tier": "target-aloha-transfer",      # the action space (optional when the model has one)
-     "mode": "vla" | "joint" | "wm",       # default vla
+     "mode": "vla" | "joint" | "wm",       # default vla (a video model: vgm, its only mode)
      "actions": [[float, ...], ...],       # wm only: the chunk to imagine, [chunk, action_dim], robot units
      "seed": int,                          # optional: the noise of this answer (same seed, same actions)
      "steps": int,                         # optional: Euler steps (default: the model's)
@@ -132,14 +133,19 @@ def parse_request(body: Any, contract: ServingContract) -> PolicyRequest:
     if tier is not None and tier not in tiers:
         raise BadRequest("tier", f"one of {tiers}", repr(tier))
     space = contract.space(tier)
-    mode = body.get("mode", "vla")
+    mode = body.get("mode", contract.modes[0])
     if mode not in contract.modes:
         raise BadRequest("mode", f"one of {list(contract.modes)}", repr(mode))
 
     frame = _frame(body, space)
-    if "state" not in body:
+    if not space.acts:  # a video model reads no state
+        if body.get("state") not in (None, []):
+            raise BadRequest("state", "no state (a video model reads none)", "a state")
+        state = np.zeros(0, dtype=np.float32)
+    elif "state" not in body:
         raise BadRequest("state", f"{space.state_dim} numbers", "nothing")
-    state = _vector(body["state"], "state", space.state_dim)
+    else:
+        state = _vector(body["state"], "state", space.state_dim)
     instruction = body.get("instruction")
     if not isinstance(instruction, str):
         raise BadRequest("instruction", "a string", type(instruction).__name__ if instruction is not None else

@@ -73,16 +73,18 @@ class ServedVersion:
              expect: Expectation | None = None) -> ServedVersion:
         t = time.perf_counter()
         label = f"{name} v{version}" if name and version is not None else str(export_dir)
-        if not ServingContract.exists(Path(export_dir)) and not ServingContract.exists(Path(export_dir) / "export"):
-            raise LoadRefused(f"{label}: its export has no serving contract (serving.json): only a Stage 3 model "
-                              "trained by this version of `motus train` is a policy")
+        folder = Path(export_dir) if ServingContract.exists(Path(export_dir)) else Path(export_dir) / "export"
+        if not ServingContract.exists(folder):
+            raise LoadRefused(f"{label}: its export has no serving contract (serving.json): a Stage 3 policy or a "
+                              "Stage 1 video model trained by this version of `motus train` has one (Stage 2's "
+                              "actions are latent: in no robot's units)")
         try:
-            exported = load_export(export_dir, None, device)
+            contract = ServingContract.read(folder)
+            exported = load_export(folder, None, device, policy=contract.is_policy)
         except (ExportError, ContractError) as e:
             raise LoadRefused(f"{label}: {e}") from None
-        contract = exported.serving
         norm = exported.lineage.normalization or {}
-        for s in contract.spaces:
+        for s in (s for s in contract.spaces if s.acts):
             n = norm.get(s.tier)
             if not n or "method" not in n or (n["method"] != "none" and not n.get("actions")):
                 raise LoadRefused(f"{label}: action space '{s.tier}' has no normalisation contract in its lineage "
@@ -125,6 +127,9 @@ class ServedVersion:
         """A request every healthy version answers: the space's instruction, a mid-grey frame, the training mean
         state (zeros in normalised units)."""
         space = self.contract.space(tier)
+        frame = np.full((*space.image_size, 3), 128, dtype=np.uint8)
+        if not space.acts:  # a video model: the frames are the answer
+            return PolicyRequest(space, frame, np.zeros(0, np.float32), space.instruction, "vgm", seed=0)
         norm = self.exported.normalization(space.tier)
         stats = norm.get("state") or {}
         if stats.get("mean") is not None:
@@ -134,7 +139,6 @@ class ServedVersion:
         else:
             state = np.zeros(space.state_dim, dtype=np.float32)
         state = np.resize(state, space.state_dim)
-        frame = np.full((*space.image_size, 3), 128, dtype=np.uint8)
         return PolicyRequest(space, frame, state, space.instruction, "vla", seed=0)
 
     def warm_up(self) -> float:
@@ -146,6 +150,12 @@ class ServedVersion:
             except Exception as e:  # noqa: BLE001 - whatever breaks, the version is not served
                 raise WarmUpFailed(f"{self.label}: the warm-up inference on '{s.tier}' failed: "
                                    f"{type(e).__name__}: {e}") from e
+            if not s.acts:
+                n = len(answer.get("frames") or [])
+                if n != self.exported.cfg.num_frames - 1:
+                    raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned {n} frames, the model "
+                                       f"predicts {self.exported.cfg.num_frames - 1}")
+                continue
             a = np.asarray(answer.get("actions"), dtype=np.float64)
             if a.shape != (self.contract.chunk, s.action_dim):
                 raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned actions of shape "
@@ -165,5 +175,6 @@ class ServedVersion:
                 "precision": lineage.precision, "device": str(self.exported.device),
                 "modes": list(self.contract.modes), "chunk": self.contract.chunk, "hold": self.contract.hold,
                 "action_spaces": [s.to_json() for s in self.contract.spaces],
-                "normalization": {s.tier: dict(lineage.normalization[s.tier]) for s in self.contract.spaces},
+                "normalization": {s.tier: dict(lineage.normalization[s.tier]) for s in self.contract.spaces
+                                  if s.acts},
                 "loaded_seconds": round(self.loaded_s, 3), "warm_up_seconds": round(self.warm_up_s, 3)}

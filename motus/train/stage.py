@@ -19,7 +19,15 @@ import torch
 import torch.distributed as dist
 
 from ..config import config_hash, resolved_dict
-from ..contracts import SERVING_MODES, STAGE_JOB, ActionSpace, LineageRecord, ServingContract, TierRef
+from ..contracts import (
+    POLICY_MODES,
+    STAGE_JOB,
+    VIDEO_MODES,
+    ActionSpace,
+    LineageRecord,
+    ServingContract,
+    TierRef,
+)
 from ..data.encoded import FEATURE as ENCODED
 from ..data.encoded import EncodedWindows, cache_key, miss_reason
 from ..data.loader import MixedWindows, TierWindows, collate_windows, window_spec_from_params
@@ -398,9 +406,11 @@ class StageJob(TrainModule):
 
 
     def serving_contract(self) -> ServingContract | None:
-        """How a deployment feeds this model and reads its actions (a policy: Stage 3, real actions); None for
-        the video and latent-action stages, which act in no robot's units."""
-        if self.recipe.action_source != "real" or self.cfg.action.encoder_mode != "finetune":
+        """How a deployment feeds this model and reads what it answers: a policy (Stage 3, real actions) acts in
+        each tier's robot units; a video model (Stage 1) imagines the future frames of each tier's camera. None
+        for Stage 2, whose actions are latent: they are in no robot's units."""
+        policy = self.recipe.action_source == "real" and self.cfg.action.encoder_mode == "finetune"
+        if not policy and self.recipe.action_source != "none":
             return None
         spaces = []
         for t, ds in sorted(self.train_sets.items()):
@@ -412,11 +422,13 @@ class StageJob(TrainModule):
             first = next(iter(table.instructions(0)), "") if len(table.ids) else ""
             spaces.append(ActionSpace(
                 tier=t, embodiment=m.embodiment, view=ds.view, image_size=(int(size[0]), int(size[1])),
-                state_dim=int(m.state_dim or self.cfg.action.state_dim), action_dim=int(m.action_dim or 0),
-                action_names=tuple(m.action_names) if m.action_names else None,
+                state_dim=int(m.state_dim or self.cfg.action.state_dim) if policy else 0,
+                action_dim=int(m.action_dim or 0) if policy else 0,
+                action_names=tuple(m.action_names) if m.action_names and policy else None,
                 source_views=tuple(composed or ()), instruction=first))
         return ServingContract(registered_model=self.s.registered_model, stage_number=self.recipe.stage,
-                               modes=SERVING_MODES, chunk=self.cfg.action.chunk, hold=self.train_sets[
+                               modes=POLICY_MODES if policy else VIDEO_MODES, chunk=self.cfg.action.chunk,
+                               hold=self.train_sets[
                                    next(iter(sorted(self.train_sets)))].spec.downsample, spaces=tuple(spaces))
 
 

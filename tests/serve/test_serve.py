@@ -359,3 +359,39 @@ def test_only_policies_with_their_contracts_are_loaded_and_an_unaudited_alias_is
     finally:
         deployed.registry.repair(STAGE3, actor="test")
     assert dep.refresh() == "unchanged" and dep.current is serving
+
+
+def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, one_thread):
+    from motus.serve.request import BadRequest, parse_request
+    from motus.serve.served import ServedVersion
+
+    s1 = deployed.registry.register(deployed.runs["s1"])
+    assert s1.tags["motus.flavour"] == "python_function"
+    assert deployed.registry.register(deployed.runs["s2"]).tags["motus.flavour"] == ""  # latent actions: no units
+    served = ServedVersion.load(deployed.runs["s1"] / "export")
+    contract = served.contract
+    assert contract.modes == ("vgm",) and not contract.is_policy and all(not s.acts for s in contract.spaces)
+    space = contract.spaces[0]
+    frame = np.random.default_rng(3).integers(0, 255, (*space.image_size, 3), dtype=np.uint8)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(deployed.uri)
+    mlflow.set_registry_uri(deployed.uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{s1.name}/{s1.version}")
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    frames = model.predict({"image": frame[None], "instruction": np.asarray([space.instruction or "the scene"])},
+                           params={"seed": 11, "tier": space.tier})
+    f = deployed.exported.cfg.num_frames - 1
+    assert frames.dtype == np.uint8 and frames.shape == (1, f, *space.image_size, 3)
+    # the same frames `motus serve` would answer for this observation and seed
+    answer = served.act([parse_request({"image": frame.tolist(), "instruction": space.instruction or "the scene",
+                                        "tier": space.tier, "seed": 11}, contract)])[0]
+    assert "actions" not in answer and len(answer["frames"]) == f
+    from motus.serve.pyfunc import _pixels
+
+    assert np.array_equal(np.stack([_pixels(x) for x in answer["frames"]]), frames[0])
+    with pytest.raises(BadRequest) as e:  # a video model reads no state
+        parse_request({"image": frame.tolist(), "instruction": "x", "tier": space.tier, "state": [0.0] * 14}, contract)
+    assert e.value.field == "state"

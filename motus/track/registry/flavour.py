@@ -27,31 +27,36 @@ def _pin(dist: str) -> str:
 
 def signature(contract: Any) -> Any:
     """The pyfunc signature of a serving contract: a batch of observations of the trained view (one action
-    space per call, `tier` param) -> action chunks in the robot's units."""
+    space per call, `tier` param) -> action chunks in the robot's units; for a video model (Stage 1), images and
+    instructions -> the predicted future frames."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     sizes = {s.image_size for s in contract.spaces}
     h, w = sizes.pop() if len(sizes) == 1 else (-1, -1)
+    tier = contract.spaces[0].tier if len(contract.spaces) == 1 else ""
+    image = TensorSpec(np.dtype(np.uint8), (-1, h, w, 3), "image")
+    instruction = TensorSpec(np.dtype(str), (-1,), "instruction")
+    common = [ParamSpec("tier", "string", tier), ParamSpec("seed", "long", -1), ParamSpec("steps", "long", 0)]
+    if not contract.is_policy:  # a video model: observation + language -> the future frames
+        frames = TensorSpec(np.dtype(np.uint8), (-1, -1, h, w, 3), "frames")
+        return ModelSignature(inputs=Schema([image, instruction]), outputs=Schema([frames]),
+                              params=ParamSchema([ParamSpec("mode", "string", "vgm"), *common]))
     states = {s.state_dim for s in contract.spaces}
     actions = {s.action_dim for s in contract.spaces}
     state_dim = states.pop() if len(states) == 1 else -1
     action_dim = actions.pop() if len(actions) == 1 else -1
-    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, 3), "image"),
-                     TensorSpec(np.dtype(np.float32), (-1, state_dim), "state"),
-                     TensorSpec(np.dtype(str), (-1,), "instruction")])
+    inputs = Schema([image, TensorSpec(np.dtype(np.float32), (-1, state_dim), "state"), instruction])
     outputs = Schema([TensorSpec(np.dtype(np.float64), (-1, contract.chunk, action_dim), "actions")])
     params = ParamSchema([ParamSpec("mode", "string", "vla"),  # vla | joint
-                          ParamSpec("tier", "string", contract.spaces[0].tier if len(contract.spaces) == 1 else ""),
-                          ParamSpec("seed", "long", -1),  # >= 0: row i's noise is seeded with seed + i
-                          ParamSpec("steps", "long", 0)])  # Euler steps; 0 = the model's
+                          *common])  # seed >= 0: row i's noise is seeded with seed + i; steps 0: the model's
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def write_pyfunc_files(export: Path, dst: Path, *, run_id: str | None, export_hash: str) -> list[Path]:
-    """Write MLmodel, python_env.yaml and requirements.txt for the export into `dst`; [] when the export is not a
-    policy (no serving contract: Stage 1/2 and latent-action exports stay plain folders)."""
+    """Write MLmodel, python_env.yaml and requirements.txt for the export into `dst`; [] when the export has no
+    serving contract (Stage 2 and latent-action exports, whose outputs are in no robot's units, stay folders)."""
     from mlflow.models import Model
 
     from ...contracts import LINEAGE_FILE, SERVING_FILE, ServingContract
