@@ -43,10 +43,11 @@ class Batcher:
     """One inference thread: takes what is queued (up to `max_batch`, waiting `wait_s` for more after the first),
     answers each request on the version it was checked against, one forward pass per version and group."""
 
-    def __init__(self, max_batch: int = 1, wait_s: float = 0.0):
+    def __init__(self, max_batch: int = 1, wait_s: float = 0.0, on_batch: Any = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch, self.wait_s = max_batch, wait_s
+        self.on_batch = on_batch or (lambda n: None)  # told the size of every forward pass
         self._queue: queue.Queue[tuple[ServedVersion, PolicyRequest, concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="motus-serve-infer", daemon=True)
         self._thread.start()
@@ -88,7 +89,7 @@ class Batcher:
                     for _, _, fut in entries:
                         fut.set_exception(e)
                     continue
-                self.last_batch = len(entries)
+                self.on_batch(len(entries))
                 for (_, _, fut), answer in zip(entries, answers, strict=True):
                     fut.set_result(answer)
 
@@ -97,7 +98,7 @@ class Batcher:
 # module-level names here, where it resolves them
 def create_app(deployment: Deployment, *, max_batch: int = 1, batch_wait_ms: float = 0.0) -> FastAPI:
     metrics = deployment.metrics
-    batcher = Batcher(max_batch, batch_wait_ms / 1000.0)
+    batcher = Batcher(max_batch, batch_wait_ms / 1000.0, on_batch=metrics.batch.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
@@ -133,7 +134,6 @@ def create_app(deployment: Deployment, *, max_batch: int = 1, batch_wait_ms: flo
             return 500, {"error": f"{served.label} failed: {type(e).__name__}: {e}", "field": None}
         seconds = time.perf_counter() - t
         metrics.answered(mode, transport, "ok", seconds)
-        metrics.batch.observe(getattr(batcher, "last_batch", 1))
         return 200, {**out, "seconds": round(seconds, 6)}
 
     @app.post("/act")

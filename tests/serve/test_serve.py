@@ -227,6 +227,7 @@ def test_the_server_answers_like_sample_and_refuses_bad_requests_by_field(deploy
     assert 'motus_serve_requests_total{mode="vla",outcome="bad-request",transport="http"} 5.0' in text
     assert f'motus_serve_version{{model="{STAGE3}",version="{deployed.a}"}} 1.0' in text
     assert "motus_serve_latency_quantile_seconds" in text
+    assert "motus_serve_batch_size_count 2.0" in text  # one forward pass per good request (max_batch 1)
 
 
 def test_evaluation_through_the_server_reproduces_the_in_process_closed_loop(deployed, server, one_thread,
