@@ -956,6 +956,8 @@ class Settings(BaseSettings):
     serve_cache_dir: Path | None = Field(None, description="Where `motus serve` keeps the exports it fetched, one "
                                          "folder per version (default: ~/.cache/motus/serve).")
     serve_device: str = Field("cpu", description="The device `motus serve` runs the model on (cpu, cuda, cuda:1).")
+    serve_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="What `motus serve` computes in: auto (bf16 on CUDA, fp32 on a CPU), bf16 or fp32.")
     checkpoint_async: bool = Field(True, description="Training jobs write checkpoints in the background: the state "
                                    "is copied to host memory at the step boundary and training goes on while the "
                                    "files are written; false: the loop waits for each save.")

@@ -20,6 +20,8 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option(min=0, help="How long the first request of a batch waits for "
                                                  "others.")] = 0.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default MOTUS_SERVE_DEVICE, cpu).")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on CUDA, fp32 on a CPU), bf16 or fp32 (default "
+                                                  "MOTUS_SERVE_PRECISION, auto).")] = None,
     embodiment: Annotated[str | None, typer.Option(help="Refuse versions that act for another embodiment.")] = None,
     action_dim: Annotated[int | None, typer.Option(min=1, help="Refuse versions with another action width.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Fetched exports (default MOTUS_SERVE_CACHE_DIR or "
@@ -51,6 +53,7 @@ def serve(
         registry = Registry(settings.tracking_uri)
     cache = cache_dir or settings.serve_cache_dir or Path.home() / ".cache" / "motus" / "serve"
     deployment = Deployment(parsed, registry, cache_dir=Path(cache), device=device or settings.serve_device,
+                            precision=precision or settings.serve_precision,
                             expect=Expectation(embodiment, action_dim), poll_s=poll or settings.serve_poll_s)
     typer.echo(f"motus serve: {parsed.uri} -> {deployment.refresh()}", err=True)
     app = create_app(deployment, max_batch=max_batch, batch_wait_ms=batch_wait_ms)

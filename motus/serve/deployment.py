@@ -73,6 +73,7 @@ class Deployment:
     registry: Any = None  # motus.track.registry.Registry; None for an export folder
     cache_dir: Path = Path(".motus-serve")
     device: str = "cpu"
+    precision: str | None = None  # auto | bf16 | fp32 (ServedVersion.load)
     expect: Expectation = field(default_factory=Expectation)
     poll_s: float = 5.0
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
@@ -97,7 +98,7 @@ class Deployment:
         if self.target.path is not None:
             if self.current is None:
                 return self._try(None, lambda: ServedVersion.load(self.target.path, device=self.device,
-                                                                  expect=self.expect))
+                                                                  precision=self.precision, expect=self.expect))
             return "unchanged"
         from ..track.registry import RegistryError, UnverifiedAlias
 
@@ -121,7 +122,7 @@ class Deployment:
         digest = ref.tags.get("motus.export_hash")
         return self._try(ref.version, lambda: ServedVersion.load(
             self._fetch(ref, digest), name=ref.name, version=ref.version, export_hash=digest, device=self.device,
-            expect=self.expect))
+            precision=self.precision, expect=self.expect))
 
     def _fetch(self, ref: Any, digest: str | None) -> Path:
         """The version's export in the cache folder (downloaded once per export hash, checked by the registry)."""

@@ -24,6 +24,7 @@ import torch
 from ..contracts import ContractError, ServingContract
 from ..evaluate.export import ExportedModel, ExportError, Observation, load_export
 from ..evaluate.remote import encode_image
+from ..train.precision import autocast
 from .request import PolicyRequest
 
 
@@ -62,6 +63,7 @@ class ServedVersion:
     contract: ServingContract
     loaded_s: float = 0.0
     warm_up_s: float = 0.0
+    precision: str = "fp32"  # what the forward passes compute in here (bf16: autocast), whatever it trained in
 
     @property
     def label(self) -> str:
@@ -69,9 +71,16 @@ class ServedVersion:
 
     @classmethod
     def load(cls, export_dir: Path, *, name: str | None = None, version: int | None = None,
-             export_hash: str | None = None, device: str = "cpu",
+             export_hash: str | None = None, device: str = "cpu", precision: str | None = None,
              expect: Expectation | None = None) -> ServedVersion:
+        """`precision`: auto (bf16 on CUDA, fp32 on a CPU) | bf16 | fp32, chosen by configuration."""
+        from ..train.precision import PrecisionError, resolve
+
         t = time.perf_counter()
+        try:
+            computes = resolve(precision, torch.device(device), source="serving precision")
+        except PrecisionError as e:
+            raise LoadRefused(str(e)) from None
         label = f"{name} v{version}" if name and version is not None else str(export_dir)
         folder = Path(export_dir) if ServingContract.exists(Path(export_dir)) else Path(export_dir) / "export"
         if not ServingContract.exists(folder):
@@ -96,7 +105,7 @@ class ServedVersion:
         if why:
             raise LoadRefused(f"{label}: {why}")
         return cls(name or exported.lineage.registered_model, version, export_hash, exported, contract,
-                   loaded_s=time.perf_counter() - t)
+                   loaded_s=time.perf_counter() - t, precision=computes)
 
     # -- answering ------------------------------------------------------------------------------------------
     def act(self, requests: list[PolicyRequest]) -> list[dict[str, Any]]:
@@ -112,7 +121,8 @@ class ServedVersion:
                 r = requests[i]
                 g = torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
                 obs.append(Observation(r.frame, r.state, r.instruction, g, r.actions))
-            plans = self.exported.plan_batch(obs, tier, mode=mode, steps=steps, with_frames=frames)
+            with autocast(self.precision, device):
+                plans = self.exported.plan_batch(obs, tier, mode=mode, steps=steps, with_frames=frames)
             for i, plan in zip(rows, plans, strict=True):
                 answer: dict[str, Any] = {"model": self.name, "version": self.version, "tier": tier, "mode": mode,
                                           "hold": self.contract.hold}
@@ -172,7 +182,8 @@ class ServedVersion:
                 "lineage": {"run_id": lineage.run_id, "stage": lineage.stage, "config_hash": lineage.config_hash,
                             "code_commit": lineage.code_commit, "parent": lineage.parent,
                             "tiers": {t.name: t.content_hash for t in lineage.tiers}},
-                "precision": lineage.precision, "device": str(self.exported.device),
+                "precision": self.precision, "trained_precision": lineage.precision,
+                "device": str(self.exported.device),
                 "modes": list(self.contract.modes), "chunk": self.contract.chunk, "hold": self.contract.hold,
                 "action_spaces": [s.to_json() for s in self.contract.spaces],
                 "normalization": {s.tier: dict(lineage.normalization[s.tier]) for s in self.contract.spaces

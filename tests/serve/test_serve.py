@@ -396,3 +396,20 @@ def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, o
     with pytest.raises(BadRequest) as e:  # a video model reads no state
         parse_request({"image": frame.tolist(), "instruction": "x", "tier": space.tier, "state": [0.0] * 14}, contract)
     assert e.value.field == "state"
+
+
+def test_the_serving_precision_is_configuration_and_bf16_runs_on_this_cpu(deployed):
+    from motus.serve.served import LoadRefused, ServedVersion
+
+    export = deployed.runs["s3a"] / "export"
+    fp32 = ServedVersion.load(export)  # auto: fp32 on a CPU
+    bf16 = ServedVersion.load(export, precision="bf16")  # what auto picks on CUDA, run here by asking for it
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert bf16.metadata()["precision"] == "bf16" and bf16.metadata()["trained_precision"] == "fp32"
+    probe = fp32.probe(TIER)
+    a = np.asarray(fp32.act([probe])[0]["actions"])
+    b = np.asarray(bf16.act([probe])[0]["actions"])
+    assert a.shape == b.shape and np.isfinite(b).all()
+    assert not np.array_equal(a, b)  # the forward really ran in bf16
+    with pytest.raises(LoadRefused, match="serving precision: 'fp16' is not a precision"):
+        ServedVersion.load(export, precision="fp16")
