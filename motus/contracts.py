@@ -540,8 +540,8 @@ class ServingContract:
     @classmethod
     def read(cls, export_dir: Path) -> ServingContract:
         path = Path(export_dir) / SERVING_FILE
-        return cls.from_json(_read_json(path, "a Stage 3 export written by this version of `motus train` has "
-                                              "one"), str(path))
+        return cls.from_json(_read_json(path, "a Stage 3 or Stage 1 export written by this version of `motus train` "
+                                              "has one"), str(path))
 
     @staticmethod
     def exists(export_dir: Path) -> bool:

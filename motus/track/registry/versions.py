@@ -78,7 +78,7 @@ class Versions:
             path = f"model-{digest[:16]}"
             tags[f"{T}artifact_path"] = path
             client.log_artifacts(run_id, str(export), path)
-            with tempfile.TemporaryDirectory() as tmp:  # a policy is also an MLflow pyfunc model (flavour.py)
+            with tempfile.TemporaryDirectory() as tmp:  # a policy or video model is an MLflow model (flavour.py)
                 packaging = write_pyfunc_files(export, Path(tmp), run_id=run_id, export_hash=digest)
                 for f in packaging:
                     client.log_artifact(run_id, str(f), path)
