@@ -362,7 +362,7 @@ def test_only_policies_with_their_contracts_are_loaded_and_an_unaudited_alias_is
     assert dep.refresh() == "unchanged" and dep.current is serving
 
 
-def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, one_thread):
+def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, one_thread, monkeypatch):
     from motus.serve.request import BadRequest, parse_request
     from motus.serve.served import ServedVersion
 
@@ -374,14 +374,11 @@ def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, o
     assert contract.modes == ("vgm",) and not contract.is_policy and all(not s.acts for s in contract.spaces)
     space = contract.spaces[0]
     frame = np.random.default_rng(3).integers(0, 255, (*space.image_size, 3), dtype=np.uint8)
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(deployed.uri)
-    mlflow.set_registry_uri(deployed.uri)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{s1.name}/{s1.version}")
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    # the store through the environment, as a serving process gets it: `mlflow.set_tracking_uri` /
+    # `set_registry_uri` would leave a process-wide registry URI behind for every later MlflowClient of this worker
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", deployed.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", deployed.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{s1.name}/{s1.version}")
     frames = model.predict({"image": frame[None], "instruction": np.asarray([space.instruction or "the scene"])},
                            params={"seed": 11, "tier": space.tier})
     f = deployed.exported.cfg.num_frames - 1
