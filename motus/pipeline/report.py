@@ -151,6 +151,7 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
     uri = report.get("tracking_uri", "")
     console.print("next: " + (f"`mlflow ui --backend-store-uri {uri}`" if uri.startswith("sqlite") else f"MLflow at {uri}")
                   + ", `motus registry history MODEL`, `motus lineage show models:/MODEL@champion`, "
+                    "`motus serve MODEL@champion` to serve a policy (it follows promotions), "
                     "`prefect server start` for the flow runs")
 
 
