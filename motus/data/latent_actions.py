@@ -21,7 +21,7 @@ from ..model.latent_action import LatentActionVAE
 from .features import Feature, FeatureWriter, feature_dir
 from .optical_flow import episode_flow_images, make_flow_model
 from .paths import ProjectPaths
-from .tier import Tier, folder_hash
+from .tier import Tier, export_hash
 
 FLOW, LATENT = "flow", "latent_actions"
 
@@ -102,7 +102,7 @@ def export_latent_actions(params: Any, lam_export: Path, tier_name: str, batch: 
     if flows.tier_hash != tier.content_hash:
         raise ValueError(f"flow feature of '{tier_name}' was computed from another version of the tier "
                          f"({flows.tier_hash[:12]} != {tier.content_hash[:12]}): rebuild it (motus latent-action flow)")
-    lam_hash = folder_hash(lam_export)
+    lam_hash = export_hash(lam_export)  # what the registry tags the VAE's version with
     stride = int(flows.meta.get("stride", 1))
     writer = FeatureWriter(feature_dir(features_root(params), LATENT, tier_name), LATENT, tier_name, tier.content_hash,
                            meta={"latent_action_model": str(lam_export), "latent_action_model_hash": lam_hash,

@@ -690,3 +690,12 @@ def folder_hash(folder: Path, exclude: frozenset[str] = frozenset()) -> str:
         if p.is_file() and not (p.parent == folder and p.name in exclude):
             h.update(f"{p.relative_to(folder)}\t{sha256_file(p)}\n".encode())
     return h.hexdigest()
+
+
+def export_hash(folder: Path) -> str:
+    """The identity of a model export's content: its `folder_hash`, without what a registry writes around it
+    (`contracts.PACKAGING_FILES`: MLflow's model files). What the registry tags a version with and checks a
+    download against, and what a policy server reports it serves."""
+    from ..contracts import PACKAGING_FILES
+
+    return folder_hash(folder, PACKAGING_FILES)

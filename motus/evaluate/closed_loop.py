@@ -142,7 +142,7 @@ class ModelPolicy:
         if mode not in MODEL_POLICIES:
             raise ValueError(f"model policy mode must be one of {MODEL_POLICIES}, got {mode!r}")
         self.exported, self.mode, self.setup = exported, mode, setup
-        self.norm = exported.normalization(setup.tier)
+        exported.normalization(setup.tier)  # refused now, naming the tier, if the export cannot un-normalise it
         self.seed, self.noise_seed, self.sample_steps = seed, noise_seed, sample_steps
         self.plans = 0
 

@@ -101,13 +101,12 @@ def evaluate_model(params: Any, export_dir: str | Path, *, model_name: str | Non
     if policies and tasks:
         setups = task_setups(params, exported, tasks)
         if server_url is not None:
-            from ..contracts import PACKAGING_FILES
-            from ..data.tier import folder_hash
+            from ..data.tier import export_hash
             from .remote import PolicyClient, check_serves
 
             client = PolicyClient(server_url)
             try:
-                meta = check_serves(client, folder_hash(exported.path, PACKAGING_FILES))
+                meta = check_serves(client, export_hash(exported.path))
             finally:
                 client.close()
             say(f"closed loop through {server_url} ({meta['serving']['name']} v{meta['serving']['version']})")

@@ -67,17 +67,10 @@ class MotusPolicyPyfunc:
                                               self.served.contract))
             except BadRequest as e:
                 raise BadRequest(f"row {i}: {e.field}", e.expected, e.got) from None
-        answers = self.served.act(requests)
+        plans = self.served.plan(requests)
         if not contract.is_policy:
-            return np.stack([np.stack([_pixels(f) for f in a["frames"]]) for a in answers])
-        return np.asarray([a["actions"] for a in answers], dtype=np.float64)
-
-
-def _pixels(image: dict[str, Any]) -> np.ndarray:
-    """A frame of an answer (the wire form) as the uint8 array it was."""
-    import base64
-
-    return np.frombuffer(base64.b64decode(image["b64"]), dtype=np.uint8).reshape(image["shape"])
+            return np.stack([p.frames for p in plans])
+        return np.stack([p.actions for p in plans]).astype(np.float64)
 
 
 def _load_pyfunc(data_path: str, model_config: Any = None) -> MotusPolicyPyfunc:

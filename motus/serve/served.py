@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..contracts import ContractError, ServingContract
-from ..evaluate.export import ExportedModel, ExportError, Observation, load_export
+from ..evaluate.export import ExportedModel, ExportError, Observation, Plan, load_export
 from ..evaluate.remote import encode_image
 from ..train.precision import autocast
 from .request import PolicyRequest
@@ -108,30 +108,37 @@ class ServedVersion:
                    loaded_s=time.perf_counter() - t, precision=computes)
 
     # -- answering ------------------------------------------------------------------------------------------
-    def act(self, requests: list[PolicyRequest]) -> list[dict[str, Any]]:
-        """Answers in request order; requests of one action space, mode and step count share a forward pass."""
+    def plan(self, requests: list[PolicyRequest]) -> list[Plan]:
+        """What the model gives each request, in request order (actions in the robot's units, frames as uint8
+        arrays); requests of one action space, mode and step count share a forward pass."""
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[r.group].append(i)
-        out: list[dict[str, Any]] = [{} for _ in requests]
+        out: list[Plan | None] = [None] * len(requests)
         device = self.exported.device
         for (tier, mode, steps, frames), rows in groups.items():
-            obs = []
-            for i in rows:
-                r = requests[i]
-                g = torch.Generator(device=device).manual_seed(r.seed) if r.seed is not None else None
-                obs.append(Observation(r.frame, r.state, r.instruction, g, r.actions))
+            obs = [Observation(requests[i].frame, requests[i].state, requests[i].instruction,
+                               None if requests[i].seed is None else
+                               torch.Generator(device=device).manual_seed(requests[i].seed), requests[i].actions)
+                   for i in rows]
             with autocast(self.precision, device):
                 plans = self.exported.plan_batch(obs, tier, mode=mode, steps=steps, with_frames=frames)
             for i, plan in zip(rows, plans, strict=True):
-                answer: dict[str, Any] = {"model": self.name, "version": self.version, "tier": tier, "mode": mode,
-                                          "hold": self.contract.hold}
-                if plan.actions is not None:
-                    answer["actions"] = plan.actions.tolist()
-                if plan.frames is not None:
-                    answer["frames"] = [encode_image(f) for f in plan.frames]
-                out[i] = answer
+                out[i] = plan
         return out
+
+    def act(self, requests: list[PolicyRequest]) -> list[dict[str, Any]]:
+        """`plan`'s answers as the server sends them (JSON: actions as lists, frames in the wire form)."""
+        answers = []
+        for r, plan in zip(requests, self.plan(requests), strict=True):
+            answer: dict[str, Any] = {"model": self.name, "version": self.version, "tier": r.space.tier,
+                                      "mode": r.mode, "hold": self.contract.hold}
+            if plan.actions is not None:
+                answer["actions"] = plan.actions.tolist()
+            if plan.frames is not None:
+                answer["frames"] = [encode_image(f) for f in plan.frames]
+            answers.append(answer)
+        return answers
 
     def probe(self, tier: str | None = None) -> PolicyRequest:
         """A request every healthy version answers: the space's instruction, a mid-grey frame, the training mean
@@ -152,27 +159,24 @@ class ServedVersion:
         return PolicyRequest(space, frame, state, space.instruction, "vla", seed=0)
 
     def warm_up(self) -> float:
-        """Answer the probe of every action space; WarmUpFailed unless each is a finite [chunk, action_dim]."""
+        """Answer the probe of every action space; WarmUpFailed unless each is a finite [chunk, action_dim] (a
+        video model's: its future frames)."""
         t = time.perf_counter()
         for s in self.contract.spaces:
-            try:
-                answer = self.act([self.probe(s.tier)])[0]
+            try:  # non-finite actions or frames raise here (ExportedModel.plan_batch)
+                plan = self.plan([self.probe(s.tier)])[0]
             except Exception as e:  # noqa: BLE001 - whatever breaks, the version is not served
                 raise WarmUpFailed(f"{self.label}: the warm-up inference on '{s.tier}' failed: "
                                    f"{type(e).__name__}: {e}") from e
             if not s.acts:
-                n = len(answer.get("frames") or [])
+                n = 0 if plan.frames is None else len(plan.frames)
                 if n != self.exported.cfg.num_frames - 1:
                     raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned {n} frames, the model "
                                        f"predicts {self.exported.cfg.num_frames - 1}")
-                continue
-            a = np.asarray(answer.get("actions"), dtype=np.float64)
-            if a.shape != (self.contract.chunk, s.action_dim):
-                raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned actions of shape "
-                                   f"{list(a.shape)}, the contract says [{self.contract.chunk}, {s.action_dim}]")
-            if not np.isfinite(a).all():
-                raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned non-finite actions "
-                                   f"({int((~np.isfinite(a)).sum())} of {a.size})")
+            elif plan.actions is None or plan.actions.shape != (self.contract.chunk, s.action_dim):
+                got = None if plan.actions is None else list(plan.actions.shape)
+                raise WarmUpFailed(f"{self.label}: the warm-up on '{s.tier}' returned actions of shape {got}, "
+                                   f"the contract says [{self.contract.chunk}, {s.action_dim}]")
         self.warm_up_s = time.perf_counter() - t
         return self.warm_up_s
 

@@ -23,17 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..contracts import LINEAGE_FILE, PACKAGING_FILES, ContractError, LineageRecord
-from ..data.tier import folder_hash
+from ..contracts import LINEAGE_FILE, ContractError, LineageRecord
+from ..data.tier import export_hash  # noqa: F401 - an export's identity, called from here by the registry
 from .tags import LINEAGE_TIER, T, tier_hash_keys, tiers_from_tags
 
 # ------------------------------------------------------------------------------------------------ exports
-
-def export_hash(folder: Path) -> str:
-    """The identity of an export's content: `folder_hash`, the same definition as the latent-action feature's
-    `latent_action_model_hash`, so Stage 2 links to the VAE; the registry's packaging files are not content."""
-    return folder_hash(folder, PACKAGING_FILES)
-
 
 def read_export_lineage(path: Path) -> tuple[Path, LineageRecord]:
     """(export folder, its lineage record) for an export folder or a run folder holding `export/`."""

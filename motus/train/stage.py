@@ -428,8 +428,8 @@ class StageJob(TrainModule):
                 source_views=tuple(composed or ()), instruction=first))
         return ServingContract(registered_model=self.s.registered_model, stage_number=self.recipe.stage,
                                modes=POLICY_MODES if policy else VIDEO_MODES, chunk=self.cfg.action.chunk,
-                               hold=self.train_sets[
-                                   next(iter(sorted(self.train_sets)))].spec.downsample, spaces=tuple(spaces))
+                               hold=next(iter(self.train_sets.values())).spec.downsample,  # one spec for all
+                               spaces=tuple(spaces))
 
 
 def run_stage(params: Any, stage: str | int, run_dir: Path, tracker: Tracker | None = None,

@@ -387,9 +387,9 @@ def test_a_stage1_video_model_is_a_pyfunc_model_that_imagines_frames(deployed, o
     answer = served.act([parse_request({"image": frame.tolist(), "instruction": space.instruction or "the scene",
                                         "tier": space.tier, "seed": 11}, contract)])[0]
     assert "actions" not in answer and len(answer["frames"]) == f
-    from motus.serve.pyfunc import _pixels
+    from motus.serve.request import decode_image  # the answer's frames, read back from the wire form
 
-    assert np.array_equal(np.stack([_pixels(x) for x in answer["frames"]]), frames[0])
+    assert np.array_equal(np.stack([decode_image(x, "frames", space.image_size) for x in answer["frames"]]), frames[0])
     with pytest.raises(BadRequest) as e:  # a video model reads no state
         parse_request({"image": frame.tolist(), "instruction": "x", "tier": space.tier, "state": [0.0] * 14}, contract)
     assert e.value.field == "state"
